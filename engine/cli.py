@@ -1,0 +1,98 @@
+"""``llm-engine``: run a model replica (pull → verify → vLLM), push/pull weights, make a test model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=os.environ.get("ENGINE_LOG_LEVEL", "INFO").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _resolve_model(uri: str, cache_dir: str, concurrency: int) -> str:
+    if uri.startswith("s3://"):
+        from engine.weights import pull
+
+        return str(pull(uri, cache_dir=os.path.expanduser(cache_dir), concurrency=concurrency))
+    path = os.path.expanduser(uri)
+    if not os.path.isdir(path):
+        raise SystemExit(f"llm-engine: model directory not found: {path}")
+    return path
+
+
+def _run(args: argparse.Namespace) -> int:
+    from engine.settings import EngineSettings
+    from engine.supervisor import Supervisor, detect_device
+    from engine.vllm_args import EngineArgsError, build_vllm_command, vllm_environment
+
+    overrides = {k: v for k, v in {"model": args.model, "port": args.port, "host": args.host}.items() if v is not None}
+    try:
+        s = EngineSettings(**overrides)
+    except Exception as e:
+        print(f"llm-engine: invalid settings: {e}", file=sys.stderr)
+        return 2
+    device = detect_device() if s.device == "auto" else s.device
+    model_dir = _resolve_model(s.model, s.cache_dir, s.pull_concurrency)
+    loras = {}
+    if s.lora_modules:
+        for item in s.lora_modules.split(","):
+            name, _, src = item.strip().partition("=")
+            if not name or not src:
+                print(f"llm-engine: ENGINE_LORA_MODULES entries are name=path-or-s3-uri, got {item!r}", file=sys.stderr)
+                return 2
+            loras[name] = _resolve_model(src, s.cache_dir, s.pull_concurrency)
+    if not s.served_model_name and s.model.startswith("s3://"):
+        s.served_model_name = s.model.rstrip("/").rsplit("/", 1)[-1]
+    try:
+        cmd = build_vllm_command(s, model_dir, device=device, python=s.python or sys.executable, lora_dirs=loras)
+    except EngineArgsError as e:
+        print(f"llm-engine: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(" ".join(cmd))
+        return 0
+    env = vllm_environment(device, os.environ)
+    host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
+    sup = Supervisor(cmd, env, f"http://{host}:{s.port}/health", s.startup_timeout, s.drain_timeout)
+    return sup.run()
+
+
+def _make_test_model(args: argparse.Namespace) -> int:
+    from engine.testmodel import build_test_model
+
+    out = build_test_model(args.out, seed=args.seed, shape=args.shape, weights=not args.no_weights)
+    print(out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    _setup_logging()
+    p = argparse.ArgumentParser(prog="llm-engine", description="one model replica: pull verified weights, run vLLM")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="pull (if s3://), verify, then run and supervise vLLM (settings: ENGINE_*)")
+    r.add_argument("--model", help="overrides ENGINE_MODEL")
+    r.add_argument("--host")
+    r.add_argument("--port", type=int)
+    r.add_argument("--dry-run", action="store_true", help="print vLLM's command line and exit")
+    r.set_defaults(func=_run)
+    m = sub.add_parser("make-test-model", help="build a small random-weight Llama model offline")
+    m.add_argument("out")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--shape", default="tiny", choices=["tiny", "small", "1b", "7b"])
+    m.add_argument("--no-weights", action="store_true", help="config + tokenizer only (for --load-format dummy)")
+    m.set_defaults(func=_make_test_model)
+    try:
+        from engine import weights_cli
+
+        weights_cli.register(sub)
+    except ImportError:
+        pass
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

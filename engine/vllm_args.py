@@ -1,0 +1,100 @@
+"""Building vLLM's command line from typed settings: a pure function, unit-tested."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping
+
+from engine.settings import EngineSettings
+
+# Flags the typed settings own; the pass-through may not repeat them (it would silently win or clash).
+OWNED_FLAGS = {
+    "--host", "--port", "--served-model-name", "--dtype", "--max-model-len", "--gpu-memory-utilization",
+    "--max-num-seqs", "--max-num-batched-tokens", "--tensor-parallel-size", "--pipeline-parallel-size",
+    "--quantization", "--enforce-eager", "--kv-cache-memory-bytes", "--api-key",
+}
+
+
+class EngineArgsError(ValueError):
+    pass
+
+
+def build_vllm_command(
+    s: EngineSettings,
+    model_dir: str,
+    *,
+    device: str,
+    python: str = "python",
+    lora_dirs: Mapping[str, str] | None = None,
+) -> list[str]:
+    """The argv that starts vLLM's OpenAI server for ``model_dir`` on ``device`` ("cpu" or "cuda")."""
+    if device not in ("cpu", "cuda"):
+        raise EngineArgsError(f"device must be cpu or cuda, not {device!r}")
+    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir]
+    cmd += ["--host", s.host, "--port", str(s.port)]
+    cmd += ["--served-model-name", s.served_model_name or model_dir.rstrip("/").rsplit("/", 1)[-1]]
+    cmd += ["--dtype", s.dtype]
+    if s.max_model_len:
+        cmd += ["--max-model-len", str(s.max_model_len)]
+    if s.max_num_seqs:
+        cmd += ["--max-num-seqs", str(s.max_num_seqs)]
+    if s.max_num_batched_tokens:
+        cmd += ["--max-num-batched-tokens", str(s.max_num_batched_tokens)]
+    if s.seed is not None:
+        cmd += ["--seed", str(s.seed)]
+    if s.load_format:
+        cmd += ["--load-format", s.load_format]
+    cmd += ["--enable-prefix-caching"] if s.enable_prefix_caching else ["--no-enable-prefix-caching"]
+    if s.enable_chunked_prefill is not None:
+        cmd += ["--enable-chunked-prefill"] if s.enable_chunked_prefill else ["--no-enable-chunked-prefill"]
+    if s.quantization:
+        cmd += ["--quantization", s.quantization]
+    if s.kv_cache_dtype:
+        cmd += ["--kv-cache-dtype", s.kv_cache_dtype]
+    if device == "cuda":
+        if s.gpu_memory_utilization is not None:
+            cmd += ["--gpu-memory-utilization", str(s.gpu_memory_utilization)]
+        if s.tensor_parallel_size > 1:
+            cmd += ["--tensor-parallel-size", str(s.tensor_parallel_size)]
+        if s.pipeline_parallel_size > 1:
+            cmd += ["--pipeline-parallel-size", str(s.pipeline_parallel_size)]
+        if s.enforce_eager:
+            cmd += ["--enforce-eager"]
+    else:
+        if s.tensor_parallel_size > 1:
+            raise EngineArgsError("tensor_parallel_size > 1 needs GPUs (device=cuda)")
+        # The CPU build has no CUDA graphs; eager mode starts fastest.
+        cmd += ["--enforce-eager"]
+        if s.cpu_kv_cache:
+            cmd += ["--kv-cache-memory-bytes", s.cpu_kv_cache]
+    if lora_dirs:
+        cmd += ["--enable-lora", "--lora-modules", *(f"{n}={p}" for n, p in lora_dirs.items())]
+        if s.max_loras:
+            cmd += ["--max-loras", str(s.max_loras)]
+        if s.max_lora_rank:
+            cmd += ["--max-lora-rank", str(s.max_lora_rank)]
+    if s.api_key:
+        cmd += ["--api-key", s.api_key]
+    extra = shlex.split(s.extra_args) if s.extra_args else []
+    for a in extra:
+        flag = a.split("=", 1)[0]
+        if flag in OWNED_FLAGS:
+            raise EngineArgsError(f"{flag} is set through its own ENGINE_* setting, not ENGINE_EXTRA_ARGS")
+    return cmd + extra
+
+
+def vllm_environment(device: str, base: Mapping[str, str]) -> dict[str, str]:
+    """Environment for the vLLM process: CPU-build knobs that make it start fast on small machines."""
+    env = dict(base)
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    env.setdefault("DO_NOT_TRACK", "1")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if device == "cpu":
+        env.setdefault("VLLM_TARGET_DEVICE", "cpu")
+        env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        env.setdefault("OMP_NUM_THREADS", "1")
+    else:
+        # NVLink multicast stays off (the lent H200 machines require it; harmless elsewhere).
+        env.setdefault("NCCL_NVLS_ENABLE", "0")
+    return env

@@ -1,0 +1,80 @@
+"""Turns a request's credentials into a :class:`Principal`, or raises a 401 :class:`ApiError`."""
+
+from __future__ import annotations
+
+from gateway.auth.apikeys import ApiKeyStore
+from gateway.auth.principal import ANONYMOUS, Principal
+from gateway.errors import ApiError
+
+# Bearer credentials longer than this are rejected before any parsing.
+MAX_CREDENTIAL_BYTES = 8192
+
+
+def unauthorized(message: str, error: str = "invalid_token") -> ApiError:
+    return ApiError(
+        401,
+        message,
+        type="invalid_request_error",
+        code="invalid_api_key",
+        headers={"www-authenticate": f'Bearer error="{error}"'},
+        reason="unauthenticated",
+    )
+
+
+def bearer_token(headers: dict[bytes, bytes] | list[tuple[bytes, bytes]]) -> str | None:
+    """The credential from ``Authorization: Bearer`` (or ``api-key`` / ``x-api-key`` headers)."""
+    items = headers.items() if isinstance(headers, dict) else headers
+    auth = None
+    alt = None
+    for k, v in items:
+        if k == b"authorization":
+            auth = v
+        elif k in (b"api-key", b"x-api-key"):
+            alt = v
+    if auth is not None:
+        if len(auth) > MAX_CREDENTIAL_BYTES + 16:
+            raise unauthorized("The credential is too large.")
+        scheme, _, cred = auth.partition(b" ")
+        if scheme.lower() != b"bearer" or not cred.strip():
+            raise unauthorized("Authorization header must be 'Bearer <api key or token>'.")
+        return cred.strip().decode("latin-1")
+    if alt is not None:
+        if len(alt) > MAX_CREDENTIAL_BYTES:
+            raise unauthorized("The credential is too large.")
+        return alt.strip().decode("latin-1")
+    return None
+
+
+class Authenticator:
+    """API keys now; JWT issuers plug in through ``token_verifier`` (an object with ``async verify(token)``)."""
+
+    def __init__(self, keys: ApiKeyStore, *, enabled: bool = True, token_verifier=None) -> None:
+        self.keys = keys
+        self.enabled = enabled
+        self.token_verifier = token_verifier
+
+    async def authenticate(self, headers: list[tuple[bytes, bytes]]) -> Principal:
+        if not self.enabled:
+            return ANONYMOUS
+        cred = bearer_token(headers)
+        if cred is None:
+            raise unauthorized(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.", error="invalid_request"
+            )
+        p = self.keys.lookup(cred)
+        if p is not None:
+            return p
+        if self.token_verifier is not None and cred.count(".") == 2:
+            return await self.token_verifier.verify(cred)
+        raise unauthorized("Incorrect API key provided.")
+
+    def authorize(self, principal: Principal, model: str) -> None:
+        if not principal.may_use(model):
+            raise ApiError(
+                403,
+                f"You do not have access to the model '{model}'.",
+                type="permission_error",
+                param="model",
+                code="model_not_allowed",
+                reason="forbidden",
+            )

@@ -1,0 +1,92 @@
+"""``llm-gateway``: serve the gateway; manage API keys."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway import logs
+    from gateway.app import create_app
+    from gateway.settings import GatewaySettings
+
+    init = {}
+    if args.config:
+        init["config_file"] = args.config
+    try:
+        settings = GatewaySettings(**init)
+    except Exception as e:  # a clear one-line error for a bad config
+        print(f"llm-gateway: invalid configuration: {e}", file=sys.stderr)
+        return 2
+    if args.host:
+        settings.host = args.host
+    if args.port is not None:
+        settings.port = args.port
+    logs.configure(settings.log_level)
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="auto",
+        http="auto",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.drain_timeout),
+        backlog=4096,
+    )
+    return 0
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    import yaml
+
+    from gateway.auth.apikeys import digest, new_key
+
+    key = new_key()
+    entry = {"id": args.id, "sha256": digest(key), "tenant": args.tenant, "models": args.models.split(",")}
+    if args.subject:
+        entry["subject"] = args.subject
+    print(key)
+    print("# store this under api_keys: in the gateway config (the key itself is not stored anywhere):", file=sys.stderr)
+    print(yaml.safe_dump([entry], sort_keys=False).rstrip(), file=sys.stderr if args.quiet else sys.stdout)
+    return 0
+
+
+def _keys_hash(args: argparse.Namespace) -> int:
+    from gateway.auth.apikeys import digest
+
+    key = sys.stdin.readline().strip() if args.key == "-" else args.key
+    print(digest(key))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="llm-gateway", description="OpenAI-compatible gateway in front of vLLM engines")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="run the gateway")
+    s.add_argument("--config", help="YAML config file (or GATEWAY_CONFIG)")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.set_defaults(func=_serve)
+    k = sub.add_parser("keys", help="manage API keys")
+    ksub = k.add_subparsers(dest="keys_cmd", required=True)
+    kc = ksub.add_parser("create", help="print a new API key once, and the config entry that stores its digest")
+    kc.add_argument("--id", required=True, help="key id (safe to log)")
+    kc.add_argument("--tenant", default="default")
+    kc.add_argument("--subject")
+    kc.add_argument("--models", default="*", help="comma-separated model names, * for all")
+    kc.add_argument("--quiet", action="store_true", help="print only the key on stdout")
+    kc.set_defaults(func=_keys_create)
+    kh = ksub.add_parser("hash", help="print the sha256 digest of a key ('-' reads it from stdin)")
+    kh.add_argument("key")
+    kh.set_defaults(func=_keys_hash)
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Per-request state carried through the request path and handed to observers (audit, metrics, quota)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from gateway.auth.principal import Principal
+
+
+def new_request_id() -> str:
+    return "req-" + os.urandom(12).hex()
+
+
+class RequestContext:
+    """Everything known about one request. Mutable, one per request, never shared between requests."""
+
+    __slots__ = (
+        "request_id",
+        "route",
+        "method",
+        "client_ip",
+        "started",
+        "started_wall",
+        "principal",
+        "model",
+        "stream",
+        "client_wants_usage",
+        "max_tokens",
+        "prompt_chars",
+        "body",
+        "status",
+        "decision",
+        "reason",
+        "error_message",
+        "endpoint",
+        "attempts",
+        "prompt_tokens",
+        "completion_tokens",
+        "ttfb",
+        "ttft",
+        "first_token_at",
+        "last_chunk_at",
+        "chunk_gaps",
+        "forwarded_at",
+        "finished",
+        "bytes_in",
+        "bytes_out",
+        "client_gone",
+        "response_headers",
+        "extra",
+    )
+
+    def __init__(self, request_id: str, route: str, method: str = "POST", client_ip: str | None = None) -> None:
+        self.request_id = request_id
+        self.route = route
+        self.method = method
+        self.client_ip = client_ip
+        self.started = time.perf_counter()
+        self.started_wall = time.time()
+        self.principal: Principal | None = None
+        self.model: str | None = None
+        self.stream = False
+        self.client_wants_usage = False
+        self.max_tokens: int | None = None
+        self.prompt_chars = 0
+        # The parsed request body (dict) once read; observers may read it (audit content policy).
+        self.body: dict[str, Any] | None = None
+        self.status = 0
+        # allowed | unauthenticated | forbidden | rate_limited | invalid_request | not_found |
+        # upstream_error | overloaded | client_closed
+        self.decision = "allowed"
+        self.reason: str | None = None
+        self.error_message: str | None = None
+        self.endpoint: str | None = None
+        self.attempts = 0
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+        # Seconds from start to upstream response headers / first streamed content chunk.
+        self.ttfb: float | None = None
+        self.ttft: float | None = None
+        self.first_token_at: float | None = None
+        self.last_chunk_at: float | None = None
+        # Gaps between streamed content chunks (seconds): inter-token latency samples.
+        self.chunk_gaps: list[float] = []
+        # perf_counter() when the request was handed to the upstream (gateway overhead = this - started).
+        self.forwarded_at: float | None = None
+        self.finished: float | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.client_gone = False
+        # Headers added to the response to the client (rate limits, ...).
+        self.response_headers: list[tuple[bytes, bytes]] = []
+        self.extra: dict[str, Any] = {}
+
+    @property
+    def duration(self) -> float:
+        end = self.finished if self.finished is not None else time.perf_counter()
+        return end - self.started
+
+    @property
+    def total_tokens(self) -> int | None:
+        if self.prompt_tokens is None and self.completion_tokens is None:
+            return None
+        return (self.prompt_tokens or 0) + (self.completion_tokens or 0)

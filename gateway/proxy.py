@@ -1,0 +1,463 @@
+"""The hot path: a plain ASGI endpoint that authenticates, admits, routes and relays one request.
+
+It reads from the body only what it needs (``model``, ``stream``, ``max_tokens``, prompt size) and forwards
+the original bytes otherwise, so new OpenAI parameters pass through untouched. The one exception: for
+streamed chat/completions it sets ``stream_options.include_usage`` so the gateway always learns the real
+usage, and strips that usage chunk again when the client did not ask for it.
+
+Streams are relayed chunk by chunk as the engine sends them. When the client goes away the upstream
+response is closed at once, which makes vLLM abort the request and free its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from gateway.context import RequestContext, new_request_id
+from gateway.errors import ApiError, error_body, sse_error_event
+from gateway.hooks import NO_TICKET, Ticket
+
+log = logging.getLogger("gateway.proxy")
+
+_JSON_CT = (b"content-type", b"application/json")
+_SSE_CT = (b"content-type", b"text/event-stream; charset=utf-8")
+_DONE = b"data: [DONE]"
+_HOP_HEADERS_IN = (b"traceparent", b"tracestate")
+
+ResponseTransform = Callable[[dict[str, Any]], dict[str, Any]]
+RequestTransform = Callable[[dict[str, Any], Any], dict[str, Any]]
+
+
+def _header(scope_headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for k, v in scope_headers:
+        if k == name:
+            return v
+    return None
+
+
+async def read_body(receive, limit: int, content_length: bytes | None) -> bytes:
+    if content_length is not None:
+        try:
+            if int(content_length) > limit:
+                raise ApiError(413, f"Request body is larger than the limit of {limit} bytes.", code="request_too_large")
+        except ValueError:
+            raise ApiError(400, "Invalid Content-Length header.") from None
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise _ClientGone()
+        chunk = msg.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"Request body is larger than the limit of {limit} bytes.", code="request_too_large")
+            chunks.append(chunk)
+        if not msg.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class _ClientGone(Exception):
+    pass
+
+
+def prompt_chars(body: dict[str, Any]) -> int:
+    """A cheap size of the prompt in characters (messages' text, prompt, or input)."""
+    n = 0
+    msgs = body.get("messages")
+    if isinstance(msgs, list):
+        for m in msgs:
+            if isinstance(m, dict):
+                c = m.get("content")
+                if isinstance(c, str):
+                    n += len(c)
+                elif isinstance(c, list):
+                    for part in c:
+                        if isinstance(part, dict) and isinstance(part.get("text"), str):
+                            n += len(part["text"])
+        return n
+    for key in ("prompt", "input"):
+        p = body.get(key)
+        if isinstance(p, str):
+            return len(p)
+        if isinstance(p, list):
+            for x in p:
+                if isinstance(x, str):
+                    n += len(x)
+                elif isinstance(x, list):
+                    n += len(x) * 4  # token ids: ~4 chars each
+            return n
+    return n
+
+
+class ProxyEndpoint:
+    """ASGI app for one OpenAI route (``upstream_path``), e.g. ``/v1/chat/completions``."""
+
+    def __init__(
+        self,
+        upstream_path: str,
+        *,
+        streamable: bool = True,
+        request_transform: RequestTransform | None = None,
+        response_transform: ResponseTransform | None = None,
+        route_name: str | None = None,
+    ) -> None:
+        self.upstream_path = upstream_path
+        self.streamable = streamable
+        self.request_transform = request_transform
+        self.response_transform = response_transform
+        self.route_name = route_name or upstream_path
+
+    async def __call__(self, scope, receive, send) -> None:
+        state = scope["app"].state.gateway
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        rid = _header(headers, b"x-request-id")
+        request_id = rid.decode("latin-1")[:128] if rid else new_request_id()
+        client = scope.get("client")
+        ctx = RequestContext(request_id, self.route_name, scope.get("method", "POST"), client[0] if client else None)
+        ticket: Ticket = NO_TICKET
+        admitted = False
+        state.in_flight += 1
+        try:
+            if scope.get("method") != "POST":
+                raise ApiError(405, f"Method {scope.get('method')} not allowed; use POST.", code="method_not_allowed")
+            if state.draining:
+                raise ApiError(503, "The gateway is shutting down; retry.", code="draining", headers={"retry-after": "1"})
+            raw = await read_body(receive, state.settings.max_body_bytes, _header(headers, b"content-length"))
+            ctx.bytes_in = len(raw)
+            ctx.principal = await state.auth.authenticate(headers)
+            body = self._parse(raw)
+            if self.request_transform is not None:
+                body = self.request_transform(body, state)
+                raw = b""  # re-serialize below
+            ctx.body = body
+            model = body.get("model")
+            if not isinstance(model, str) or not model:
+                raise ApiError(400, "You must provide a model parameter.", param="model", code="missing_model")
+            ctx.model = model
+            mcfg = state.settings.model(model)
+            pool = state.pools.get(model)
+            if mcfg is None or pool is None:
+                raise ApiError(
+                    404, f"The model '{model}' does not exist.", param="model", code="model_not_found", reason="not_found"
+                )
+            state.auth.authorize(ctx.principal, model)
+            raw = self._prepare_upstream_body(ctx, body, raw, mcfg)
+            ticket = await state.admission.admit(ctx)
+            admitted = True
+            await self._forward(ctx, state, pool, mcfg, raw, headers, receive, send)
+        except ApiError as e:
+            await self._send_error(ctx, send, e)
+        except _ClientGone:
+            ctx.client_gone = True
+            ctx.status = ctx.status or 499
+            ctx.decision = "client_closed"
+        except asyncio.CancelledError:
+            if not ctx.client_gone:
+                raise
+            ctx.status = ctx.status or 499
+            if ctx.decision == "allowed":
+                ctx.decision = "client_closed"
+            t = asyncio.current_task()
+            if t is not None:
+                t.uncancel()
+        except Exception as e:  # never a stack trace to the client
+            log.exception("unexpected error", extra={"request_id": ctx.request_id})
+            await self._send_error(ctx, send, ApiError(500, "Internal gateway error.", code="internal_error", reason=type(e).__name__))
+        finally:
+            state.in_flight -= 1
+            ctx.finished = time.perf_counter()
+            if admitted:
+                try:
+                    await ticket.settle(ctx)
+                except Exception:
+                    log.exception("settling the quota ticket failed", extra={"request_id": ctx.request_id})
+            for obs in state.observers:
+                try:
+                    await obs.on_request_end(ctx)
+                except Exception:
+                    log.exception("observer %s failed", type(obs).__name__, extra={"request_id": ctx.request_id})
+
+    # -- request --------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _parse(raw: bytes) -> dict[str, Any]:
+        if not raw:
+            raise ApiError(400, "The request body is empty; expected a JSON object.", code="invalid_json")
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"The request body is not valid JSON: {e}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
+        return body
+
+    def _prepare_upstream_body(self, ctx: RequestContext, body: dict[str, Any], raw: bytes, mcfg) -> bytes:
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise ApiError(400, "'stream' must be a boolean.", param="stream", code="invalid_type")
+        if stream and not self.streamable:
+            raise ApiError(400, "This endpoint does not support streaming.", param="stream", code="invalid_value")
+        ctx.stream = stream
+        mt = body.get("max_completion_tokens", body.get("max_tokens"))
+        if mt is not None and (not isinstance(mt, int) or isinstance(mt, bool) or mt < 0):
+            raise ApiError(400, "'max_tokens' must be a non-negative integer.", param="max_tokens", code="invalid_type")
+        ctx.max_tokens = mt
+        ctx.prompt_chars = prompt_chars(body)
+        changed = not raw
+        if mcfg.upstream_model and mcfg.upstream_model != body["model"]:
+            body = dict(body, model=mcfg.upstream_model)
+            changed = True
+        if stream:
+            so = body.get("stream_options")
+            if so is not None and not isinstance(so, dict):
+                raise ApiError(400, "'stream_options' must be an object.", param="stream_options", code="invalid_type")
+            ctx.client_wants_usage = bool(so and so.get("include_usage"))
+            if not ctx.client_wants_usage:
+                body = dict(body, stream_options=dict(so or {}, include_usage=True))
+                changed = True
+        if changed:
+            return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        return raw
+
+    # -- forwarding -----------------------------------------------------------------------------------------
+
+    async def _forward(self, ctx, state, pool, mcfg, raw, headers, receive, send) -> None:
+        session: aiohttp.ClientSession = state.sessions[ctx.model]
+        up_headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
+        for name in _HOP_HEADERS_IN:
+            v = _header(headers, name)
+            if v is not None:
+                up_headers[name.decode()] = v.decode("latin-1")
+        if mcfg.upstream_api_key:
+            up_headers["authorization"] = "Bearer " + mcfg.upstream_api_key
+
+        watcher = asyncio.ensure_future(_watch_disconnect(receive, ctx, asyncio.current_task()))
+        tried: set[str] = set()
+        try:
+            while True:
+                ep = state.router.pick(pool, ctx, exclude=tried)
+                if ep is None:
+                    if tried:
+                        raise ApiError(502, f"All replicas of '{ctx.model}' failed: {ctx.error_message}", code="upstream_unavailable", reason="upstream_error")
+                    raise ApiError(
+                        503,
+                        f"No healthy replica is serving '{ctx.model}' right now; retry shortly.",
+                        code="no_healthy_upstream",
+                        headers={"retry-after": "2"},
+                        reason="upstream_error",
+                    )
+                tried.add(ep.url)
+                ctx.endpoint = ep.url
+                ctx.attempts += 1
+                if ctx.forwarded_at is None:
+                    ctx.forwarded_at = time.perf_counter()
+                ep.in_flight += 1
+                try:
+                    try:
+                        resp = await session.post(ep.url + self.upstream_path, data=raw, headers=up_headers)
+                    except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, ConnectionResetError) as e:
+                        # Nothing reached the client yet: safe to try another replica.
+                        ctx.error_message = f"cannot reach replica ({type(e).__name__})"
+                        state.router.on_failure(pool, ep, ctx, "connect")
+                        if ctx.attempts <= state.settings.max_retries:
+                            continue
+                        raise ApiError(502, f"The model server for '{ctx.model}' is unreachable.", code="upstream_unreachable", reason="upstream_error") from None
+                    except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+                        state.router.on_failure(pool, ep, ctx, "timeout")
+                        raise ApiError(504, f"The model server for '{ctx.model}' did not answer in time.", code="upstream_timeout", reason="upstream_error") from None
+                    ctx.ttfb = time.perf_counter() - ctx.started
+                    try:
+                        if resp.status >= 500:
+                            state.router.on_failure(pool, ep, ctx, "5xx")
+                            if ctx.attempts <= state.settings.max_retries:
+                                ctx.error_message = f"replica answered {resp.status}"
+                                await resp.read()
+                                continue
+                        else:
+                            state.router.on_success(pool, ep, ctx)
+                        await self._relay(ctx, resp, send)
+                        return
+                    finally:
+                        # Fully read responses already went back to the pool; anything else (a client
+                        # that left mid-stream) closes the connection, which makes vLLM abort the request.
+                        resp.close()
+                finally:
+                    ep.in_flight -= 1
+        finally:
+            watcher.cancel()
+
+    async def _relay(self, ctx: RequestContext, resp: aiohttp.ClientResponse, send) -> None:
+        ctx.status = resp.status
+        ct = resp.headers.get("content-type", "")
+        is_sse = ct.startswith("text/event-stream")
+        out_headers = [_SSE_CT if is_sse else (b"content-type", ct.encode("latin-1") or _JSON_CT[1])]
+        out_headers.append((b"x-request-id", ctx.request_id.encode()))
+        out_headers.extend(ctx.response_headers)
+        if is_sse:
+            out_headers.append((b"cache-control", b"no-cache"))
+            out_headers.append((b"x-accel-buffering", b"no"))
+            await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
+            await self._relay_stream(ctx, resp, send)
+            return
+        try:
+            data = await resp.read()
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+            raise ApiError(504, f"The model server for '{ctx.model}' did not finish in time.", code="upstream_timeout", reason="upstream_error") from None
+        except aiohttp.ClientError as e:
+            raise ApiError(502, f"The model server for '{ctx.model}' broke the connection ({type(e).__name__}).", code="upstream_error", reason="upstream_error") from None
+        if resp.status == 200:
+            try:
+                obj = json.loads(data)
+            except ValueError:
+                obj = None
+            if isinstance(obj, dict):
+                _take_usage(ctx, obj.get("usage"))
+                if self.response_transform is not None:
+                    obj = self.response_transform(obj)
+                    data = json.dumps(obj, ensure_ascii=False).encode()
+        else:
+            ctx.decision = "upstream_error" if resp.status >= 500 else "invalid_request"
+            ctx.reason = f"upstream_{resp.status}"
+            data = _normalize_error(data, resp.status)
+        ctx.first_token_at = time.perf_counter()
+        ctx.ttft = ctx.first_token_at - ctx.started
+        ctx.bytes_out = len(data)
+        await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
+        await send({"type": "http.response.body", "body": data, "more_body": False})
+
+    async def _relay_stream(self, ctx: RequestContext, resp: aiohttp.ClientResponse, send) -> None:
+        buf = b""
+        hide_usage = not ctx.client_wants_usage
+        try:
+            async for chunk in resp.content.iter_any():
+                now = time.perf_counter()
+                buf += chunk
+                # Forward complete SSE events only; keep a partial trailing event for the next read.
+                cut = buf.rfind(b"\n\n")
+                if cut < 0:
+                    continue
+                events, buf = buf[: cut + 2], buf[cut + 2 :]
+                if b'"usage":{' in events:
+                    events = _take_stream_usage(ctx, events, hide_usage)
+                if not events:
+                    continue
+                if ctx.first_token_at is None:
+                    ctx.first_token_at = now
+                    ctx.ttft = now - ctx.started
+                elif ctx.last_chunk_at is not None:
+                    ctx.chunk_gaps.append(now - ctx.last_chunk_at)
+                ctx.last_chunk_at = now
+                ctx.bytes_out += len(events)
+                await send({"type": "http.response.body", "body": events, "more_body": True})
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+            ctx.decision, ctx.reason = "upstream_error", "stream_idle_timeout"
+            tail = sse_error_event("The model server stopped sending (idle timeout).", "timeout_error", "upstream_timeout")
+            ctx.bytes_out += len(tail)
+            await send({"type": "http.response.body", "body": tail, "more_body": False})
+            return
+        except aiohttp.ClientError as e:
+            ctx.decision, ctx.reason = "upstream_error", "stream_broken"
+            tail = sse_error_event(f"The model server broke the stream ({type(e).__name__}).", "upstream_error", "upstream_disconnected")
+            ctx.bytes_out += len(tail)
+            await send({"type": "http.response.body", "body": tail, "more_body": False})
+            return
+        if buf:
+            # The stream ended without a final blank line: pass on what is left as it is.
+            if b'"usage":{' in buf:
+                buf = _take_stream_usage(ctx, buf, hide_usage)
+            ctx.bytes_out += len(buf)
+        await send({"type": "http.response.body", "body": buf, "more_body": False})
+
+    async def _send_error(self, ctx: RequestContext, send, e: ApiError) -> None:
+        ctx.status = e.status
+        ctx.error_message = e.message
+        if ctx.decision == "allowed":
+            ctx.decision = _decision_for(e)
+        ctx.reason = ctx.reason or e.reason
+        if ctx.extra.get("response_started"):
+            return
+        body = e.body()
+        ctx.bytes_out = len(body)
+        headers = [_JSON_CT, (b"x-request-id", ctx.request_id.encode())]
+        headers.extend((k.encode(), v.encode()) for k, v in e.headers.items())
+        headers.extend(ctx.response_headers)
+        try:
+            await send({"type": "http.response.start", "status": e.status, "headers": headers})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+        except Exception:  # client already gone
+            ctx.client_gone = True
+
+
+def _decision_for(e: ApiError) -> str:
+    return {
+        401: "unauthenticated",
+        403: "forbidden",
+        404: "not_found",
+        429: "rate_limited",
+        502: "upstream_error",
+        504: "upstream_error",
+    }.get(e.status, "overloaded" if e.status == 503 and e.reason != "upstream_error" else ("upstream_error" if e.status >= 500 else "invalid_request"))
+
+
+def _take_usage(ctx: RequestContext, usage: Any) -> None:
+    if isinstance(usage, dict):
+        pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if isinstance(pt, int):
+            ctx.prompt_tokens = pt
+        if isinstance(ct, int):
+            ctx.completion_tokens = ct
+        elif isinstance(pt, int) and isinstance(usage.get("total_tokens"), int):
+            ctx.completion_tokens = usage["total_tokens"] - pt  # embeddings report no completion tokens
+
+
+def _take_stream_usage(ctx: RequestContext, events: bytes, hide: bool) -> bytes:
+    """Record usage from the usage-only chunk (``"choices":[]``) and drop that event if ``hide``."""
+    out: list[bytes] = []
+    for ev in events.split(b"\n\n"):
+        if not ev:
+            continue
+        if b'"usage":{' in ev and ev.startswith(b"data: {"):
+            try:
+                obj = json.loads(ev[6:])
+            except ValueError:
+                out.append(ev)
+                continue
+            _take_usage(ctx, obj.get("usage"))
+            if hide and obj.get("choices") == []:
+                continue
+        out.append(ev)
+    return b"".join(e + b"\n\n" for e in out)
+
+
+def _normalize_error(data: bytes, status: int) -> bytes:
+    """Pass on the engine's error if it is OpenAI-shaped, else wrap it so clients always see that shape."""
+    try:
+        obj = json.loads(data)
+        if isinstance(obj, dict) and isinstance(obj.get("error"), dict) and "message" in obj["error"]:
+            return data
+        msg = obj.get("detail") or obj.get("message") if isinstance(obj, dict) else None
+    except ValueError:
+        msg = None
+    text = str(msg) if msg else data[:500].decode("utf-8", "replace") or f"upstream status {status}"
+    return error_body(text, "upstream_error" if status >= 500 else "invalid_request_error", None, None)
+
+
+async def _watch_disconnect(receive, ctx: RequestContext, task: asyncio.Task | None) -> None:
+    """Wait for the client to go away; then cancel the forwarding task so the upstream request is closed."""
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            ctx.client_gone = True
+            if task is not None and not task.done():
+                task.cancel()
+            return
