@@ -24,6 +24,9 @@ class Endpoint:
     # From the engine's /metrics when scraped (vllm:num_requests_waiting / running).
     engine_waiting: int = 0
     engine_running: int = 0
+    kv_cache_usage: float = 0.0
+    # When the engine's /metrics was last read (0 = never).
+    metrics_at: float = 0.0
     consecutive_failures: int = 0
     last_probe: float = 0.0
     last_error: str | None = None
@@ -73,8 +76,33 @@ class EndpointPool:
         ep.consecutive_failures = 0
 
 
+_GAUGES = {
+    b"vllm:num_requests_waiting": "engine_waiting",
+    b"vllm:num_requests_running": "engine_running",
+    b"vllm:kv_cache_usage_perc": "kv_cache_usage",
+}
+
+
+def parse_engine_metrics(text: bytes) -> dict[str, float]:
+    """The load gauges from a vLLM /metrics scrape, summed over label sets (engines, model names)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith(b"vllm:"):
+            continue
+        name = line.split(b"{", 1)[0].split(b" ", 1)[0]
+        attr = _GAUGES.get(name)
+        if attr is None:
+            continue
+        try:
+            out[attr] = out.get(attr, 0.0) + float(line.rsplit(b" ", 1)[1])
+        except ValueError:
+            continue
+    return out
+
+
 class HealthChecker:
-    """Probes every endpoint's ``/health`` periodically and flips its ``healthy`` flag."""
+    """Probes every endpoint's ``/health`` periodically and flips its ``healthy`` flag; also scrapes the
+    engine's ``/metrics`` for its queue (``vllm:num_requests_waiting``), running count and KV-cache use."""
 
     def __init__(self, pools: list[EndpointPool], interval: float, timeout: float) -> None:
         self.pools = pools
@@ -98,6 +126,21 @@ class HealthChecker:
         ep.healthy = ok
         if ok:
             ep.consecutive_failures = 0
+            await self.scrape(ep)
+
+    async def scrape(self, ep: Endpoint) -> None:
+        assert self._session is not None
+        try:
+            async with self._session.get(ep.url + "/metrics") as r:
+                if r.status != 200:
+                    return
+                values = parse_engine_metrics(await r.read())
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return
+        ep.engine_waiting = int(values.get("engine_waiting", 0))
+        ep.engine_running = int(values.get("engine_running", 0))
+        ep.kv_cache_usage = values.get("kv_cache_usage", 0.0)
+        ep.metrics_at = time.time()
 
     async def probe_all(self) -> None:
         eps = [ep for p in self.pools for ep in p.endpoints]
