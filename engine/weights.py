@@ -99,7 +99,11 @@ def push(local_dir: str | os.PathLike, uri: str, *, concurrency: int = 4, part_s
         def upload(rel: str, path: Path) -> FileEntry:
             key = target.key(rel)
             size = sizes[rel]
-            with open(path, "rb") as f:
+            try:
+                f = open(path, "rb")
+            except OSError as e:
+                raise WeightsError(f"cannot read {path}: {e.strerror}") from None
+            with f:
                 reader = _HashingReader(f, progress)
                 try:
                     client.put_object(target.bucket, key, reader, size, part_size=part_size,
