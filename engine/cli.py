@@ -14,9 +14,12 @@ def _setup_logging() -> None:
 
 def _resolve_model(uri: str, cache_dir: str, concurrency: int) -> str:
     if uri.startswith("s3://"):
-        from engine.weights import pull
+        from engine.weights import WeightsError, pull
 
-        return str(pull(uri, cache_dir=os.path.expanduser(cache_dir), concurrency=concurrency))
+        try:
+            return str(pull(uri, cache_dir=os.path.expanduser(cache_dir), concurrency=concurrency))
+        except WeightsError as e:
+            raise SystemExit(f"llm-engine: error: {e}") from None
     path = os.path.expanduser(uri)
     if not os.path.isdir(path):
         raise SystemExit(f"llm-engine: model directory not found: {path}")

@@ -136,6 +136,15 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return error_response(ApiError(500, "Internal gateway error.", code="internal_error"))
 
 
+def create_app_from_env() -> Starlette:
+    """Factory for uvicorn's multi-worker mode: every worker builds its app from the same environment."""
+    from gateway import logs
+
+    settings = GatewaySettings()
+    logs.configure(settings.log_level)
+    return create_app(settings)
+
+
 def create_app(
     settings: GatewaySettings | None = None,
     *,

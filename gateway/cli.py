@@ -26,9 +26,9 @@ def _serve(args: argparse.Namespace) -> int:
     if args.port is not None:
         settings.port = args.port
     logs.configure(settings.log_level)
-    app = create_app(settings)
-    uvicorn.run(
-        app,
+    if args.workers is not None:
+        settings.workers = args.workers
+    common = dict(
         host=settings.host,
         port=settings.port,
         loop="auto",
@@ -38,6 +38,17 @@ def _serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(settings.drain_timeout),
         backlog=4096,
     )
+    if settings.workers > 1:
+        # Each worker re-reads the settings from the environment (config file path included).
+        import os
+
+        if args.config:
+            os.environ["GATEWAY_CONFIG"] = args.config
+        os.environ["GATEWAY_HOST"], os.environ["GATEWAY_PORT"] = settings.host, str(settings.port)
+        uvicorn.run("gateway.app:create_app_from_env", factory=True, workers=settings.workers, **common)
+        return 0
+    app = create_app(settings)
+    uvicorn.run(app, **common)
     return 0
 
 
@@ -71,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--config", help="YAML config file (or GATEWAY_CONFIG)")
     s.add_argument("--host")
     s.add_argument("--port", type=int)
+    s.add_argument("--workers", type=int, help="worker processes (GATEWAY_WORKERS)")
     s.set_defaults(func=_serve)
     k = sub.add_parser("keys", help="manage API keys")
     ksub = k.add_subparsers(dest="keys_cmd", required=True)

@@ -341,12 +341,15 @@ class ProxyEndpoint:
         try:
             async for chunk in resp.content.iter_any():
                 now = time.perf_counter()
-                buf += chunk
-                # Forward complete SSE events only; keep a partial trailing event for the next read.
-                cut = buf.rfind(b"\n\n")
-                if cut < 0:
-                    continue
-                events, buf = buf[: cut + 2], buf[cut + 2 :]
+                if not buf and chunk.endswith(b"\n\n"):
+                    events = chunk  # the common case: whole events, nothing held back
+                else:
+                    # Forward complete SSE events only; keep a partial trailing event for the next read.
+                    buf += chunk
+                    cut = buf.rfind(b"\n\n")
+                    if cut < 0:
+                        continue
+                    events, buf = buf[: cut + 2], buf[cut + 2 :]
                 if b'"usage":{' in events:
                     events = _take_stream_usage(ctx, events, hide_usage)
                 if not events:

@@ -101,6 +101,9 @@ class GatewaySettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8080
     log_level: str = "info"
+    # uvicorn worker processes. >1 spreads SSE relaying over cores; per-process state (in-process quota
+    # counters, circuit breakers) is then per worker: use the Redis quota backend with several workers.
+    workers: int = Field(default=1, ge=1)
     # Largest request body accepted, bytes (413 above).
     max_body_bytes: int = 10 * 1024 * 1024
     # Set false only for local experiments: every /v1 route then runs as an anonymous principal.

@@ -1,0 +1,147 @@
+"""Fixtures for the weights tests: a fresh bucket per test, the S3 env, a byte-counting TCP proxy in front of
+the S3 server (proves what a pull really fetched), and a CLI runner that poisons torch/vllm imports."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.support import PY, REPO
+
+# Runs llm-engine with `import vllm` / `import torch` made to fail: push/pull must work in a slim container.
+POISONED_MAIN = (
+    "import sys\n"
+    "for m in ('vllm', 'torch', 'transformers'):\n"
+    "    sys.modules[m] = None\n"
+    "from engine.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def engine_cli_argv(*args: str) -> list[str]:
+    return [PY, "-c", POISONED_MAIN, *args]
+
+
+def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "ENGINE_"))}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra or {})
+    return env
+
+
+def run_engine_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(engine_cli_argv(*args), env=cli_env(env), capture_output=True, text=True, timeout=timeout,
+                          cwd=str(REPO))
+
+
+class CountingProxy:
+    """A plain TCP proxy on 127.0.0.1 that counts bytes sent to clients and records request heads."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._lock = threading.Lock()
+        self.bytes_down = 0
+        self._client_streams: list[bytearray] = []
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.bytes_down = 0
+            self._client_streams = []
+
+    def requests(self) -> list[tuple[str, str, dict[str, str]]]:
+        """(method, path, headers) of every request seen since the last reset (GET bodies are empty)."""
+        out = []
+        with self._lock:
+            streams = [bytes(s) for s in self._client_streams]
+        for s in streams:
+            for m in re.finditer(rb"(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP/1\.1\r\n(.*?)\r\n\r\n", s, re.S):
+                headers = {}
+                for line in m.group(3).split(b"\r\n"):
+                    k, _, v = line.partition(b":")
+                    headers[k.strip().lower().decode()] = v.strip().decode(errors="replace")
+                out.append((m.group(1).decode(), m.group(2).decode(), headers))
+        return out
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            buf = bytearray()
+            with self._lock:
+                self._client_streams.append(buf)
+            threading.Thread(target=self._pipe, args=(client, upstream, buf, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, None, True), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, record: bytearray | None, down: bool) -> None:
+        try:
+            while True:
+                data = src.recv(256 * 1024)
+                if not data:
+                    break
+                dst.sendall(data)
+                with self._lock:
+                    if down:
+                        self.bytes_down += len(data)
+                    elif record is not None and len(record) < 4_000_000:
+                        record.extend(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self.sock.close()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: Any) -> Iterator[str]:
+    """A fresh bucket for one test."""
+    name = f"w-{uuid.uuid4().hex[:12]}"
+    s3_server.client().make_bucket(name)
+    yield name
+
+
+@pytest.fixture
+def s3_env(s3_server: Any) -> dict[str, str]:
+    return s3_server.env()
+
+
+@pytest.fixture
+def s3_proxy(s3_server: Any) -> Iterator[CountingProxy]:
+    p = CountingProxy(s3_server.port)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+__all__ = ["CountingProxy", "engine_cli_argv", "cli_env", "run_engine_cli", "s3_bucket", "s3_env", "s3_proxy"]

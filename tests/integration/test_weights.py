@@ -1,0 +1,312 @@
+"""llm-engine push/pull against a real S3 server (nanio) on 127.0.0.1.
+
+Every push/pull runs as a subprocess with ``vllm``/``torch``/``transformers`` imports poisoned (they must run in a
+slim init container). What a pull really fetched is measured by a TCP proxy between it and the S3 server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.manifest import MANIFEST_NAME, Manifest
+from tests.fixtures_weights import cli_env, engine_cli_argv, run_engine_cli
+
+MiB = 1024 * 1024
+
+
+def make_model(root: Path, sizes: dict[str, int], seed: int = 0) -> Path:
+    """A model-like directory: files of random bytes (deterministic per seed and name)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name, size in sizes.items():
+        p = root / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        block = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+        with open(p, "wb") as f:
+            left = size
+            while left:
+                # Cheap pseudo-random bytes: a hash chain, 1 MiB at a time.
+                chunk = (block * (MiB // 32 + 1))[: min(left, MiB)]
+                block = hashlib.sha256(block).digest()
+                f.write(chunk)
+                left -= len(chunk)
+    return root
+
+
+def sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def push(model: Path, uri: str, env: dict[str, str], *extra: str) -> None:
+    r = run_engine_cli("push", str(model), uri, "--no-progress", *extra, env=env)
+    assert r.returncode == 0, r.stderr
+
+
+def pull_json(uri: str, cache: Path, env: dict[str, str], *extra: str) -> dict:
+    r = run_engine_cli("pull", uri, "--cache-dir", str(cache), "--json", "--no-progress", *extra, env=env)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr, r.stderr
+    # Progress/info log lines may come first; the failure itself is exactly one line, the last one.
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("llm-engine: error:")]
+    assert len(errors) == 1, r.stderr
+    assert r.stderr.rstrip().splitlines()[-1] == errors[0]
+    for n in needles:
+        assert n in errors[0], errors[0]
+    return errors[0]
+
+
+def via(proxy, env: dict[str, str]) -> dict[str, str]:
+    return {**env, "S3_ENDPOINT_URL": proxy.endpoint}
+
+
+def object_gets(proxy, bucket: str) -> list[str]:
+    """Paths of GETs for model files (the manifest's own GET excluded)."""
+    return [p for m, p, _ in proxy.requests() if m == "GET" and p.startswith(f"/{bucket}/") and MANIFEST_NAME not in p]
+
+
+def test_push_pull_round_trip(tmp_path, s3_server, s3_bucket, s3_env):
+    model = make_model(tmp_path / "m", {"config.json": 300, "model-00001.safetensors": 12 * MiB + 17,
+                                        "model-00002.safetensors": 3 * MiB, "sub/tokenizer.json": 5000, "empty.txt": 0})
+    uri = f"s3://{s3_bucket}/org/model-a"
+    push(model, uri, s3_env, "--part-size-mb", "5")
+
+    client = s3_server.client()
+    # The manifest lists every file with its size and sha256 (computed here independently).
+    raw = client.get_object(s3_bucket, f"org/model-a/{MANIFEST_NAME}").read()
+    doc = json.loads(raw)
+    assert doc["version"] == 1
+    listed = {f["path"]: (f["size"], f["sha256"]) for f in doc["files"]}
+    assert listed == {p.relative_to(model).as_posix(): (p.stat().st_size, sha(p)) for p in model.rglob("*") if p.is_file()}
+    # The large file went up in parts (multipart ETag: "<md5 of part md5s>-<count>").
+    big = client.stat_object(s3_bucket, "org/model-a/model-00001.safetensors")
+    assert big.etag.endswith("-3"), big.etag
+
+    out = pull_json(uri, tmp_path / "cache", s3_env)
+    got = Path(out["path"])
+    assert got.parent == tmp_path / "cache" / "models"
+    assert got.name == out["manifest_sha256"] == hashlib.sha256(raw).hexdigest()
+    for p in model.rglob("*"):
+        if p.is_file():
+            assert (got / p.relative_to(model)).read_bytes() == p.read_bytes()
+    assert out["downloaded_bytes"] == sum(p.stat().st_size for p in model.rglob("*") if p.is_file())
+    assert out["cache_hit"] is False and out["resumed_bytes"] == 0
+    # Nothing left in staging.
+    assert list((tmp_path / "cache" / "staging").iterdir()) == []
+
+
+def test_second_pull_is_a_cache_hit_without_object_gets(tmp_path, s3_server, s3_bucket, s3_env, s3_proxy):
+    model = make_model(tmp_path / "m", {"config.json": 100, "w.safetensors": 2 * MiB})
+    uri = f"s3://{s3_bucket}/m"
+    push(model, uri, s3_env)
+    first = pull_json(uri, tmp_path / "cache", via(s3_proxy, s3_env))
+    assert sorted(object_gets(s3_proxy, s3_bucket)) == [f"/{s3_bucket}/m/config.json", f"/{s3_bucket}/m/w.safetensors"]
+
+    s3_proxy.reset()
+    second = pull_json(uri, tmp_path / "cache", via(s3_proxy, s3_env))
+    assert second["path"] == first["path"] and second["cache_hit"] is True
+    assert second["object_gets"] == 0 and second["downloaded_bytes"] == 0
+    assert object_gets(s3_proxy, s3_bucket) == []  # only the manifest was read
+    assert any(MANIFEST_NAME in p for m, p, _ in s3_proxy.requests() if m == "GET")
+
+    # And with the model's objects gone from S3 (manifest kept), the cached copy is still what is served.
+    client = s3_server.client()
+    client.remove_object(s3_bucket, "m/config.json")
+    client.remove_object(s3_bucket, "m/w.safetensors")
+    third = pull_json(uri, tmp_path / "cache", s3_env)
+    assert third["path"] == first["path"] and third["cache_hit"] is True
+
+
+def test_altered_object_fails_naming_the_file_and_both_digests(tmp_path, s3_server, s3_bucket, s3_env):
+    model = make_model(tmp_path / "m", {"config.json": 100, "model.safetensors": 3 * MiB})
+    uri = f"s3://{s3_bucket}/m"
+    push(model, uri, s3_env)
+    original = model / "model.safetensors"
+    altered = bytearray(original.read_bytes())
+    altered[1_000_000] ^= 0xFF  # same size, one byte different
+    s3_server.client().put_object(s3_bucket, "m/model.safetensors", io.BytesIO(bytes(altered)), len(altered))
+
+    cache = tmp_path / "cache"
+    r = run_engine_cli("pull", uri, "--cache-dir", str(cache), "--no-progress", env=s3_env)
+    line = assert_one_line_error(r, "model.safetensors", sha(original), hashlib.sha256(altered).hexdigest())
+    assert "mismatch" in line
+    # Nothing was published, and the bad bytes were not kept.
+    assert list((cache / "models").iterdir()) == []
+    assert not list(cache.rglob("model.safetensors"))
+
+
+def _part_file(cache: Path, name: str) -> Path | None:
+    found = list((cache / "staging").glob(f"*/parts/{name}")) if (cache / "staging").exists() else []
+    return found[0] if found else None
+
+
+def test_pull_killed_mid_file_resumes_with_only_the_remaining_bytes(tmp_path, s3_bucket, s3_env, s3_proxy):
+    size = 24 * MiB
+    model = make_model(tmp_path / "m", {"config.json": 100, "big.safetensors": size})
+    uri = f"s3://{s3_bucket}/m"
+    push(model, uri, s3_env)
+    cache = tmp_path / "cache"
+
+    # A throttled pull (4 MB/s), SIGKILLed once it has part of the big file on disk.
+    proc = subprocess.Popen(engine_cli_argv("pull", uri, "--cache-dir", str(cache), "--no-progress", "--max-rate-mbps", "4"),
+                            env=cli_env(s3_env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            part = _part_file(cache, "big.safetensors")
+            if part is not None and part.stat().st_size >= 4 * MiB:
+                break
+            assert proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.05)
+        else:
+            pytest.fail("the pull never got 4 MiB into the big file")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    partial = _part_file(cache, "big.safetensors").stat().st_size
+    assert 0 < partial < size
+    assert list((cache / "models").iterdir()) == []  # nothing half-done was published
+
+    small_done = bool(list(cache.glob("staging/*/files/config.json")))  # finished (and verified) before the kill
+
+    out = pull_json(uri, cache, via(s3_proxy, s3_env))
+    remaining = size - partial
+    assert out["reused_files"] == int(small_done)
+    assert out["resumed_bytes"] == partial + (100 if small_done else 0)
+    assert out["downloaded_bytes"] == remaining + (0 if small_done else 100)
+    # The server really sent only the rest: one ranged GET from the partial's end, and about `remaining` bytes.
+    big_gets = [h for m, p, h in s3_proxy.requests() if m == "GET" and p.endswith("/big.safetensors")]
+    assert [h.get("range") for h in big_gets] == [f"bytes={partial}-"]
+    assert remaining + (0 if small_done else 100) <= s3_proxy.bytes_down < remaining + 64 * 1024
+    assert sha(Path(out["path"]) / "big.safetensors") == sha(model / "big.safetensors")
+
+
+def test_two_concurrent_pulls_end_with_one_verified_copy(tmp_path, s3_bucket, s3_env, s3_proxy):
+    size = 12 * MiB
+    model = make_model(tmp_path / "m", {"config.json": 100, "a.safetensors": size})
+    uri = f"s3://{s3_bucket}/m"
+    push(model, uri, s3_env)
+    cache = tmp_path / "cache"
+    argv = engine_cli_argv("pull", uri, "--cache-dir", str(cache), "--json", "--no-progress", "--max-rate-mbps", "8")
+    procs = [subprocess.Popen(argv, env=cli_env(via(s3_proxy, s3_env)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=120)
+        assert p.returncode == 0, stderr
+        outs.append(json.loads(stdout))
+    assert outs[0]["path"] == outs[1]["path"]
+    assert [p.name for p in (cache / "models").iterdir()] == [Path(outs[0]["path"]).name]
+    assert list((cache / "staging").iterdir()) == []
+    # One downloaded, the other waited on the lock and found the published copy.
+    assert sorted(o["cache_hit"] for o in outs) == [False, True]
+    waiter = next(o for o in outs if o["cache_hit"])
+    assert waiter["object_gets"] == 0 and waiter["downloaded_bytes"] == 0
+    assert s3_proxy.bytes_down < size * 1.1  # the model crossed the wire once
+    got = Path(outs[0]["path"])
+    manifest = Manifest.from_bytes((got / MANIFEST_NAME).read_bytes())
+    from engine.weights import verify_dir
+
+    verify_dir(got, manifest)
+
+
+def test_wrong_secret_key_is_a_clear_error(tmp_path, s3_bucket, s3_env):
+    model = make_model(tmp_path / "m", {"config.json": 100})
+    push(model, f"s3://{s3_bucket}/m", s3_env)
+    bad = {**s3_env, "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
+    r = run_engine_cli("pull", f"s3://{s3_bucket}/m", "--cache-dir", str(tmp_path / "c"), env=bad)
+    assert_one_line_error(r, "rejected the credentials", "AWS_SECRET_ACCESS_KEY")
+    r = run_engine_cli("push", str(model), f"s3://{s3_bucket}/m2", env=bad)
+    assert_one_line_error(r, "rejected the credentials")
+    assert "not-the-secret" not in r.stderr
+
+
+def test_missing_bucket_is_a_clear_error(tmp_path, s3_env):
+    r = run_engine_cli("pull", "s3://no-such-bucket-here/m", "--cache-dir", str(tmp_path / "c"), env=s3_env)
+    assert_one_line_error(r, "bucket 'no-such-bucket-here' does not exist")
+    model = make_model(tmp_path / "m", {"config.json": 100})
+    r = run_engine_cli("push", str(model), "s3://no-such-bucket-here/m", env=s3_env)
+    assert_one_line_error(r, "bucket 'no-such-bucket-here' does not exist")
+
+
+def test_prefix_without_manifest_is_never_a_model(tmp_path, s3_server, s3_bucket, s3_env):
+    # The objects of a push that died before its last step: everything but the manifest.
+    s3_server.client().put_object(s3_bucket, "half/model.safetensors", io.BytesIO(b"x" * 1000), 1000)
+    r = run_engine_cli("pull", f"s3://{s3_bucket}/half", "--cache-dir", str(tmp_path / "c"), env=s3_env)
+    assert_one_line_error(r, "no manifest", f"s3://{s3_bucket}/half/{MANIFEST_NAME}")
+    assert not (tmp_path / "c" / "models").exists() or list((tmp_path / "c" / "models").iterdir()) == []
+
+
+def test_repush_removes_the_old_manifest_first(tmp_path, s3_server, s3_bucket, s3_env):
+    """A push that fails midway leaves the prefix without a manifest, even if an older push had one."""
+    model = make_model(tmp_path / "m", {"config.json": 100})
+    uri = f"s3://{s3_bucket}/m"
+    push(model, uri, s3_env)
+    # S3 keys are at most 1024 bytes: this file's upload is refused, after the old manifest was removed.
+    deep = model.joinpath(*(["d" * 200] * 6))
+    deep.mkdir(parents=True)
+    (deep / "w.bin").write_bytes(b"x")
+    r = run_engine_cli("push", str(model), uri, env=s3_env)
+    assert_one_line_error(r, "w.bin")
+    r = run_engine_cli("pull", uri, "--cache-dir", str(tmp_path / "c"), env=s3_env)
+    assert_one_line_error(r, "no manifest")
+
+
+def test_unreachable_endpoint_is_a_clear_error(tmp_path, s3_env):
+    from tests.support import free_port
+
+    env = {**s3_env, "S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
+    r = run_engine_cli("pull", "s3://bucket/m", "--cache-dir", str(tmp_path / "c"), env=env)
+    assert_one_line_error(r, "cannot reach S3 endpoint")
+
+
+def test_missing_object_listed_in_manifest_is_named(tmp_path, s3_server, s3_bucket, s3_env):
+    model = make_model(tmp_path / "m", {"config.json": 100, "w.safetensors": 1000})
+    push(model, f"s3://{s3_bucket}/m", s3_env)
+    s3_server.client().remove_object(s3_bucket, "m/w.safetensors")
+    r = run_engine_cli("pull", f"s3://{s3_bucket}/m", "--cache-dir", str(tmp_path / "c"), env=s3_env)
+    assert_one_line_error(r, "w.safetensors", "missing")
+
+
+def test_engine_run_resolves_model_and_lora_from_s3(tmp_path, s3_bucket, s3_env):
+    """ENGINE_MODEL and ENGINE_LORA_MODULES as s3:// URIs are pulled, verified, and handed to vLLM as local dirs."""
+    base = make_model(tmp_path / "base", {"config.json": 100, "model.safetensors": 1000})
+    lora = make_model(tmp_path / "lora", {"adapter_config.json": 50, "adapter_model.safetensors": 500}, seed=1)
+    push(base, f"s3://{s3_bucket}/models/base-7b", s3_env)
+    push(lora, f"s3://{s3_bucket}/adapters/sql", s3_env)
+    cache = tmp_path / "cache"
+    env = {**s3_env, "ENGINE_MODEL": f"s3://{s3_bucket}/models/base-7b", "ENGINE_CACHE_DIR": str(cache),
+           "ENGINE_LORA_MODULES": f"sql=s3://{s3_bucket}/adapters/sql", "ENGINE_DEVICE": "cpu"}
+    r = subprocess.run(engine_cli_argv("run", "--dry-run"), env=cli_env(env), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    cmd = r.stdout.split()
+    published = {p.name: p for p in (cache / "models").iterdir()}
+    assert len(published) == 2
+    lora_dir = next(p for p in published.values() if (p / "adapter_config.json").exists())
+    base_dir = next(p for p in published.values() if (p / "config.json").exists())
+    assert f"sql={lora_dir}" in cmd
+    assert str(base_dir) in cmd
+    assert cmd[cmd.index("--served-model-name") + 1] == "base-7b"
+
+    # A LoRA URI with nothing behind it stops the engine with one clear line.
+    env["ENGINE_LORA_MODULES"] = f"sql=s3://{s3_bucket}/adapters/none"
+    r = subprocess.run(engine_cli_argv("run", "--dry-run"), env=cli_env(env), capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "no manifest" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,117 @@
+"""Pure parts of the hot path: usage extraction/stripping, prompt sizing, error normalization, settings."""
+
+import json
+
+import pytest
+
+from gateway.auth.apikeys import ApiKeyStore, digest
+from gateway.context import RequestContext
+from gateway.proxy import _normalize_error, _take_stream_usage, prompt_chars
+from gateway.routing.pool import Endpoint, EndpointPool, parse_engine_metrics
+from gateway.settings import ApiKeyConfig, GatewaySettings
+
+CONTENT = b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+USAGE = b'data: {"id":"c1","choices":[],"usage":{"prompt_tokens":8,"completion_tokens":3,"total_tokens":11}}\n\n'
+DONE = b"data: [DONE]\n\n"
+
+
+def ctx() -> RequestContext:
+    return RequestContext("r1", "/v1/chat/completions")
+
+
+def test_usage_chunk_is_recorded_and_stripped_when_client_did_not_ask():
+    c = ctx()
+    out = _take_stream_usage(c, CONTENT + USAGE + DONE, hide=True)
+    assert out == CONTENT + DONE
+    assert (c.prompt_tokens, c.completion_tokens) == (8, 3)
+
+
+def test_usage_chunk_is_kept_byte_identical_when_client_asked():
+    c = ctx()
+    out = _take_stream_usage(c, CONTENT + USAGE + DONE, hide=False)
+    assert out == CONTENT + USAGE + DONE
+    assert c.total_tokens == 11
+
+
+def test_continuous_usage_on_content_chunks_is_never_stripped():
+    chunk = b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"x"}}],"usage":{"prompt_tokens":8,"completion_tokens":1,"total_tokens":9}}\n\n'
+    c = ctx()
+    assert _take_stream_usage(c, chunk, hide=True) == chunk
+    assert c.completion_tokens == 1
+
+
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        ({"messages": [{"role": "user", "content": "hello"}, {"role": "system", "content": "abc"}]}, 8),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hey"}, {"type": "image_url"}]}]}, 3),
+        ({"prompt": "abcd"}, 4),
+        ({"prompt": ["ab", "cde"]}, 5),
+        ({"prompt": [1, 2, 3]}, 0),
+        ({"prompt": [[1, 2, 3]]}, 12),
+        ({"input": "embed me"}, 8),
+        ({}, 0),
+    ],
+)
+def test_prompt_chars(body, expected):
+    assert prompt_chars(body) == expected
+
+
+def test_error_normalization_keeps_openai_errors_and_wraps_others():
+    good = json.dumps({"error": {"message": "bad", "type": "BadRequestError", "param": None, "code": 400}}).encode()
+    assert _normalize_error(good, 400) == good
+    wrapped = json.loads(_normalize_error(b'{"detail":"Not Found"}', 404))
+    assert wrapped["error"]["message"] == "Not Found"
+    html = json.loads(_normalize_error(b"<html>502 Bad Gateway</html>", 502))
+    assert html["error"]["type"] == "upstream_error"
+    assert json.loads(_normalize_error(b"", 500))["error"]["message"]
+
+
+def test_api_key_store_matches_digest_and_ignores_disabled():
+    store = ApiKeyStore([
+        ApiKeyConfig(id="a", sha256=digest("sk-a"), tenant="t1", models=["m1"]),
+        ApiKeyConfig(id="b", sha256="sha256:" + digest("sk-b"), disabled=True),
+    ])
+    p = store.lookup("sk-a")
+    assert p is not None and p.key_id == "a" and p.tenant == "t1" and p.may_use("m1") and not p.may_use("m2")
+    assert store.lookup("sk-b") is None
+    assert store.lookup("sk-c") is None
+
+
+def test_api_key_config_rejects_a_raw_key():
+    with pytest.raises(ValueError):
+        ApiKeyConfig(id="x", sha256="sk-this-is-not-a-digest")
+
+
+def test_settings_from_yaml_and_env(tmp_path, monkeypatch):
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text("models:\n  - name: m\n    upstreams: ['http://a:1/']\nmax_body_bytes: 5\n")
+    monkeypatch.setenv("GATEWAY_CONFIG", str(cfg))
+    monkeypatch.setenv("GATEWAY_MAX_BODY_BYTES", "7")
+    s = GatewaySettings()
+    assert s.model("m").upstreams == ["http://a:1"]
+    assert s.max_body_bytes == 7  # the environment wins over the file
+    monkeypatch.setenv("GATEWAY_CONFIG", str(tmp_path / "missing.yaml"))
+    with pytest.raises(ValueError):
+        GatewaySettings()
+
+
+def test_least_outstanding_pick_skips_unhealthy_and_excluded():
+    pool = EndpointPool("m", [Endpoint("a", in_flight=3), Endpoint("b", in_flight=1), Endpoint("c", healthy=False)])
+    assert pool.pick().url == "b"
+    assert pool.pick(exclude={"b"}).url == "a"
+    pool.endpoints[1].engine_waiting = 5
+    assert pool.pick().url == "a"
+    assert EndpointPool("m", [Endpoint("x", healthy=False)]).pick() is None
+
+
+def test_parse_engine_metrics_sums_label_sets():
+    text = (
+        b"# HELP vllm:num_requests_waiting x\n"
+        b'vllm:num_requests_waiting{engine="0",model_name="m"} 2.0\n'
+        b'vllm:num_requests_waiting{engine="1",model_name="m"} 3.0\n'
+        b'vllm:num_requests_running{engine="0"} 4.0\n'
+        b"vllm:kv_cache_usage_perc 0.25\n"
+        b'vllm:num_requests_waiting_by_reason{reason="capacity"} 9.0\n'
+    )
+    assert parse_engine_metrics(text) == {"engine_waiting": 5.0, "engine_running": 4.0, "kv_cache_usage": 0.25}

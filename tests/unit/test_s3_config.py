@@ -1,0 +1,97 @@
+"""S3 settings from the standard variables, s3:// URIs, and one-line error messages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from minio.error import S3Error
+
+from engine.s3 import WeightsError, config_from_env, describe_error, make_client, parse_s3_uri
+from tests.support import REPO
+
+
+def test_endpoint_scheme_decides_tls_and_precedence():
+    c = config_from_env({"S3_ENDPOINT_URL": "http://minio:9000", "AWS_ENDPOINT_URL": "https://other"})
+    assert (c.endpoint, c.secure, c.url) == ("minio:9000", False, "http://minio:9000")
+    c = config_from_env({"AWS_ENDPOINT_URL": "https://s3.example.com"})
+    assert (c.endpoint, c.secure) == ("s3.example.com", True)
+    c = config_from_env({"AWS_ENDPOINT_URL_S3": "http://a:1", "AWS_ENDPOINT_URL": "http://b:2"})
+    assert c.endpoint == "a:1"
+    c = config_from_env({})
+    assert (c.endpoint, c.secure, c.access_key) == ("s3.amazonaws.com", True, None)
+
+
+def test_credentials_region_and_ca_bundle():
+    env = {"S3_ENDPOINT_URL": "https://s3.local", "AWS_ACCESS_KEY_ID": "ak", "AWS_SECRET_ACCESS_KEY": "sk",
+           "AWS_SESSION_TOKEN": "tok", "AWS_DEFAULT_REGION": "eu-west-1", "SSL_CERT_FILE": "/b.pem"}
+    c = config_from_env(env)
+    assert (c.access_key, c.secret_key, c.session_token, c.region, c.ca_bundle) == ("ak", "sk", "tok", "eu-west-1", "/b.pem")
+    assert config_from_env({**env, "AWS_REGION": "us-east-2"}).region == "us-east-2"
+    assert config_from_env({**env, "AWS_CA_BUNDLE": "/a.pem"}).ca_bundle == "/a.pem"
+    assert config_from_env({**env, "S3_VERIFY_SSL": "false"}).verify is False
+    assert config_from_env(env).verify is True
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"S3_ENDPOINT_URL": "minio:9000"}, "needs a scheme"),
+        ({"S3_ENDPOINT_URL": "ftp://minio"}, "not an http"),
+        ({"S3_ENDPOINT_URL": "http://minio:9000/bucket"}, "must not have a path"),
+        ({"AWS_ACCESS_KEY_ID": "ak"}, "AWS_SECRET_ACCESS_KEY is not"),
+    ],
+)
+def test_bad_settings(env, message):
+    with pytest.raises(WeightsError, match=message):
+        config_from_env(env)
+
+
+def test_tls_client_uses_the_ca_bundle(tmp_path):
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("not checked until a connection is made")
+    client = make_client(config_from_env({"S3_ENDPOINT_URL": "https://s3.local", "AWS_CA_BUNDLE": str(bundle)}))
+    kw = client._http.connection_pool_kw
+    assert kw["ca_certs"] == str(bundle) and kw["cert_reqs"] == "CERT_REQUIRED"
+    with pytest.raises(WeightsError, match="does not exist"):
+        make_client(config_from_env({"S3_ENDPOINT_URL": "https://s3.local", "AWS_CA_BUNDLE": str(tmp_path / "x")}))
+    plain = make_client(config_from_env({"S3_ENDPOINT_URL": "http://s3.local"}))
+    assert "ca_certs" not in plain._http.connection_pool_kw
+
+
+@pytest.mark.parametrize(
+    "uri, bucket, prefix",
+    [("s3://b/p", "b", "p"), ("s3://models/org/llama/", "models", "org/llama"), ("s3://b", "b", "")],
+)
+def test_parse_s3_uri(uri, bucket, prefix):
+    u = parse_s3_uri(uri)
+    assert (u.bucket, u.prefix) == (bucket, prefix)
+    assert u.key("config.json") == (f"{prefix}/config.json" if prefix else "config.json")
+
+
+@pytest.mark.parametrize("uri", ["http://b/p", "s3://", "s3:///p", "s3://b/a/../c", "s3://b/a//c"])
+def test_bad_s3_uris(uri):
+    with pytest.raises(WeightsError):
+        parse_s3_uri(uri)
+
+
+def _s3_error(code: str) -> S3Error:
+    return S3Error(None, code, "msg", "/b/k", "rid", "hid", bucket_name="b")
+
+
+def test_error_messages_are_one_line_and_name_the_cause():
+    cfg = config_from_env({"S3_ENDPOINT_URL": "http://127.0.0.1:9"})
+    assert "bucket 'models' does not exist" in describe_error(_s3_error("NoSuchBucket"), cfg, "x", "models")
+    for code in ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied"):
+        m = describe_error(_s3_error(code), cfg, "reading")
+        assert "rejected the credentials" in m and code in m and "\n" not in m
+    assert "cannot reach S3 endpoint http://127.0.0.1:9" in describe_error(ConnectionRefusedError(), cfg, "x")
+
+
+def test_push_pull_modules_import_neither_torch_nor_vllm():
+    code = ("import sys, engine.weights, engine.weights_cli, engine.s3, engine.manifest, engine.cli\n"
+            "bad = [m for m in ('torch', 'vllm', 'transformers') if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
