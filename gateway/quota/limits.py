@@ -136,7 +136,7 @@ def rate_limit_headers(buckets: tuple[Bucket, ...], states: list[BucketState]) -
     """OpenAI's x-ratelimit-* headers, from the most constrained bucket for requests and for tokens."""
     out: list[tuple[bytes, bytes]] = []
     rb = tb = -1
-    for i, (b, st) in enumerate(zip(buckets, states)):
+    for i, (b, st) in enumerate(zip(buckets, states, strict=True)):
         if b.rpm and (rb < 0 or st.req_remaining < states[rb].req_remaining):
             rb = i
         if b.tpm and (tb < 0 or st.tok_remaining < states[tb].tok_remaining):

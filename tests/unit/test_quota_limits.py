@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from gateway.auth.principal import Principal
 from gateway.context import RequestContext
@@ -10,7 +11,6 @@ from gateway.quota.admission import QuotaAdmission
 from gateway.quota.config import QuotaSettings
 from gateway.quota.limits import Bucket, LimitTable, format_reset, parse_reset, rate_limit_headers
 from gateway.quota.memory import MemoryLimiter
-from prometheus_client import CollectorRegistry
 
 
 class Clock:
