@@ -22,6 +22,7 @@ from gateway.errors import ApiError
 from gateway.hooks import Admission, NoAdmissionControl, Observer
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import ProxyEndpoint
+from gateway.quota.admission import build_admission
 from gateway.routing.pool import EndpointPool, HealthChecker
 from gateway.routing.router import Router
 from gateway.settings import GatewaySettings
@@ -155,6 +156,12 @@ def create_app(
     auth = Authenticator(keys, enabled=settings.auth_enabled)
     pools = {m.name: EndpointPool.from_urls(m.name, m.upstreams) for m in settings.models}
     metrics = GatewayMetrics()
+    closers = []
+    if admission is None:
+        quota = build_admission(settings.quota, pools, metrics.registry)
+        if quota is not None:
+            admission = quota
+            closers.append(quota.close)
     state = GatewayState(
         settings=settings,
         auth=auth,
@@ -163,6 +170,7 @@ def create_app(
         admission=admission or NoAdmissionControl(),
         metrics=metrics,
         observers=[metrics, *(observers or [])],
+        closers=closers,
     )
 
     @contextlib.asynccontextmanager

@@ -15,6 +15,8 @@ import yaml
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from gateway.quota.config import QuotaSettings
+
 
 class UpstreamTimeouts(BaseModel):
     """Per-phase timeouts (seconds) towards an upstream pool."""
@@ -119,6 +121,8 @@ class GatewaySettings(BaseSettings):
     drain_timeout: float = 30.0
     # Forward W3C traceparent and X-Request-Id to engines.
     forward_request_id: bool = True
+    # Quotas (requests/tokens per minute, concurrency) and overload protection: gateway/quota/config.py.
+    quota: QuotaSettings = Field(default_factory=QuotaSettings)
 
     @classmethod
     def settings_customise_sources(

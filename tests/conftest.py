@@ -99,3 +99,4 @@ def s3_server() -> Iterator[Any]:
     finally:
         s.stop()
 from tests.fixtures_weights import *  # noqa: F401,F403
+from tests.fixtures_quota import *  # noqa: F401,F403

@@ -1,0 +1,196 @@
+"""The Admission hook: overload wait, then quotas (reserve at admission, settle on real usage).
+
+Per request: the buckets that apply are a cached lookup, the reservation is arithmetic on what the proxy
+already parsed (``prompt_chars``, ``max_tokens``), and the limiter is called once (one Redis round trip with
+the Redis backend); settling is one more round trip, skipped when there is nothing to correct.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import time
+
+from redis.exceptions import RedisError
+
+from gateway.context import RequestContext
+from gateway.errors import ApiError
+from gateway.hooks import NO_TICKET, Ticket
+from gateway.quota.config import QuotaSettings
+from gateway.quota.limits import Bucket, LimitTable, estimate_prompt_tokens, format_reset, rate_limit_headers
+from gateway.quota.memory import MemoryLimiter
+from gateway.quota.metrics import QuotaMetrics
+from gateway.quota.overload import OverloadGuard
+from gateway.quota.redis_backend import RedisLimiter
+
+log = logging.getLogger("gateway.quota")
+
+BACKEND_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+_LOG_EVERY = 10.0
+
+
+class QuotaTicket:
+    """A reservation: ``cost`` tokens and (when limited) a concurrency slot, returned or corrected by settle."""
+
+    __slots__ = ("admission", "limiter", "buckets", "cost", "lease")
+
+    def __init__(self, admission: QuotaAdmission, limiter, buckets: tuple[Bucket, ...], cost: int, lease: str) -> None:
+        self.admission = admission
+        self.limiter = limiter
+        self.buckets = buckets
+        self.cost = cost
+        self.lease = lease
+
+    async def settle(self, ctx: RequestContext) -> None:
+        real = ctx.total_tokens
+        if real is not None:
+            delta = real - self.cost
+        elif ctx.first_token_at is None:
+            delta = -self.cost  # nothing was generated (refused upstream, failed before the first byte)
+        else:
+            delta = 0  # a stream cut short without usage: keep the reservation
+        ctx.extra["quota_settled_tokens"] = self.cost + delta
+        limiter = self.limiter
+        if limiter.backend == "memory":
+            limiter.release(self.buckets, self.lease, delta)
+            return
+        try:
+            await limiter.release(self.buckets, self.lease, delta)
+        except BACKEND_ERRORS as e:
+            self.admission.metrics.settle_errors.labels(limiter.backend).inc()
+            self.admission.backend_failed(e, settle=True)
+
+
+class QuotaAdmission:
+    def __init__(self, settings: QuotaSettings, pools: dict, registry) -> None:
+        self.settings = settings
+        self.table = LimitTable(settings)
+        self.metrics = QuotaMetrics(registry)
+        self.local = MemoryLimiter()
+        self.remote: RedisLimiter | None = None
+        if settings.backend == "redis":
+            self.remote = RedisLimiter(
+                settings.redis_url, prefix=settings.key_prefix, timeout=settings.redis_timeout,
+                lease_seconds=settings.concurrency_lease,
+            )
+            self.metrics.backend_up.labels("redis").set(1)
+        self.overload = OverloadGuard(settings.overload, pools, self.metrics) if settings.overload.enabled else None
+        self.has_limits = settings.has_limits
+        self._down_until = 0.0
+        self._down = False
+        self._last_log = 0.0
+
+    # -- the hook -------------------------------------------------------------------------------------------
+
+    async def admit(self, ctx: RequestContext) -> Ticket:
+        if self.overload is not None and ctx.model is not None:
+            await self.overload.wait(ctx.model)
+        p = ctx.principal
+        if not self.has_limits or p is None or ctx.model is None:
+            return NO_TICKET
+        buckets = self.table.buckets(p.subject, p.key_id, p.tenant, ctx.model)
+        if not buckets:
+            return NO_TICKET
+        cost = self.reservation(ctx)
+        ctx.extra["quota_reserved_tokens"] = cost
+        for b in buckets:
+            if b.tpm and cost > b.tpm:
+                self.metrics.rejected.labels("request_too_large").inc()
+                raise ApiError(
+                    429,
+                    f"Request too large for '{ctx.model}' on tokens per min (TPM): Limit {b.tpm}, Requested {cost} "
+                    "(prompt estimate + max_tokens). Lower max_tokens or the prompt size.",
+                    code="rate_limit_exceeded",
+                    headers={"retry-after": "60"},
+                    reason="rate_limited",
+                )
+        lease = os.urandom(8).hex() if any(b.concurrency for b in buckets) else ""
+        limiter, decision = await self._acquire(buckets, cost, lease)
+        ctx.response_headers.extend(rate_limit_headers(buckets, decision.states))
+        if not decision.allowed:
+            self.metrics.rejected.labels(decision.reason or "requests").inc()
+            wait = max(decision.retry_after, 0.001)
+            what = {"requests": "requests per min (RPM)", "tokens": "tokens per min (TPM)"}.get(
+                decision.reason or "", "concurrent requests"
+            )
+            raise ApiError(
+                429,
+                f"Rate limit reached for '{ctx.model}' on {what}. Please try again in {format_reset(wait)}.",
+                code="rate_limit_exceeded",
+                headers={"retry-after": str(max(math.ceil(wait), 1)), "retry-after-ms": str(math.ceil(wait * 1000))},
+                reason="rate_limited",
+            )
+        return QuotaTicket(self, limiter, buckets, cost, lease)
+
+    def reservation(self, ctx: RequestContext) -> int:
+        """Tokens reserved at admission: prompt estimate + max_tokens (or the default) per choice."""
+        body = ctx.body or {}
+        msgs = body.get("messages")
+        prompt = estimate_prompt_tokens(ctx.prompt_chars, len(msgs) if isinstance(msgs, list) else 0, self.settings)
+        if ctx.route == "/v1/embeddings":
+            return prompt
+        completion = ctx.max_tokens if ctx.max_tokens is not None else self.settings.default_max_tokens
+        n = body.get("n", 1)
+        if isinstance(n, int) and not isinstance(n, bool) and n > 1:
+            completion *= n
+        return prompt + completion
+
+    # -- backends -------------------------------------------------------------------------------------------
+
+    async def _acquire(self, buckets: tuple[Bucket, ...], cost: int, lease: str):
+        remote = self.remote
+        if remote is None:
+            return self.local, self.local.acquire(buckets, cost, lease)
+        if time.monotonic() >= self._down_until:
+            try:
+                decision = await remote.acquire(buckets, cost, lease)
+            except BACKEND_ERRORS as e:
+                self.backend_failed(e)
+            else:
+                if self._down:
+                    self._down = False
+                    self.metrics.backend_up.labels(remote.backend).set(1)
+                    log.warning("quota backend %s is reachable again; shared limits restored", remote.backend)
+                return remote, decision
+        mode = self.settings.on_backend_error
+        self.metrics.backend_errors.labels(remote.backend, mode).inc()
+        if mode == "closed":
+            self.metrics.rejected.labels("backend_unavailable").inc()
+            raise ApiError(
+                503,
+                "The quota service is unavailable; retry shortly.",
+                code="quota_backend_unavailable",
+                headers={"retry-after": str(max(math.ceil(self.settings.redis_retry_interval), 1))},
+                reason="quota_unavailable",
+            )
+        return self.local, self.local.acquire(buckets, cost, lease)
+
+    def backend_failed(self, e: BaseException, settle: bool = False) -> None:
+        assert self.remote is not None
+        now = time.monotonic()
+        self._down_until = now + self.settings.redis_retry_interval
+        first = not self._down
+        if first:
+            self._down = True
+            self.metrics.backend_up.labels(self.remote.backend).set(0)
+        if first or now - self._last_log >= _LOG_EVERY:
+            self._last_log = now
+            action = "enforcing local per-replica limits (fail open)" if self.settings.on_backend_error == "open" else "refusing requests with 503 (fail closed)"
+            log.error(
+                "quota backend %s unreachable (%s: %s)%s; %s",
+                self.remote.backend, type(e).__name__, str(e)[:200], " while settling" if settle else "", action,
+                extra={"quota_backend": self.remote.backend, "quota_mode": self.settings.on_backend_error},
+            )
+
+    async def close(self) -> None:
+        if self.remote is not None:
+            await self.remote.close()
+
+
+def build_admission(settings: QuotaSettings, pools: dict, registry) -> QuotaAdmission | None:
+    """The admission hook for these settings, or None when quotas and overload protection are both off."""
+    if not settings.active:
+        return None
+    return QuotaAdmission(settings, pools, registry)

@@ -1,0 +1,154 @@
+"""Which limits apply to a request, what it reserves, and how a decision becomes OpenAI's headers.
+
+The algorithm (both backends) is GCRA, the "generic cell rate algorithm": each limited resource keeps one
+number, its theoretical arrival time (TAT). A limit of L per minute has an emission interval T = 60 s / L;
+taking ``n`` units moves TAT to ``max(TAT, now) + n*T`` and is allowed while that stays within one minute of
+now. So a full bucket allows a burst of L, then one unit every T: a smooth window, never the double burst of
+fixed windows. Settling a reservation moves TAT by ``(real - reserved) * T`` (a refund or an overdraft).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from gateway.quota.config import Limits, QuotaSettings
+
+PERIOD = 60.0
+# Allowance (seconds) for float rounding: the same as the clock being this much ahead.
+TOLERANCE = 0.001
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """One limited scope (a principal, a tenant, either for one model): its key and its limits."""
+
+    key: str
+    rpm: int = 0
+    tpm: int = 0
+    concurrency: int = 0
+
+
+@dataclass(slots=True)
+class BucketState:
+    """Remaining capacity of one bucket after a decision; reset = seconds until it is full again."""
+
+    req_remaining: int = -1
+    req_reset: float = 0.0
+    tok_remaining: int = -1
+    tok_reset: float = 0.0
+
+
+@dataclass(slots=True)
+class Decision:
+    allowed: bool
+    # requests | tokens | concurrency when refused
+    reason: str | None
+    # Seconds until a retry could succeed (refusals).
+    retry_after: float
+    states: list[BucketState]
+
+
+class LimitTable:
+    """Resolves the buckets of a (principal, tenant, model), cached: configuration does not change at run time."""
+
+    def __init__(self, settings: QuotaSettings) -> None:
+        self.settings = settings
+        self._cache: dict[tuple[str, str | None, str, str], tuple[Bucket, ...]] = {}
+
+    def buckets(self, subject: str, key_id: str | None, tenant: str, model: str) -> tuple[Bucket, ...]:
+        ck = (subject, key_id, tenant, model)
+        hit = self._cache.get(ck)
+        if hit is not None:
+            return hit
+        s = self.settings
+        out: list[Bucket] = []
+        pname = key_id if key_id is not None and key_id in s.principals else subject
+        scope = s.principals.get(pname)
+        base: Limits = scope if scope is not None else s.default
+        _add(out, f"p:{pname}", base)
+        if scope is not None and model in scope.models:
+            _add(out, f"p:{pname}:m:{model}", scope.models[model])
+        tscope = s.tenants.get(tenant)
+        if tscope is not None:
+            _add(out, f"t:{tenant}", tscope)
+            if model in tscope.models:
+                _add(out, f"t:{tenant}:m:{model}", tscope.models[model])
+        result = tuple(out)
+        if len(self._cache) < 100_000:
+            self._cache[ck] = result
+        return result
+
+
+def _add(out: list[Bucket], key: str, lim: Limits) -> None:
+    if not lim.empty:
+        out.append(Bucket(key, lim.rpm, lim.tpm, lim.concurrency))
+
+
+def estimate_prompt_tokens(prompt_chars: int, messages: int, settings: QuotaSettings) -> int:
+    return math.ceil(prompt_chars / settings.chars_per_token) + messages * settings.tokens_per_message
+
+
+def gcra_state(tat: float, now: float, interval: float) -> tuple[int, float]:
+    """(remaining units, seconds until full) of a GCRA bucket whose TAT is ``tat``."""
+    used = max(tat - now, 0.0)
+    return max(int((PERIOD + TOLERANCE - used) / interval), 0), used
+
+
+def format_reset(seconds: float) -> str:
+    """A duration as OpenAI writes it in x-ratelimit-reset-*: ``20ms``, ``1.5s``, ``6m0s``, ``1h2m3s``."""
+    if seconds <= 0:
+        return "0s"
+    if seconds < 1:
+        return f"{max(int(round(seconds * 1000)), 1)}ms"
+    ms = int(round(seconds * 1000))
+    h, rem = divmod(ms, 3_600_000)
+    m, rem = divmod(rem, 60_000)
+    s = rem / 1000
+    sec = f"{s:.3f}".rstrip("0").rstrip(".") + "s"
+    if h:
+        return f"{h}h{m}m{sec}"
+    if m:
+        return f"{m}m{sec}"
+    return sec
+
+
+def parse_reset(text: str) -> float:
+    """Inverse of :func:`format_reset` (for clients and tests)."""
+    total, num = 0.0, ""
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c.isdigit() or c == ".":
+            num += c
+        elif text.startswith("ms", i):
+            total += float(num) / 1000
+            num = ""
+            i += 1
+        else:
+            total += float(num) * {"h": 3600, "m": 60, "s": 1}[c]
+            num = ""
+        i += 1
+    return total
+
+
+def rate_limit_headers(buckets: tuple[Bucket, ...], states: list[BucketState]) -> list[tuple[bytes, bytes]]:
+    """OpenAI's x-ratelimit-* headers, from the most constrained bucket for requests and for tokens."""
+    out: list[tuple[bytes, bytes]] = []
+    rb = tb = -1
+    for i, (b, st) in enumerate(zip(buckets, states, strict=True)):
+        if b.rpm and (rb < 0 or st.req_remaining < states[rb].req_remaining):
+            rb = i
+        if b.tpm and (tb < 0 or st.tok_remaining < states[tb].tok_remaining):
+            tb = i
+    if rb >= 0:
+        st = states[rb]
+        out.append((b"x-ratelimit-limit-requests", str(buckets[rb].rpm).encode()))
+        out.append((b"x-ratelimit-remaining-requests", str(max(st.req_remaining, 0)).encode()))
+        out.append((b"x-ratelimit-reset-requests", format_reset(st.req_reset).encode()))
+    if tb >= 0:
+        st = states[tb]
+        out.append((b"x-ratelimit-limit-tokens", str(buckets[tb].tpm).encode()))
+        out.append((b"x-ratelimit-remaining-tokens", str(max(st.tok_remaining, 0)).encode()))
+        out.append((b"x-ratelimit-reset-tokens", format_reset(st.tok_reset).encode()))
+    return out

@@ -1,0 +1,238 @@
+#!/usr/bin/env python3
+"""Added latency of the quota check per request (admit + settle), in-process and Redis-backed.
+
+Calls the real admission hook (``gateway.quota.admission.QuotaAdmission``) the way the proxy does: admit at
+the start of a request, settle with real usage at its end (usage differs from the reservation, so the Redis
+backend really does its second round trip). A real redis-server is started on 127.0.0.1 unless
+``--redis-url`` is given. Numbers go to results/bench_quota.{json,md}.
+
+Configurations:
+- ``rpm``: one bucket (the principal), requests/min only: admit = 1 script call, settle = nothing to do.
+- ``full``: two buckets (principal + tenant), each with requests/min, tokens/min and max_concurrent:
+  admit = 1 script call, settle = 1 script call (token correction + concurrency release).
+
+    python scripts/bench_quota.py [--requests 5000] [--concurrency 1,32] [--redis-url redis://...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from prometheus_client import CollectorRegistry  # noqa: E402
+
+from gateway.auth.principal import Principal  # noqa: E402
+from gateway.context import RequestContext  # noqa: E402
+from gateway.quota.admission import QuotaAdmission  # noqa: E402
+from gateway.quota.config import QuotaSettings  # noqa: E402
+
+BIG = 10**9
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis() -> tuple[subprocess.Popen, str, str]:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        sys.exit("bench_quota: redis-server not found (apt-get install -y redis-server)")
+    port = free_port()
+    d = tempfile.mkdtemp(prefix="bench-redis-")
+    p = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", d],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    break
+        except OSError:
+            time.sleep(0.05)
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.split()[2]
+    return p, f"redis://127.0.0.1:{port}/0", version
+
+
+def settings(backend: str, shape: str, url: str) -> QuotaSettings:
+    if shape == "rpm":
+        limits = {"default": {"rpm": BIG}}
+    else:
+        full = {"rpm": BIG, "tpm": BIG, "max_concurrent": 100_000}
+        limits = {"default": full, "tenants": {"bench": full}}
+    return QuotaSettings.model_validate(
+        {"backend": backend, "redis_url": url, "key_prefix": f"bench:{os.getpid()}:{backend}:{shape}:", **limits}
+    )
+
+
+def new_ctx(i: int) -> RequestContext:
+    c = RequestContext("r", "/v1/chat/completions")
+    c.principal = Principal(f"user-{i % 64}", tenant="bench")
+    c.model = "tiny"
+    c.body = {"messages": [{"role": "user", "content": "x" * 400}]}
+    c.prompt_chars = 400
+    c.max_tokens = 128
+    return c
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(int(q * len(xs)), len(xs) - 1)]
+
+
+async def run_one(adm: QuotaAdmission, requests: int, concurrency: int) -> dict:
+    admit_t: list[float] = []
+    settle_t: list[float] = []
+    total_t: list[float] = []
+    counter = iter(range(requests))
+
+    async def worker() -> None:
+        for i in counter:
+            ctx = new_ctx(i)
+            t0 = time.perf_counter()
+            ticket = await adm.admit(ctx)
+            t1 = time.perf_counter()
+            ctx.prompt_tokens, ctx.completion_tokens, ctx.first_token_at = 97, 100, t1
+            await ticket.settle(ctx)
+            t2 = time.perf_counter()
+            admit_t.append(t1 - t0)
+            settle_t.append(t2 - t1)
+            total_t.append(t2 - t0)
+
+    # Warm-up (connections, script cache).
+    for i in range(min(200, requests)):
+        c = new_ctx(i)
+        t = await adm.admit(c)
+        await t.settle(c)
+    start, cpu0 = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
+    ms = lambda v: round(v * 1000, 4)  # noqa: E731
+    return {
+        "requests": requests,
+        "concurrency": concurrency,
+        "checks_per_s": round(requests / wall, 1),
+        # Gateway-side CPU (user + system, this process only; redis-server's own CPU is not included).
+        "cpu_ms_per_check": round(cpu / requests * 1000, 4),
+        "admit_p50_ms": ms(pct(admit_t, 0.5)), "admit_p99_ms": ms(pct(admit_t, 0.99)),
+        "settle_p50_ms": ms(pct(settle_t, 0.5)), "settle_p99_ms": ms(pct(settle_t, 0.99)),
+        "total_p50_ms": ms(pct(total_t, 0.5)), "total_p99_ms": ms(pct(total_t, 0.99)),
+        "total_mean_ms": ms(statistics.fmean(total_t)),
+    }
+
+
+async def ping_rtt(url: str, n: int = 2000) -> dict:
+    from redis.asyncio import Redis
+
+    r = Redis.from_url(url)
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await r.ping()
+        ts.append(time.perf_counter() - t0)
+    await r.aclose()
+    return {"ping_p50_ms": round(pct(ts, 0.5) * 1000, 4), "ping_p99_ms": round(pct(ts, 0.99) * 1000, 4)}
+
+
+async def bench(args, url: str) -> dict:
+    rows = []
+    for backend in ("memory", "redis"):
+        for shape in ("rpm", "full"):
+            for conc in args.concurrency:
+                adm = QuotaAdmission(settings(backend, shape, url), {}, CollectorRegistry())
+                try:
+                    row = await run_one(adm, args.requests, conc)
+                finally:
+                    await adm.close()
+                row = {"backend": backend, "limits": shape, **row}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return {"rows": rows, "redis_ping": await ping_rtt(url)}
+
+
+def write(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_quota.json").write_text(json.dumps(results, indent=2) + "\n")
+    md = [
+        f"# Quota check latency per request ({results['machine']})",
+        "",
+        f"Command: `{results['command']}`",
+        "",
+        "Added latency of admission + settlement per request, through the real hook. `rpm`: one bucket, "
+        "requests/min only (Redis: 1 round trip). `full`: principal + tenant buckets with requests/min, "
+        "tokens/min and max_concurrent (Redis: 1 round trip to admit, 1 to settle).",
+        "",
+        "| backend | limits | concurrent | checks/s | gateway CPU ms/check | admit p50 (ms) | admit p99 (ms) | settle p50 (ms) | settle p99 (ms) | admit+settle p50 (ms) | admit+settle p99 (ms) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        md.append(
+            f"| {r['backend']} | {r['limits']} | {r['concurrency']} | {r['checks_per_s']} | {r['cpu_ms_per_check']} | {r['admit_p50_ms']} | "
+            f"{r['admit_p99_ms']} | {r['settle_p50_ms']} | {r['settle_p99_ms']} | {r['total_p50_ms']} | {r['total_p99_ms']} |"
+        )
+    p = results["redis_ping"]
+    md += ["", f"Redis {results['redis_version']} on 127.0.0.1, plain PING round trip: p50 {p['ping_p50_ms']} ms, p99 {p['ping_p99_ms']} ms.", ""]
+    (out / "bench_quota.md").write_text("\n".join(md))
+    print("\n".join(md))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=5000)
+    ap.add_argument("--concurrency", default="1,32", help="comma-separated numbers of concurrent requests")
+    ap.add_argument("--redis-url", help="use this Redis instead of starting one")
+    ap.add_argument("--machine", default=f"{platform.node()} ({os.cpu_count()} CPUs)")
+    ap.add_argument("--out", default=str(ROOT / "results"))
+    args = ap.parse_args()
+    args.concurrency = [int(x) for x in args.concurrency.split(",")]
+    proc = None
+    version = "external"
+    url = args.redis_url
+    if url is None:
+        proc, url, version = start_redis()
+    try:
+        try:
+            import uvloop
+
+            runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+            loop_name = "uvloop"
+        except ImportError:
+            runner = asyncio.Runner()
+            loop_name = "asyncio"
+        with runner:
+            res = runner.run(bench(args, url))
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(10)
+    res.update(
+        machine=args.machine,
+        command="python scripts/bench_quota.py " + " ".join(sys.argv[1:]),
+        redis_version=version,
+        event_loop=loop_name,
+        python=platform.python_version(),
+    )
+    write(res, Path(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
