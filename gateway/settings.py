@@ -15,6 +15,8 @@ import yaml
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from gateway.audit.config import AuditSettings
+
 
 class UpstreamTimeouts(BaseModel):
     """Per-phase timeouts (seconds) towards an upstream pool."""
@@ -116,6 +118,8 @@ class GatewaySettings(BaseSettings):
     drain_timeout: float = 30.0
     # Forward W3C traceparent and X-Request-Id to engines.
     forward_request_id: bool = True
+    # The audit log (gateway/audit/): one record per request, off by default.
+    audit: AuditSettings = Field(default_factory=AuditSettings)
 
     @classmethod
     def settings_customise_sources(
