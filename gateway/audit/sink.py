@@ -3,7 +3,7 @@
 File layout (``path = /var/log/llm-gateway/audit.jsonl``)::
 
     audit.jsonl                                 the active segment (appended to, O_APPEND)
-    audit.20261129T104724Z-1f2e3d4c5b6a7988.jsonl  closed segments (renamed at rotation; archived, then removed)
+    audit.20261129T104724.123456Z-1f2e3d4c5b6a7988.jsonl  closed segments (renamed at rotation; archived, then removed)
     audit.jsonl.torn-20261129T110000Z           bytes of a torn last line found at start (kept for forensics)
 
 Rotation closes the active segment with a footer record, fsyncs it, renames it, fsyncs the directory and
@@ -99,7 +99,8 @@ def _fsync_dir(path: str) -> None:
 
 
 def _stamp(ts: float) -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(ts))
+    """UTC, to the microsecond, so that closed segments sort in the order they were written."""
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(ts)) + f".{int(ts * 1e6) % 1000000:06d}Z"
 
 
 class FileSink:
