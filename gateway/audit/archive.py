@@ -55,7 +55,15 @@ def minio_client_from_env():
 class Archiver:
     """Uploads one closed segment at a time (blocking; the writer runs it in a thread)."""
 
-    def __init__(self, client, bucket: str, prefix: str = "audit/", *, create_bucket: bool = True, host: str | None = None):
+    def __init__(
+        self,
+        client,
+        bucket: str,
+        prefix: str = "audit/",
+        *,
+        create_bucket: bool = True,
+        host: str | None = None,
+    ):
         self.client = client
         self.bucket = bucket
         self.prefix = prefix
@@ -67,7 +75,9 @@ class Archiver:
     @classmethod
     def from_env(cls, settings) -> Archiver:
         return cls(
-            minio_client_from_env(), settings.archive_bucket, settings.archive_prefix,
+            minio_client_from_env(),
+            settings.archive_bucket,
+            settings.archive_prefix,
             create_bucket=settings.archive_create_bucket,
         )
 
@@ -88,12 +98,20 @@ class Archiver:
         key = self.key_for(path)
         with open(path, "rb") as f:
             self.client.put_object(
-                self.bucket, key, f, size, content_type="application/x-ndjson", metadata={"sha256": digest},
+                self.bucket,
+                key,
+                f,
+                size,
+                content_type="application/x-ndjson",
+                metadata={"sha256": digest},
             )
         self.verify(key, digest, size)
         os.remove(path)
         self.archived.append(key)
-        log.info("audit: segment archived", extra={"bucket": self.bucket, "key": key, "sha256": digest, "bytes": size})
+        log.info(
+            "audit: segment archived",
+            extra={"bucket": self.bucket, "key": key, "sha256": digest, "bytes": size},
+        )
         return key
 
     def verify(self, key: str, digest: str, size: int) -> None:

@@ -126,7 +126,9 @@ def verify_segment(path: str, data: bytes | None = None) -> SegmentReport:
     tail = parts.pop()  # b"" when the file ends with a newline
     lines = [_parse(i + 1, raw) for i, raw in enumerate(parts)]
     if tail:
-        rep.findings.append(Finding(path, len(parts) + 1, "torn", f"last line is incomplete ({len(tail)} bytes, no newline)"))
+        rep.findings.append(
+            Finding(path, len(parts) + 1, "torn", f"last line is incomplete ({len(tail)} bytes, no newline)")
+        )
     if not lines:
         if not tail:
             rep.findings.append(Finding(path, 1, "header", "empty file: no segment header"))
@@ -150,7 +152,14 @@ def verify_segment(path: str, data: bytes | None = None) -> SegmentReport:
         meta = head.obj.get("audit_meta") if head.obj else None
         rep.previous_segment = meta.get("previous_segment") if isinstance(meta, dict) else None
     elif head.seq is not None and head.seq > 0:
-        add(Finding(path, 1, "deleted", f"the segment header and records seq 0..{head.seq - 1} before line 1 are missing"))
+        add(
+            Finding(
+                path,
+                1,
+                "deleted",
+                f"the segment header and records seq 0..{head.seq - 1} before line 1 are missing",
+            )
+        )
     else:
         add(Finding(path, 1, "header", "the first line is not a segment header"))
 
@@ -168,11 +177,25 @@ def verify_segment(path: str, data: bytes | None = None) -> SegmentReport:
         seq_ok = ln.seq is not None and prev_ln.seq is not None and ln.seq == prev_ln.seq + 1
         if pred[i] == j and seq_ok:
             if nxt == j and i not in referenced:
-                add(Finding(path, ln.no, "inserted", f"the chain skips this line (line {ln.no + 1} follows line {prev_ln.no})"))
+                add(
+                    Finding(
+                        path,
+                        ln.no,
+                        "inserted",
+                        f"the chain skips this line (line {ln.no + 1} follows line {prev_ln.no})",
+                    )
+                )
                 inserted.add(i)
             continue
         if i not in referenced and nxt == j:
-            add(Finding(path, ln.no, "inserted", f"not part of the chain (line {ln.no + 1} follows line {prev_ln.no})"))
+            add(
+                Finding(
+                    path,
+                    ln.no,
+                    "inserted",
+                    f"not part of the chain (line {ln.no + 1} follows line {prev_ln.no})",
+                )
+            )
             inserted.add(i)
             continue
         if ln.obj is None:
@@ -182,14 +205,39 @@ def verify_segment(path: str, data: bytes | None = None) -> SegmentReport:
             inserted.add(i)
             continue
         if pred[i] is not None:
-            add(Finding(path, ln.no, "reordered", f"out of order: its predecessor is line {pred[i] + 1}, not line {prev_ln.no}"))
+            add(
+                Finding(
+                    path,
+                    ln.no,
+                    "reordered",
+                    f"out of order: its predecessor is line {pred[i] + 1}, not line {prev_ln.no}",
+                )
+            )
         elif prev_ln.seq is not None and ln.seq > prev_ln.seq + 1:
-            gap = f"seq {prev_ln.seq + 1}" if ln.seq == prev_ln.seq + 2 else f"seq {prev_ln.seq + 1}..{ln.seq - 1}"
-            add(Finding(path, ln.no, "deleted", f"{ln.seq - prev_ln.seq - 1} record(s) ({gap}) missing before this line"))
+            gap = (
+                f"seq {prev_ln.seq + 1}"
+                if ln.seq == prev_ln.seq + 2
+                else f"seq {prev_ln.seq + 1}..{ln.seq - 1}"
+            )
+            add(
+                Finding(
+                    path,
+                    ln.no,
+                    "deleted",
+                    f"{ln.seq - prev_ln.seq - 1} record(s) ({gap}) missing before this line",
+                )
+            )
         elif prev_ln.seq is not None and ln.seq <= prev_ln.seq:
             add(Finding(path, ln.no, "reordered", f"seq {ln.seq} after seq {prev_ln.seq}"))
         else:
-            add(Finding(path, prev_ln.no, "edited", f"line {prev_ln.no} does not match the hash recorded in line {ln.no}"))
+            add(
+                Finding(
+                    path,
+                    prev_ln.no,
+                    "edited",
+                    f"line {prev_ln.no} does not match the hash recorded in line {ln.no}",
+                )
+            )
 
     last = lines[-1]
     rep.last_hash = last.hash
@@ -199,7 +247,14 @@ def verify_segment(path: str, data: bytes | None = None) -> SegmentReport:
         rep.closed = True
         if footers[-1] is not last or len(footers) > 1:
             f0 = footers[0]
-            add(Finding(path, f0.no + 1 if f0 is not last else f0.no, "inserted", "records after the segment footer"))
+            add(
+                Finding(
+                    path,
+                    f0.no + 1 if f0 is not last else f0.no,
+                    "inserted",
+                    "records after the segment footer",
+                )
+            )
     return rep
 
 
@@ -211,11 +266,15 @@ def verify(paths: Iterable[str]) -> list[SegmentReport]:
         if r.previous_segment and r.previous_segment in by_segment:
             prev = by_segment[r.previous_segment]
             if prev.last_hash != r.anchor:
-                r.findings.append(Finding(
-                    r.path, 1, "anchor",
-                    f"the header anchors to a different last record of {prev.path}: records at its end were "
-                    "deleted or edited",
-                ))
+                r.findings.append(
+                    Finding(
+                        r.path,
+                        1,
+                        "anchor",
+                        f"the header anchors to a different last record of {prev.path}: records at its end were "
+                        "deleted or edited",
+                    )
+                )
     return reps
 
 
@@ -247,7 +306,10 @@ def main_verify(paths: list[str], out=sys.stdout) -> int:
         state = "closed" if r.closed else "open"
         if r.findings:
             bad += 1
-            print(f"FAIL {r.path}: {len(r.findings)} problem(s) ({r.records} records, {state} segment)", file=out)
+            print(
+                f"FAIL {r.path}: {len(r.findings)} problem(s) ({r.records} records, {state} segment)",
+                file=out,
+            )
         else:
             print(f"OK {r.path}: {r.records} records, {state} segment {r.segment}", file=out)
     return 1 if bad else 0

@@ -47,8 +47,15 @@ _EVENT_TYPE = {
 }
 
 
+_sec_cache: list[Any] = [None, ""]
+
+
 def iso_utc(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
+    """ISO 8601 UTC with milliseconds; the date-time part is cached per second (records come in bursts)."""
+    sec = int(ts)
+    if _sec_cache[0] != sec:
+        _sec_cache[0], _sec_cache[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return f"{_sec_cache[1]}.{int(ts * 1000) % 1000:03d}Z"
 
 
 def prompt_messages(body: dict[str, Any] | None) -> list[dict[str, str]]:
@@ -126,8 +133,9 @@ def build_record(ctx: RequestContext, content: str = "none", redactor=None) -> d
                     for k, v in counts.items():
                         total[k] = total.get(k, 0) + v
                 llm["prompt"] = {"messages": red, "redactions": total}
+    start = iso_utc(ctx.started_wall)
     rec: dict[str, Any] = {
-        "@timestamp": iso_utc(ctx.started_wall),
+        "@timestamp": start,
         "ecs": {"version": ECS_VERSION},
         "event": {
             "kind": "event",
@@ -135,7 +143,7 @@ def build_record(ctx: RequestContext, content: str = "none", redactor=None) -> d
             "type": [_EVENT_TYPE.get(ctx.decision, "error")],
             "action": ctx.route,
             "outcome": "success" if ok else "failure",
-            "start": iso_utc(ctx.started_wall),
+            "start": start,
             "end": iso_utc(end_wall),
             "duration": int(duration * 1e9),
             "id": ctx.request_id,

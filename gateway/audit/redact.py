@@ -101,37 +101,60 @@ class Detector:
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 
 BUILTIN: tuple[Detector, ...] = (
-    Detector("email", re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}"), "[EMAIL]"),
-    Detector("cn_id", re.compile(_NOT_DIGIT_BEFORE + _D + r"{17}[0-9Xx]" + r"(?![0-9A-Za-z])"), "[CN_ID]", _id_ok),
+    Detector(
+        "email",
+        re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}"),
+        "[EMAIL]",
+    ),
+    Detector(
+        "cn_id", re.compile(_NOT_DIGIT_BEFORE + _D + r"{17}[0-9Xx]" + r"(?![0-9A-Za-z])"), "[CN_ID]", _id_ok
+    ),
     Detector(
         "bank_card",
         # never after "+" (that is an international phone number)
-        re.compile(r"(?<![0-9+])(?:[0-9]{4}[ -]){2,3}[0-9]{4,7}" + _NOT_DIGIT_AFTER + "|"
-                   + r"(?<![0-9+])" + _D + r"{13,19}" + _NOT_DIGIT_AFTER),
+        re.compile(
+            r"(?<![0-9+])(?:[0-9]{4}[ -]){2,3}[0-9]{4,7}"
+            + _NOT_DIGIT_AFTER
+            + "|"
+            + r"(?<![0-9+])"
+            + _D
+            + r"{13,19}"
+            + _NOT_DIGIT_AFTER
+        ),
         "[BANK_CARD]",
         _card_ok,
     ),
     Detector(
         "cn_mobile",
-        re.compile(r"(?<![0-9])(?:(?:\+|00)?86[ -]?)?1[3-9][0-9](?:[0-9]{8}|[ -][0-9]{4}[ -][0-9]{4})" + _NOT_DIGIT_AFTER),
+        re.compile(
+            r"(?<![0-9])(?:(?:\+|00)?86[ -]?)?1[3-9][0-9](?:[0-9]{8}|[ -][0-9]{4}[ -][0-9]{4})"
+            + _NOT_DIGIT_AFTER
+        ),
         "[PHONE]",
     ),
     Detector(
         "phone",
         re.compile(
             # +CC then 6-14 more digits in groups (E.164-ish)
-            r"(?<![0-9A-Za-z+])\+[1-9][0-9]{0,2}(?:[ .\-]?\(?[0-9]{1,4}\)?){2,5}" + _NOT_DIGIT_AFTER
+            r"(?<![0-9A-Za-z+])\+[1-9][0-9]{0,2}(?:[ .\-]?\(?[0-9]{1,4}\)?){2,5}"
+            + _NOT_DIGIT_AFTER
             # (NNN) NNN-NNNN  /  NNN-NNN-NNNN  /  NNN.NNN.NNNN
-            + r"|(?<![0-9])(?:\([0-9]{3}\)[ ]?|[0-9]{3}[\-. ])[0-9]{3}[\-. ][0-9]{4}" + _NOT_DIGIT_AFTER
+            + r"|(?<![0-9])(?:\([0-9]{3}\)[ ]?|[0-9]{3}[\-. ])[0-9]{3}[\-. ][0-9]{4}"
+            + _NOT_DIGIT_AFTER
             # Chinese landline: 010-12345678, 0755-1234567
-            + r"|(?<![0-9])0[1-9][0-9]{1,2}-[0-9]{7,8}" + _NOT_DIGIT_AFTER
+            + r"|(?<![0-9])0[1-9][0-9]{1,2}-[0-9]{7,8}"
+            + _NOT_DIGIT_AFTER
         ),
         "[PHONE]",
     ),
-    Detector("ipv4", re.compile(r"(?<![0-9.])" + r"(?:" + _OCTET + r"\.){3}" + _OCTET + r"(?!\.?[0-9])"), "[IP]"),
+    Detector(
+        "ipv4", re.compile(r"(?<![0-9.])" + r"(?:" + _OCTET + r"\.){3}" + _OCTET + r"(?!\.?[0-9])"), "[IP]"
+    ),
     Detector(
         "ipv6",
-        re.compile(r"(?<![0-9A-Za-z:])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{0,4}|(?:[0-9]{1,3}\.){3}[0-9]{1,3})(?![0-9A-Za-z:])"),
+        re.compile(
+            r"(?<![0-9A-Za-z:])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{0,4}|(?:[0-9]{1,3}\.){3}[0-9]{1,3})(?![0-9A-Za-z:])"
+        ),
         "[IP]",
         _ipv6_ok,
     ),

@@ -166,7 +166,7 @@ class FileSink:
         cut = tail.rfind(b"\n")
         torn = tail[cut + 1 :] if cut >= 0 else (tail if start == 0 else b"")
         good_end = start + cut + 1 if cut >= 0 else 0
-        body = tail[: cut] if cut >= 0 else b""
+        body = tail[:cut] if cut >= 0 else b""
         last = body[body.rfind(b"\n") + 1 :] if body else b""
         head = self._read_header()
         state = _chain_state(last)
@@ -177,7 +177,10 @@ class FileSink:
                 tf.flush()
                 os.fsync(tf.fileno())
             os.truncate(self.path, good_end)
-            log.warning("audit: torn last line cut off the active segment", extra={"torn_bytes": len(torn), "torn_file": torn_path})
+            log.warning(
+                "audit: torn last line cut off the active segment",
+                extra={"torn_bytes": len(torn), "torn_file": torn_path},
+            )
         if head is None and good_end == 0:
             os.remove(self.path)  # nothing but a torn line: start over (the torn bytes are kept aside)
             self._start_segment(None, GENESIS)

@@ -28,7 +28,6 @@ concern (it is still recorded, with the observer waiting for room).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Any
@@ -51,15 +50,21 @@ _MAX_BATCH = 512
 class AuditWriter:
     """Observer: one record per request via a bounded queue and a writer task (start()/stop() in lifespan)."""
 
-    def __init__(self, settings: AuditSettings, *, sink: Any = None, archiver: Archiver | None = None) -> None:
+    def __init__(
+        self, settings: AuditSettings, *, sink: Any = None, archiver: Archiver | None = None
+    ) -> None:
         self.settings = settings
-        self.redactor = Redactor.from_settings(settings.redaction_patterns) if settings.content == "redacted" else None
+        self.redactor = (
+            Redactor.from_settings(settings.redaction_patterns) if settings.content == "redacted" else None
+        )
         self.archiver = archiver
         if sink is None:
             if settings.sink == "stdout":
                 sink = StdoutSink()
             else:
-                sink = FileSink(settings.path, settings.rotate_bytes, settings.rotate_seconds, on_closed=self._closed)
+                sink = FileSink(
+                    settings.path, settings.rotate_bytes, settings.rotate_seconds, on_closed=self._closed
+                )
         elif isinstance(sink, FileSink) and sink.on_closed is None:
             sink.on_closed = self._closed
         self.sink = sink
@@ -115,7 +120,9 @@ class AuditWriter:
 
     async def start(self) -> None:
         if self.archiver is not None:
-            self._archive_task = asyncio.get_running_loop().create_task(self._archive_loop(), name="audit-archive")
+            self._archive_task = asyncio.get_running_loop().create_task(
+                self._archive_loop(), name="audit-archive"
+            )
         await self.sink.open()
         if self.archiver is not None and isinstance(self.sink, FileSink):
             for p in self.sink.closed_segments():

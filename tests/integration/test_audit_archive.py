@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from minio.error import S3Error
 
 from gateway.audit.archive import ArchiveError, Archiver
 from gateway.audit.chain import verify
@@ -54,7 +55,9 @@ def test_archive_uploads_verifies_then_deletes(s3_server, tmp_path: Path) -> Non
     assert not seg.exists()
     st = client.stat_object(bucket, key)
     assert st.size == len(data)
-    assert {k.lower(): v for k, v in st.metadata.items()}["x-amz-meta-sha256"] == hashlib.sha256(data).hexdigest()
+    assert {k.lower(): v for k, v in st.metadata.items()}["x-amz-meta-sha256"] == hashlib.sha256(
+        data
+    ).hexdigest()
     resp = client.get_object(bucket, key)
     try:
         assert resp.read() == data
@@ -75,6 +78,7 @@ def test_local_copy_kept_when_verification_fails(s3_server, tmp_path: Path, monk
     client.put_object(bucket, "audit/x.jsonl", io.BytesIO(other), len(other), metadata={"sha256": digest})
     with pytest.raises(ArchiveError):
         a.verify("audit/x.jsonl", digest, seg.stat().st_size)
+
     # A failed verification leaves the local segment in place.
     def fail(key: str, digest: str, size: int) -> None:
         raise ArchiveError("injected")
@@ -85,7 +89,7 @@ def test_local_copy_kept_when_verification_fails(s3_server, tmp_path: Path, monk
     assert seg.exists()
     # No bucket and no permission to create one: nothing uploaded, nothing deleted.
     b = Archiver(client, _bucket(), create_bucket=False)
-    with pytest.raises(Exception):
+    with pytest.raises(S3Error):
         b.archive(str(seg))
     assert seg.exists()
 
@@ -95,8 +99,12 @@ async def test_writer_archives_rotated_segments(s3_server, tmp_path: Path, monke
         monkeypatch.setenv(k, v)
     bucket = _bucket()
     settings = AuditSettings(
-        enabled=True, path=str(tmp_path / "audit.jsonl"), rotate_bytes=2000, fsync_interval=0.01,
-        archive_bucket=bucket, archive_prefix="gw/",
+        enabled=True,
+        path=str(tmp_path / "audit.jsonl"),
+        rotate_bytes=2000,
+        fsync_interval=0.01,
+        archive_bucket=bucket,
+        archive_prefix="gw/",
     )
     w = AuditWriter.from_settings(settings)  # client from S3_ENDPOINT_URL / AWS_* variables
     await w.start()

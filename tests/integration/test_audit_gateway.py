@@ -42,33 +42,66 @@ def _audit_files(d: Path) -> list[Path]:
 
 def test_concurrent_mixed_outcomes_one_record_each(engine, gateway_factory, tmp_path: Path) -> None:
     audit_dir = tmp_path / "audit"
-    cfg = gateway_config([engine.url], audit={"enabled": True, "path": str(audit_dir / "audit.jsonl"),
-                                              "fsync_interval": FSYNC, "content": "hash"})
+    cfg = gateway_config(
+        [engine.url],
+        audit={
+            "enabled": True,
+            "path": str(audit_dir / "audit.jsonl"),
+            "fsync_interval": FSYNC,
+            "content": "hash",
+        },
+    )
     g = gateway_factory(cfg)
     ok_h = {"authorization": f"Bearer {KEY_ALL}"}
-    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hello 13812345678"}], "max_tokens": 3,
-            "ignore_eos": True}
+    chat = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hello 13812345678"}],
+        "max_tokens": 3,
+        "ignore_eos": True,
+    }
     cases: list[tuple[str, str, dict, dict | bytes, int, str]] = []
-    for i in range(6):
+    for _ in range(6):
         cases.append(("POST", "/v1/chat/completions", ok_h, chat, 200, "allowed"))
-        cases.append(("POST", "/v1/completions", ok_h, {"model": MODEL, "prompt": "a b c", "max_tokens": 2,
-                                                         "ignore_eos": True, "stream": True}, 200, "allowed"))
+        cases.append(
+            (
+                "POST",
+                "/v1/completions",
+                ok_h,
+                {"model": MODEL, "prompt": "a b c", "max_tokens": 2, "ignore_eos": True, "stream": True},
+                200,
+                "allowed",
+            )
+        )
         cases.append(("POST", "/v1/chat/completions", {}, chat, 401, "unauthenticated"))
-        cases.append(("POST", "/v1/chat/completions", {"authorization": f"Bearer {KEY_LIMITED}"}, chat, 403, "forbidden"))
-        cases.append(("POST", "/v1/chat/completions", ok_h, dict(chat, model="no-such-model"), 404, "not_found"))
+        cases.append(
+            (
+                "POST",
+                "/v1/chat/completions",
+                {"authorization": f"Bearer {KEY_LIMITED}"},
+                chat,
+                403,
+                "forbidden",
+            )
+        )
+        cases.append(
+            ("POST", "/v1/chat/completions", ok_h, dict(chat, model="no-such-model"), 404, "not_found")
+        )
         cases.append(("POST", "/v1/chat/completions", ok_h, b'{"model": "tiny", ', 400, "invalid_request"))
     cases.append(("GET", "/v1/models", ok_h, b"", 200, "allowed"))
     cases.append(("GET", "/v1/models", {}, b"", 401, "unauthenticated"))
 
     async def run() -> list[tuple[str, int]]:
         async with httpx.AsyncClient(base_url=g.url, timeout=120) as c:
+
             async def one(i: int, case) -> tuple[str, int]:
                 method, path, headers, body, _, _ = case
                 h = {**headers, "x-request-id": f"req-mixed-{i}"}
                 if isinstance(body, dict):
                     r = await c.request(method, path, headers=h, json=body)
                 else:
-                    r = await c.request(method, path, headers={**h, "content-type": "application/json"}, content=body)
+                    r = await c.request(
+                        method, path, headers={**h, "content-type": "application/json"}, content=body
+                    )
                 await r.aread()
                 return r.headers.get("x-request-id", ""), r.status_code
 
@@ -107,21 +140,28 @@ def test_kill_9_under_load_loses_no_completed_request(engine, gateway_factory, t
     cfg = gateway_config([engine.url], audit={"enabled": True, "path": str(path), "fsync_interval": FSYNC})
     g = gateway_factory(cfg)
     completed: dict[str, float] = {}  # request id -> when its response was fully received (monotonic)
-    stop = asyncio.Event
 
     async def load(deadline_after_mark: float) -> tuple[set[str], int]:
         done = asyncio.Event()
         async with httpx.AsyncClient(base_url=g.url, timeout=60) as c:
+
             async def worker(w: int) -> None:
                 n = 0
                 while not done.is_set():
                     rid = f"req-load-{w}-{n}"
                     n += 1
                     if w % 2 == 0:
-                        req = c.post("/v1/completions", headers={"authorization": f"Bearer {KEY_ALL}", "x-request-id": rid},
-                                     json={"model": MODEL, "prompt": "x y", "max_tokens": 2, "ignore_eos": True})
+                        req = c.post(
+                            "/v1/completions",
+                            headers={"authorization": f"Bearer {KEY_ALL}", "x-request-id": rid},
+                            json={"model": MODEL, "prompt": "x y", "max_tokens": 2, "ignore_eos": True},
+                        )
                     else:
-                        req = c.post("/v1/completions", headers={"x-request-id": rid}, json={"model": MODEL, "prompt": "x"})
+                        req = c.post(
+                            "/v1/completions",
+                            headers={"x-request-id": rid},
+                            json={"model": MODEL, "prompt": "x"},
+                        )
                     try:
                         r = await req
                     except httpx.HTTPError:
@@ -141,7 +181,6 @@ def test_kill_9_under_load_loses_no_completed_request(engine, gateway_factory, t
         before = {rid for rid, t in completed.items() if t <= mark}
         return before, sum(1 for t in completed.values() if t <= killed_at)
 
-    del stop
     before, n_completed = asyncio.run(load(FSYNC * 3))
     g.proc.proc.wait(10)
     assert len(before) >= 6, "the load produced too few requests to test anything"
@@ -158,7 +197,9 @@ def test_kill_9_under_load_loses_no_completed_request(engine, gateway_factory, t
         f.write(torn)
     assert any(f.kind == "torn" for f in verify([str(path)])[0].findings)
     g2 = gateway_factory(cfg)
-    r = httpx.post(g2.url + "/v1/completions", headers={"x-request-id": "req-after-restart"}, json={"model": MODEL})
+    r = httpx.post(
+        g2.url + "/v1/completions", headers={"x-request-id": "req-after-restart"}, json={"model": MODEL}
+    )
     assert r.status_code == 401
     g2.stop()
     torn_files = list(audit_dir.glob("audit.jsonl.torn-*"))

@@ -26,6 +26,7 @@ def test_every_route_outcome_is_recorded_once(tmp_path: Path) -> None:
     all_h = {"authorization": f"Bearer {KEY_ALL}"}
     expected: list[tuple[str, int, str]] = []
     with TestClient(app) as c:
+
         def call(method: str, url: str, want: int, decision: str, **kw) -> None:
             rid = f"req-test-{len(expected)}"
             r = c.request(method, url, headers={"x-request-id": rid, **kw.pop("headers", {})}, **kw)
@@ -39,22 +40,46 @@ def test_every_route_outcome_is_recorded_once(tmp_path: Path) -> None:
         call("GET", "/v1/models/tiny", 200, "allowed", headers=all_h)
         call("GET", "/v1/models/nope", 404, "not_found", headers=all_h)
         call("POST", "/v1/chat/completions", 401, "unauthenticated", json=chat)
-        call("POST", "/v1/chat/completions", 401, "unauthenticated", json=chat, headers={"authorization": "Bearer sk-wrong"})
-        call("POST", "/v1/chat/completions", 403, "forbidden", json=chat, headers={"authorization": f"Bearer {KEY_LIMITED}"})
+        call(
+            "POST",
+            "/v1/chat/completions",
+            401,
+            "unauthenticated",
+            json=chat,
+            headers={"authorization": "Bearer sk-wrong"},
+        )
+        call(
+            "POST",
+            "/v1/chat/completions",
+            403,
+            "forbidden",
+            json=chat,
+            headers={"authorization": f"Bearer {KEY_LIMITED}"},
+        )
         call("POST", "/v1/chat/completions", 404, "not_found", json=dict(chat, model="nope"), headers=all_h)
         call("POST", "/v1/chat/completions", 400, "invalid_request", content=b"{not json", headers=all_h)
         call("GET", "/v1/nothing-here", 404, "not_found")
         # The only replica is down: the request was allowed but fails upstream.
-        r = c.post("/v1/completions", json={"model": "tiny", "prompt": "x"}, headers={**all_h, "x-request-id": "req-up"})
+        r = c.post(
+            "/v1/completions",
+            json={"model": "tiny", "prompt": "x"},
+            headers={**all_h, "x-request-id": "req-up"},
+        )
         assert r.status_code in (502, 503)
         expected.append(("req-up", r.status_code, "upstream_error"))
     # The app's shutdown drained the writer and closed the segment.
     (seg,) = tmp_path.glob("audit.*.jsonl")
     recs = [json.loads(x) for x in seg.read_text().splitlines()]
-    got = [(r["event"]["id"], r["http"]["response"]["status_code"], r["llm"]["decision"]) for r in recs if r["event"]["kind"] == "event"]
+    got = [
+        (r["event"]["id"], r["http"]["response"]["status_code"], r["llm"]["decision"])
+        for r in recs
+        if r["event"]["kind"] == "event"
+    ]
     assert sorted(got) == sorted(expected)
     by_id = {r["event"]["id"]: r for r in recs if r["event"]["kind"] == "event"}
-    assert by_id["req-test-0"]["url"]["path"] == "/v1/models" and by_id["req-test-0"]["user"]["id"] is not None
+    assert (
+        by_id["req-test-0"]["url"]["path"] == "/v1/models" and by_id["req-test-0"]["user"]["id"] is not None
+    )
     assert by_id["req-test-6"]["organization"]["id"] == "team-b"
     assert by_id["req-test-9"]["url"]["path"] == "/v1/nothing-here"
     assert by_id["req-up"]["llm"]["model"] == "tiny"

@@ -15,7 +15,7 @@ def r() -> Redactor:
 def _id_with_check(first17: str) -> str:
     # Independent computation of the ISO 7064 MOD 11-2 check character.
     w = [2 ** (17 - i) % 11 for i in range(17)]
-    s = sum(int(c) * k for c, k in zip(first17, w))
+    s = sum(int(c) * k for c, k in zip(first17, w, strict=True))
     return first17 + "10X98765432"[s % 11]
 
 
@@ -38,8 +38,7 @@ def _luhn_complete(prefix: str) -> str:
         ("Call me at (415) 555-2671 or +44 20 7946 0958.", "Call me at [PHONE] or [PHONE]."),
         ("Office: 415-555-2671, fax 415.555.2672", "Office: [PHONE], fax [PHONE]"),
         ("门诊座机010-62345678转分机", "门诊座机[PHONE]转分机"),
-        ("邮箱zhang.san+lab@hospital.example.com.cn，抄送li_si@example.org。",
-         "邮箱[EMAIL]，抄送[EMAIL]。"),
+        ("邮箱zhang.san+lab@hospital.example.com.cn，抄送li_si@example.org。", "邮箱[EMAIL]，抄送[EMAIL]。"),
         ("Send the report to Jane.Doe@example.co.uk please", "Send the report to [EMAIL] please"),
         ("登录自 192.168.10.23，网关 10.0.0.1.", "登录自 [IP]，网关 [IP]."),
         ("client 2001:db8::8a2e:370:7334 and ::1 and fe80::1%", "client [IP] and [IP] and [IP]%"),
@@ -56,8 +55,11 @@ def test_prc_id_with_valid_checksum_is_redacted(r: Redactor) -> None:
         out, counts = r.redact_counted(f"身份证号：{i}，请核对。")
         assert out == "身份证号：[CN_ID]，请核对。"
         assert counts == {"cn_id": 1}
-    x_id = next(_id_with_check(f"11010119900307{n:03d}") for n in range(1000)
-                if _id_with_check(f"11010119900307{n:03d}").endswith("X"))
+    x_id = next(
+        _id_with_check(f"11010119900307{n:03d}")
+        for n in range(1000)
+        if _id_with_check(f"11010119900307{n:03d}").endswith("X")
+    )
     assert r.redact(f"ID {x_id.lower()} ok") == "ID [CN_ID] ok"
 
 
@@ -116,10 +118,12 @@ def test_mixed_medical_note(r: Redactor) -> None:
 def test_extra_patterns_from_config() -> None:
     from gateway.audit.config import AuditSettings
 
-    s = AuditSettings(redaction_patterns=[
-        {"name": "mrn", "regex": r"MRN-\d{6}"},
-        {"name": "passport", "regex": r"\b[EG]\d{8}\b", "replacement": "<PASSPORT>"},
-    ])
+    s = AuditSettings(
+        redaction_patterns=[
+            {"name": "mrn", "regex": r"MRN-\d{6}"},
+            {"name": "passport", "regex": r"\b[EG]\d{8}\b", "replacement": "<PASSPORT>"},
+        ]
+    )
     r = Redactor.from_settings(s.redaction_patterns)
     out, counts = r.redact_counted("病历号 MRN-004521，护照 E12345678，电话 13812345678")
     assert out == "病历号 [MRN]，护照 <PASSPORT>，电话 [PHONE]"

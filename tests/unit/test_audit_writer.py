@@ -22,7 +22,9 @@ from gateway.errors import ApiError
 from gateway.hooks import NoAdmissionControl
 
 
-def _ctx(i: int, status: int = 200, decision: str = "allowed", body: dict[str, Any] | None = None) -> RequestContext:
+def _ctx(
+    i: int, status: int = 200, decision: str = "allowed", body: dict[str, Any] | None = None
+) -> RequestContext:
     c = RequestContext(f"req-{i}", "/v1/chat/completions", "POST", "203.0.113.7")
     c.principal = Principal(subject=f"user-{i % 3}", tenant="team-a", key_id="k1")
     c.model = "tiny"
@@ -49,7 +51,13 @@ async def test_one_record_per_request_with_ecs_fields(tmp_path: Path) -> None:
     p = tmp_path / "audit.jsonl"
     w = AuditWriter(AuditSettings(enabled=True, path=str(p), fsync_interval=0.05))
     await w.start()
-    outcomes = [(200, "allowed"), (401, "unauthenticated"), (403, "forbidden"), (429, "rate_limited"), (502, "upstream_error")]
+    outcomes = [
+        (200, "allowed"),
+        (401, "unauthenticated"),
+        (403, "forbidden"),
+        (429, "rate_limited"),
+        (502, "upstream_error"),
+    ]
     for i in range(50):
         st, dec = outcomes[i % len(outcomes)]
         await w.on_request_end(_ctx(i, st, dec))
@@ -60,7 +68,11 @@ async def test_one_record_per_request_with_ecs_fields(tmp_path: Path) -> None:
     assert r0["http"]["response"]["status_code"] == 200 and r0["llm"]["decision"] == "allowed"
     assert r0["event"]["outcome"] == "success" and r0["event"]["type"] == ["access"]
     assert r1["event"]["outcome"] == "failure" and r1["event"]["type"] == ["denied"]
-    assert r0["client"]["ip"] == "203.0.113.7" and r0["user"]["id"] == "user-0" and r0["organization"]["id"] == "team-a"
+    assert (
+        r0["client"]["ip"] == "203.0.113.7"
+        and r0["user"]["id"] == "user-0"
+        and r0["organization"]["id"] == "team-a"
+    )
     assert r0["llm"]["usage"] == {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
     assert r0["llm"]["ttft_ms"] == 12.3 and r0["llm"]["upstream"] == "http://127.0.0.1:9"
     assert r0["http"]["request"]["bytes"] == 100 and r0["http"]["response"]["bytes"] == 200
@@ -74,10 +86,13 @@ async def test_content_policy(tmp_path: Path, mode: str) -> None:
     p = tmp_path / "audit.jsonl"
     w = AuditWriter(AuditSettings(enabled=True, path=str(p), content=mode))
     await w.start()
-    body = {"model": "tiny", "messages": [
-        {"role": "system", "content": "You are a clinic assistant."},
-        {"role": "user", "content": "我是王五，电话13812345678，邮箱wang5@example.com"},
-    ]}
+    body = {
+        "model": "tiny",
+        "messages": [
+            {"role": "system", "content": "You are a clinic assistant."},
+            {"role": "user", "content": "我是王五，电话13812345678，邮箱wang5@example.com"},
+        ],
+    }
     await w.on_request_end(_ctx(1, body=body))
     await w.on_request_end(_ctx(2, body={"model": "tiny", "prompt": "card 4111111111111111"}))
     await w.stop()
@@ -88,12 +103,16 @@ async def test_content_policy(tmp_path: Path, mode: str) -> None:
         assert "prompt" not in r1["llm"] and "clinic" not in text
     elif mode == "hash":
         expect = hashlib.sha256(
-            b"system\nYou are a clinic assistant.\x00user\n" + "我是王五，电话13812345678，邮箱wang5@example.com".encode()
+            b"system\nYou are a clinic assistant.\x00user\n"
+            + "我是王五，电话13812345678，邮箱wang5@example.com".encode()
         ).hexdigest()
         assert r1["llm"]["prompt"] == {"sha256": expect}
         assert r2["llm"]["prompt"] == {"sha256": hashlib.sha256(b"prompt\ncard 4111111111111111").hexdigest()}
     else:
-        assert r1["llm"]["prompt"]["messages"][1] == {"role": "user", "content": "我是王五，电话[PHONE]，邮箱[EMAIL]"}
+        assert r1["llm"]["prompt"]["messages"][1] == {
+            "role": "user",
+            "content": "我是王五，电话[PHONE]，邮箱[EMAIL]",
+        }
         assert r1["llm"]["prompt"]["redactions"] == {"email": 1, "cn_mobile": 1}
         assert r2["llm"]["prompt"]["messages"] == [{"role": "prompt", "content": "card [BANK_CARD]"}]
 
@@ -115,7 +134,9 @@ class GatedSink(FileSink):
 @pytest.mark.parametrize("on_full", ["reject", "block"])
 async def test_full_queue_back_pressure_never_drops(tmp_path: Path, on_full: str) -> None:
     p = tmp_path / "audit.jsonl"
-    settings = AuditSettings(enabled=True, path=str(p), queue_size=4, fsync_interval=0.001, on_full=on_full, block_timeout=0)
+    settings = AuditSettings(
+        enabled=True, path=str(p), queue_size=4, fsync_interval=0.001, on_full=on_full, block_timeout=0
+    )
     sink = GatedSink(str(p))
     w = AuditWriter(settings, sink=sink)
     gate = AuditGate(NoAdmissionControl(), w)
@@ -150,7 +171,9 @@ async def test_full_queue_back_pressure_never_drops(tmp_path: Path, on_full: str
 
 async def test_block_mode_times_out_with_503(tmp_path: Path) -> None:
     p = tmp_path / "audit.jsonl"
-    settings = AuditSettings(enabled=True, path=str(p), queue_size=1, fsync_interval=0.001, on_full="block", block_timeout=0.1)
+    settings = AuditSettings(
+        enabled=True, path=str(p), queue_size=1, fsync_interval=0.001, on_full="block", block_timeout=0.1
+    )
     sink = GatedSink(str(p))
     w = AuditWriter(settings, sink=sink)
     await w.start()
