@@ -121,6 +121,7 @@ async def list_models(request: Request) -> Response:
 async def get_model(request: Request) -> Response:
     state: GatewayState = request.app.state.gateway
     ctx = _context(request, "/v1/models/{model}")
+    ctx.extra["url_path"] = request.url.path[:512]
     try:
         ctx.principal = await state.auth.authenticate(request.scope["headers"])
     except ApiError as e:

@@ -128,16 +128,21 @@ class AuditWriter:
             for p in self.sink.closed_segments():
                 self._closed(p)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="audit-writer")
+        self._task.add_done_callback(_log_crash)
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Write everything queued, close the segment (so it can be archived) and finish pending uploads."""
         if self._task is not None:
-            await self.queue.put(_STOP)
             try:
-                await asyncio.wait_for(asyncio.shield(self._task), timeout)
+                async with asyncio.timeout(timeout):
+                    if not self._task.done():
+                        await self.queue.put(_STOP)
+                    await asyncio.shield(self._task)
             except TimeoutError:
                 log.error("audit: writer did not drain in time", extra={"queued": self.queue.qsize()})
                 self._task.cancel()
+            except Exception:
+                pass  # logged by _log_crash
             self._task = None
             await self.sink.close()
         if self._archive_task is not None:
@@ -252,6 +257,12 @@ class AuditWriter:
                     log.error("audit: archiving %s failed (%s); kept locally", path, e)
                     await asyncio.sleep(delay)
                     delay *= 2
+
+
+def _log_crash(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        # Records stay queued; the full queue then holds/refuses new requests (never a silent drop).
+        log.error("audit: the writer task died", exc_info=task.exception())
 
 
 def _minimal_record(ctx: RequestContext) -> dict[str, Any]:
