@@ -18,6 +18,7 @@ from starlette.routing import Route
 
 from gateway.auth import Authenticator
 from gateway.auth.apikeys import ApiKeyStore
+from gateway.context import RequestContext, new_request_id
 from gateway.errors import ApiError
 from gateway.hooks import Admission, NoAdmissionControl, Observer
 from gateway.metrics import GatewayMetrics
@@ -48,6 +49,8 @@ class GatewayState:
     draining: bool = False
     started: float = field(default_factory=time.time)
     closers: list[Any] = field(default_factory=list)
+    # The AuditWriter when audit is enabled (queue_depth() for metrics).
+    audit: Any = None
 
 
 def error_response(e: ApiError) -> Response:
@@ -76,31 +79,61 @@ def _generate_response(obj: dict[str, Any]) -> dict[str, Any]:
     return {"response": choices[0].get("text", ""), "model": obj.get("model"), "usage": obj.get("usage")}
 
 
+def _context(request: Request, route: str) -> RequestContext:
+    rid = request.headers.get("x-request-id")
+    client = request.scope.get("client")
+    return RequestContext(rid[:128] if rid else new_request_id(), route, request.method, client[0] if client else None)
+
+
+async def _finish(state: GatewayState, ctx: RequestContext, resp: Response, e: ApiError | None = None) -> Response:
+    """Non-proxied API routes (model listing) go through the observers too: one audit record each."""
+    ctx.finished = time.perf_counter()
+    ctx.status = resp.status_code
+    ctx.bytes_out = len(resp.body)
+    if e is not None:
+        ctx.decision = {401: "unauthenticated", 403: "forbidden", 404: "not_found"}.get(
+            e.status, "invalid_request" if e.status < 500 else "upstream_error"
+        )
+        ctx.reason, ctx.error_message = e.reason, e.message
+    resp.headers["x-request-id"] = ctx.request_id
+    for obs in state.observers:
+        try:
+            await obs.on_request_end(ctx)
+        except Exception:
+            log.exception("observer %s failed", type(obs).__name__, extra={"request_id": ctx.request_id})
+    return resp
+
+
 async def list_models(request: Request) -> Response:
     state: GatewayState = request.app.state.gateway
+    ctx = _context(request, "/v1/models")
     try:
-        principal = await state.auth.authenticate(request.scope["headers"])
+        principal = ctx.principal = await state.auth.authenticate(request.scope["headers"])
     except ApiError as e:
-        return error_response(e)
+        return await _finish(state, ctx, error_response(e), e)
     data = [
         {"id": m.name, "object": "model", "created": int(state.started), "owned_by": m.owned_by}
         for m in state.settings.models
         if principal.may_use(m.name)
     ]
-    return JSONResponse({"object": "list", "data": data})
+    return await _finish(state, ctx, JSONResponse({"object": "list", "data": data}))
 
 
 async def get_model(request: Request) -> Response:
     state: GatewayState = request.app.state.gateway
+    ctx = _context(request, "/v1/models/{model}")
+    ctx.extra["url_path"] = request.url.path[:512]
     try:
-        principal = await state.auth.authenticate(request.scope["headers"])
+        ctx.principal = await state.auth.authenticate(request.scope["headers"])
     except ApiError as e:
-        return error_response(e)
-    name = request.path_params["model"]
+        return await _finish(state, ctx, error_response(e), e)
+    name = ctx.model = request.path_params["model"]
     m = state.settings.model(name)
-    if m is None or not principal.may_use(name):
-        return error_response(ApiError(404, f"The model '{name}' does not exist.", param="model", code="model_not_found"))
-    return JSONResponse({"id": m.name, "object": "model", "created": int(state.started), "owned_by": m.owned_by})
+    if m is None or not ctx.principal.may_use(name):
+        e = ApiError(404, f"The model '{name}' does not exist.", param="model", code="model_not_found")
+        return await _finish(state, ctx, error_response(e), e)
+    body = {"id": m.name, "object": "model", "created": int(state.started), "owned_by": m.owned_by}
+    return await _finish(state, ctx, JSONResponse(body))
 
 
 async def healthz(request: Request) -> Response:
@@ -128,7 +161,10 @@ async def _http_exception(request: Request, exc: HTTPException) -> Response:
         e = ApiError(405, f"Method {request.method} not allowed on {request.url.path}.", code="method_not_allowed")
     else:
         e = ApiError(exc.status_code, str(exc.detail))
-    return error_response(e)
+    # Recorded too (scanners, wrong paths); a fixed route label keeps metrics' label set bounded.
+    ctx = _context(request, "(unmatched)")
+    ctx.extra["url_path"] = request.url.path[:512]
+    return await _finish(request.app.state.gateway, ctx, error_response(e), e)
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
@@ -172,9 +208,20 @@ def create_app(
         observers=[metrics, *(observers or [])],
         closers=closers,
     )
+    if settings.audit.enabled:
+        from gateway.audit.writer import AuditGate, AuditWriter
+
+        state.audit = AuditWriter.from_settings(settings.audit)
+        state.observers.append(state.audit)
+        # Back-pressure: while the audit queue is full, new requests wait or get 503 (see gateway/audit/writer.py).
+        state.admission = AuditGate(state.admission, state.audit)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
+        if state.audit is not None:
+            await state.audit.start()
+            # Runs last at shutdown (after in-flight requests ended): drain, close the segment, archive.
+            state.closers.append(state.audit.stop)
         state.sessions = {m.name: make_session(m) for m in settings.models}
         state.health = HealthChecker(list(pools.values()), settings.health_interval, settings.health_timeout)
         await state.health.start()

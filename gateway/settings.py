@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from gateway.quota.config import QuotaSettings
+from gateway.audit.config import AuditSettings
 
 
 class UpstreamTimeouts(BaseModel):
@@ -123,6 +124,8 @@ class GatewaySettings(BaseSettings):
     forward_request_id: bool = True
     # Quotas (requests/tokens per minute, concurrency) and overload protection: gateway/quota/config.py.
     quota: QuotaSettings = Field(default_factory=QuotaSettings)
+    # The audit log (gateway/audit/): one record per request, off by default.
+    audit: AuditSettings = Field(default_factory=AuditSettings)
 
     @classmethod
     def settings_customise_sources(
