@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import warnings
 
 import pytest
 
@@ -13,9 +12,7 @@ from gateway.errors import ApiError
 from gateway.settings import AuthSettings, GatewaySettings
 from tests.fixtures_auth import ALGS, AUDIENCE, TokenIssuer
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    from authlib.jose import JsonWebKey
+from tests.fixtures_auth import JsonWebKey
 
 ROLE_MODELS = {"llm.all": ["*"], "llm.tiny": ["tiny"], "llm.small": ["small"], "gpu-users": ["big"]}
 
