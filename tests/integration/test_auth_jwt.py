@@ -234,29 +234,44 @@ def test_tokens_never_logged(jwt_gateway) -> None:
 
 @pytest.mark.engine
 def test_openai_sdk_with_client_credentials_token(engine, token_issuer: TokenIssuer, gateway_factory) -> None:
-    """A batch job gets a token with the client-credentials grant (Authlib's OAuth2 client) and hands it
-    to the OpenAI SDK as its api_key; the gateway verifies it and proxies to the real vLLM engine."""
+    """A batch job gets a token with the client-credentials grant (Authlib's OAuth2 client) and hands it to
+    the OpenAI SDK as its api_key (a callable that refreshes it, as docs/auth.md shows); the gateway verifies
+    it and proxies to the real vLLM engine."""
     import openai
     from authlib.integrations.httpx_client import OAuth2Client
 
     gw = gateway_factory(config(token_issuer, upstream=engine.url))
-    with OAuth2Client("batch-job", "s3cret-batch", scope="llm.tiny", token_endpoint_auth_method="client_secret_basic") as oc:
-        tok = oc.fetch_token(token_issuer.issuer + "/token", grant_type="client_credentials")
-    access = tok["access_token"]
-    MINTED.append(access)
-    with openai.OpenAI(base_url=gw.base_url, api_key=access, max_retries=0, timeout=120) as client:
-        assert [m.id for m in client.models.list()] == ["tiny"]
-        r = client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=4, extra_body={"ignore_eos": True}
-        )
-        assert r.usage.completion_tokens == 4 and r.choices[0].message.role == "assistant"
-        chunks = list(
-            client.completions.create(model=MODEL, prompt="a b c", max_tokens=3, stream=True, extra_body={"ignore_eos": True})
-        )
-        assert sum(1 for c in chunks if c.choices and c.choices[0].text is not None) >= 3
-        with pytest.raises(openai.PermissionDeniedError):
-            client.chat.completions.create(model="small", messages=[{"role": "user", "content": "x"}], max_tokens=1)
-    with openai.OpenAI(base_url=gw.base_url, api_key=token_issuer.mint("EdDSA", exp=int(time.time()) - 600), max_retries=0) as bad:
+    before = token_issuer.hits["token"]
+    issued: list[str] = []
+    with OAuth2Client("batch-job", "s3cret-batch", scope="llm.tiny") as oauth:
+        token = None
+
+        def access_token() -> str:
+            nonlocal token
+            if token is None or token.is_expired(leeway=60):
+                token = oauth.fetch_token(token_issuer.issuer + "/token", grant_type="client_credentials")
+                issued.append(token["access_token"])
+                MINTED.append(token["access_token"])
+            return token["access_token"]
+
+        with openai.OpenAI(base_url=gw.base_url, api_key=access_token, max_retries=0, timeout=120) as client:
+            assert [m.id for m in client.models.list()] == ["tiny"]
+            r = client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=4, extra_body={"ignore_eos": True}
+            )
+            assert r.usage.completion_tokens == 4 and r.choices[0].message.role == "assistant"
+            chunks = list(
+                client.completions.create(model=MODEL, prompt="a b c", max_tokens=3, stream=True, extra_body={"ignore_eos": True})
+            )
+            assert sum(1 for c in chunks if c.choices and c.choices[0].text) >= 1
+            with pytest.raises(openai.PermissionDeniedError):
+                client.chat.completions.create(model="small", messages=[{"role": "user", "content": "x"}], max_tokens=1)
+    # One token from the IdP served all four requests.
+    assert token_issuer.hits["token"] - before == 1 and len(issued) == 1
+    expired = token_issuer.mint("EdDSA", scope="llm.tiny", exp=int(time.time()) - 600)
+    MINTED.append(expired)
+    with openai.OpenAI(base_url=gw.base_url, api_key=expired, max_retries=0) as bad:
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()
-    assert access not in gw.proc.log()
+    log = gw.proc.log()
+    assert issued[0] not in log and expired not in log
