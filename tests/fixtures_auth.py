@@ -20,11 +20,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs
 
+import authlib.deprecate  # noqa: E402,F401  (installs its own "always" filter; ours must come after it)
 import pytest
 
 from tests.support import free_port
-
-import authlib.deprecate  # noqa: E402,F401  (installs its own "always" filter; ours must come after it)
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # authlib.jose is deprecated in favour of joserfc; fine for minting

@@ -27,12 +27,15 @@ from joserfc.errors import (
     ClaimError,
     ExpiredTokenError,
     InvalidClaimError,
+    InvalidHeaderValueError,
     JoseError,
     MissingClaimError,
+    MissingCritHeaderError,
+    UnsupportedAlgorithmError,
+    UnsupportedHeaderError,
 )
-from joserfc.jws import JWSRegistry, extract_compact
+from joserfc.jws import JWSAlgModel, JWSRegistry, extract_compact, validate_compact
 from joserfc.jwt import JWTClaimsRegistry
-from joserfc._rfc7515.compact import verify_compact
 
 from gateway.auth.authenticator import unauthorized
 from gateway.auth.jwks import JwksCache, KeysUnavailable, UnknownKey
@@ -41,6 +44,19 @@ from gateway.errors import ApiError
 from gateway.settings import AuthSettings, IssuerConfig
 
 log = logging.getLogger("gateway.auth.tokens")
+
+
+class _IssuerAlgorithms(JWSRegistry):
+    """The issuer's allowed algorithms, without joserfc's per-call ``SecurityWarning`` for "EdDSA".
+
+    RFC 9864 deprecates the polymorphic "EdDSA" name in favour of "Ed25519" (also accepted); IdPs still issue
+    "EdDSA", which the operator enables deliberately, so warning on every request is only cost and noise.
+    """
+
+    def get_alg(self, name: str) -> JWSAlgModel:
+        if not self.allowed or name not in self.allowed or name not in self.algorithms:
+            raise UnsupportedAlgorithmError(f"Algorithm of '{name}' is not allowed")
+        return self.algorithms[name]
 
 
 def _unavailable(issuer: str) -> ApiError:
@@ -91,7 +107,7 @@ class IssuerVerifier:
         self.cache = cache
         self.algorithms = frozenset(cfg.algorithms)
         # Non-critical extra header fields (x5t, nonce, ...) are tolerated; "crit" ones are still enforced.
-        self.registry = JWSRegistry(algorithms=list(cfg.algorithms), strict_check_header=False)
+        self.registry = _IssuerAlgorithms(algorithms=list(cfg.algorithms), strict_check_header=False)
         self.role_models = {k: frozenset(v) for k, v in (cfg.role_models if cfg.role_models is not None else role_models).items()}
         self._everyone = self.role_models.get("*", frozenset())
         self.claims = JWTClaimsRegistry(
@@ -202,10 +218,10 @@ class JwtVerifier:
         except UnknownKey:
             raise unauthorized("The token was signed with an unknown key.") from None
         try:
-            iv.registry.check_header(header)
-            alg_model = iv.registry.algorithms[alg]
-            alg_model.check_key(key)
-            ok = verify_compact(obj, alg_model, key)
+            # crit headers, alg allowed for this issuer, key type fits the alg, then the signature.
+            ok = validate_compact(obj, key, registry=iv.registry)
+        except (MissingCritHeaderError, UnsupportedHeaderError, InvalidHeaderValueError):
+            raise unauthorized("The token's header has fields this service does not support.") from None
         except (JoseError, ValueError, TypeError):
             ok = False
         if not ok:

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from tests.conftest import KEY_ALL, KEY_LIMITED, KEY_REVOKED, MODEL, default_keys
-from tests.fixtures_auth import AUDIENCE, JsonWebKey, TokenIssuer, b64url
+from tests.fixtures_auth import JsonWebKey, TokenIssuer, b64url
 from tests.support import free_port, sha256_hex
 
 ROLE_MODELS = {"llm.all": ["*"], "llm.tiny": ["tiny"], "llm.small": ["small"]}

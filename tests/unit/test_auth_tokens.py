@@ -10,9 +10,7 @@ from gateway.auth.principal import Principal
 from gateway.auth.tokens import JwtVerifier, claim_at
 from gateway.errors import ApiError
 from gateway.settings import AuthSettings, GatewaySettings
-from tests.fixtures_auth import ALGS, AUDIENCE, TokenIssuer
-
-from tests.fixtures_auth import JsonWebKey
+from tests.fixtures_auth import ALGS, AUDIENCE, JsonWebKey, TokenIssuer
 
 ROLE_MODELS = {"llm.all": ["*"], "llm.tiny": ["tiny"], "llm.small": ["small"], "gpu-users": ["big"]}
 
@@ -307,3 +305,27 @@ def test_settings_require_audience() -> None:
         GatewaySettings(auth={"issuers": [{"issuer": "https://idp", "audience": []}]})
     s = GatewaySettings(auth={"issuers": [{"issuer": "https://idp", "audience": "api://llm"}]})
     assert s.auth.issuers[0].audience == ["api://llm"]
+
+
+async def test_unknown_critical_header_rejected(verifier: JwtVerifier, token_issuer: TokenIssuer) -> None:
+    """A validly signed token with a "crit" extension the gateway does not implement must not pass
+    (RFC 7515 §4.1.11). Authlib refuses to mint one, so it is signed here by hand (RS256)."""
+    import json
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    from tests.fixtures_auth import b64url
+
+    header = {"alg": "RS256", "kid": token_issuer.kid("RS256"), "crit": ["x-must-understand"], "x-must-understand": True}
+    signing_input = f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(token_issuer.claims()).encode())}"
+    private = token_issuer.keys["RS256"].get_private_key()
+    sig = private.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
+    await expect_401(verifier, f"{signing_input}.{b64url(sig)}", "does not support")
+    # The same construction without "crit" passes: the rejection above is about the header alone.
+    header.pop("crit")
+    signing_input = f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(token_issuer.claims()).encode())}"
+    sig = private.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
+    assert (await verifier.verify(f"{signing_input}.{b64url(sig)}")).subject == "user-1"
+    # Unknown non-critical header fields (x5t, nonce, ...) are fine.
+    assert (await verifier.verify(token_issuer.mint("ES256", header={"x-vendor": "1"}))).subject == "user-1"
