@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +21,7 @@ from starlette.routing import Route
 from gateway.auth import Authenticator
 from gateway.auth.apikeys import ApiKeyStore
 from gateway.context import RequestContext, new_request_id
+from gateway.auth.tokens import JwtVerifier
 from gateway.errors import ApiError
 from gateway.hooks import Admission, NoAdmissionControl, Observer
 from gateway.metrics import GatewayMetrics
@@ -129,8 +132,12 @@ async def get_model(request: Request) -> Response:
         return await _finish(state, ctx, error_response(e), e)
     name = ctx.model = request.path_params["model"]
     m = state.settings.model(name)
-    if m is None or not ctx.principal.may_use(name):
+    if m is None:
         e = ApiError(404, f"The model '{name}' does not exist.", param="model", code="model_not_found")
+        return await _finish(state, ctx, error_response(e), e)
+    try:
+        state.auth.authorize(ctx.principal, name)
+    except ApiError as e:
         return await _finish(state, ctx, error_response(e), e)
     body = {"id": m.name, "object": "model", "created": int(state.started), "owned_by": m.owned_by}
     return await _finish(state, ctx, JSONResponse(body))
@@ -181,6 +188,33 @@ def create_app_from_env() -> Starlette:
     return create_app(settings)
 
 
+def _watch_key_file(keys: ApiKeyStore, interval: float):
+    """Reload the API key file on SIGHUP and when its mtime changes; returns the closer that stops it."""
+    loop = asyncio.get_running_loop()
+    task = None
+    if interval > 0:
+
+        async def poll() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                keys.reload_if_changed()
+
+        task = asyncio.ensure_future(poll())
+    hup = False
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError, AttributeError):
+        loop.add_signal_handler(signal.SIGHUP, keys.reload_if_changed, True)
+        hup = True
+
+    async def stop() -> None:
+        if task is not None:
+            task.cancel()
+        if hup:
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(signal.SIGHUP)
+
+    return stop
+
+
 def create_app(
     settings: GatewaySettings | None = None,
     *,
@@ -189,7 +223,13 @@ def create_app(
 ) -> Starlette:
     settings = settings or GatewaySettings()
     keys = ApiKeyStore.from_settings(settings.api_keys, settings.api_keys_file)
-    auth = Authenticator(keys, enabled=settings.auth_enabled)
+    verifier = JwtVerifier.from_settings(settings.auth) if settings.auth.issuers else None
+    auth = Authenticator(
+        keys,
+        enabled=settings.auth_enabled,
+        token_verifier=verifier,
+        max_credential_bytes=max(settings.auth.max_token_bytes, 1024),
+    )
     pools = {m.name: EndpointPool.from_urls(m.name, m.upstreams) for m in settings.models}
     metrics = GatewayMetrics()
     closers = []
@@ -225,6 +265,11 @@ def create_app(
         state.sessions = {m.name: make_session(m) for m in settings.models}
         state.health = HealthChecker(list(pools.values()), settings.health_interval, settings.health_timeout)
         await state.health.start()
+        if verifier is not None:
+            await verifier.start()
+            state.closers.append(verifier.close)
+        if keys.keys_file:
+            state.closers.append(_watch_key_file(keys, settings.auth.keys_file_poll_interval))
         log.info("gateway ready", extra={"models": [m.name for m in settings.models], "api_keys": len(keys)})
         try:
             yield
