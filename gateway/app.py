@@ -20,8 +20,8 @@ from starlette.routing import Route
 
 from gateway.auth import Authenticator
 from gateway.auth.apikeys import ApiKeyStore
-from gateway.context import RequestContext, new_request_id
 from gateway.auth.tokens import JwtVerifier
+from gateway.context import RequestContext, new_request_id
 from gateway.errors import ApiError
 from gateway.hooks import Admission, NoAdmissionControl, Observer
 from gateway.metrics import GatewayMetrics

@@ -272,7 +272,7 @@ class ProxyEndpoint:
                         if ctx.attempts <= state.settings.max_retries:
                             continue
                         raise ApiError(502, f"The model server for '{ctx.model}' is unreachable.", code="upstream_unreachable", reason="upstream_error") from None
-                    except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+                    except (TimeoutError, aiohttp.ServerTimeoutError):
                         state.router.on_failure(pool, ep, ctx, "timeout")
                         raise ApiError(504, f"The model server for '{ctx.model}' did not answer in time.", code="upstream_timeout", reason="upstream_error") from None
                     ctx.ttfb = time.perf_counter() - ctx.started
@@ -311,7 +311,7 @@ class ProxyEndpoint:
             return
         try:
             data = await resp.read()
-        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+        except (TimeoutError, aiohttp.ServerTimeoutError):
             raise ApiError(504, f"The model server for '{ctx.model}' did not finish in time.", code="upstream_timeout", reason="upstream_error") from None
         except aiohttp.ClientError as e:
             raise ApiError(502, f"The model server for '{ctx.model}' broke the connection ({type(e).__name__}).", code="upstream_error", reason="upstream_error") from None
@@ -362,7 +362,7 @@ class ProxyEndpoint:
                 ctx.last_chunk_at = now
                 ctx.bytes_out += len(events)
                 await send({"type": "http.response.body", "body": events, "more_body": True})
-        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+        except (TimeoutError, aiohttp.ServerTimeoutError):
             ctx.decision, ctx.reason = "upstream_error", "stream_idle_timeout"
             tail = sse_error_event("The model server stopped sending (idle timeout).", "timeout_error", "upstream_timeout")
             ctx.bytes_out += len(tail)

@@ -15,8 +15,8 @@ import yaml
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from gateway.quota.config import QuotaSettings
 from gateway.audit.config import AuditSettings
+from gateway.quota.config import QuotaSettings
 
 
 class UpstreamTimeouts(BaseModel):

@@ -82,7 +82,7 @@ class Stack:
 
     def stop(self) -> None:
         # Reverse order: gateway first (stops traffic), then the engine (vLLM drains), then S3.
-        for name, p in reversed(self.procs):
+        for _, p in reversed(self.procs):
             if p.poll() is None:
                 try:
                     os.killpg(p.pid, signal.SIGTERM)
