@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import logging
 import signal
 import time
@@ -185,6 +186,9 @@ def create_app_from_env() -> Starlette:
 
     settings = GatewaySettings()
     logs.configure(settings.log_level)
+    if settings.audit.enabled and settings.audit.sink == "file" and "{pid}" not in settings.audit.path:
+        # Several processes must never append to one hash-chained segment.
+        raise SystemExit("llm-gateway: with workers > 1, audit.path must contain {pid} (one audit file per worker)")
     return create_app(settings)
 
 
@@ -250,6 +254,9 @@ def create_app(
     )
     if settings.audit.enabled:
         from gateway.audit.writer import AuditGate, AuditWriter
+
+        if "{pid}" in settings.audit.path:
+            settings.audit = settings.audit.model_copy(update={"path": settings.audit.path.replace("{pid}", str(os.getpid()))})
 
         state.audit = AuditWriter.from_settings(settings.audit)
         state.observers.append(state.audit)

@@ -44,8 +44,8 @@ bench() {  # $1 = name, $2 = title
 }
 
 if [ "$PHASE" = phase1 ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  [ -n "${SKIP_WHEELS:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   NANIO_ACCESS_KEY=$AWS_ACCESS_KEY_ID NANIO_SECRET_KEY=$AWS_SECRET_ACCESS_KEY setsid python3 -m nanio serve --host 127.0.0.1 \
     --port 9100 --data-dir /tmp/s3 --no-access-log --log-level warning > "$W/logs/s3.log" 2>&1 < /dev/null &
   t0=$(ts); python3 -m engine make-test-model "/tmp/models/$MODEL" --shape "$SHAPE" || exit 1
@@ -73,7 +73,7 @@ quota:
 audit:
   enabled: true
   sink: file
-  path: $W/audit-$port
+  path: $W/audit-$port/audit-{pid}.jsonl
 YAML
   done
   GATEWAY_CONFIG="$W/gateway-8080.yaml" GATEWAY_PORT=8080 GATEWAY_LOG_LEVEL=warning setsid python3 -m gateway serve > "$W/logs/gw-8080.log" 2>&1 < /dev/null &
@@ -81,7 +81,7 @@ YAML
   wait_url http://127.0.0.1:8080/readyz 60 || { tail -30 "$W/logs/gw-8080.log"; exit 1; }
   wait_url http://127.0.0.1:8081/readyz 60 || { tail -30 "$W/logs/gw-8081.log"; exit 1; }
   bench h200_graphs "CUDA graphs on (default), bf16"
-  ls "$W"/audit-8080* 2>/dev/null | head -3; cat "$W"/audit-8080*/*.jsonl 2>/dev/null | wc -l
+  ls "$W"/audit-8080* 2>/dev/null | head -3; cat "$W"/audit-8080/*.jsonl* 2>/dev/null | wc -l
   cp "$W"/logs/engine-graphs.log "$RES/engine-graphs.log" 2>/dev/null
 elif [ "$PHASE" = phase2 ]; then
   start_engine eager ENGINE_ENFORCE_EAGER=true || exit 1
