@@ -190,8 +190,10 @@ class JwtVerifier:
         except (UnicodeEncodeError, JoseError, ValueError):
             raise unauthorized("The token is malformed.") from None
         header = obj.protected
+        if not isinstance(header, dict):
+            raise unauthorized("The token is malformed.")
         alg = header.get("alg")
-        if alg not in self.algorithms:
+        if not isinstance(alg, str) or alg not in self.algorithms:
             raise unauthorized(f"The token's algorithm {str(alg)[:20]!r} is not accepted.")
         if header.get("b64") is False:
             raise unauthorized("The token is malformed (unencoded payload).")
