@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import platform
@@ -60,6 +61,37 @@ async def measure(auth: Authenticator, headers_list: list[list[tuple[bytes, byte
     return wall, cpu
 
 
+def signature_only(alg: str, key, token: str, n: int) -> tuple[list[float], list[float]]:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, padding, utils
+
+
+    h, p, sig = token.split(".")
+    data = f"{h}.{p}".encode()
+    raw = base64.urlsafe_b64decode(sig + "=" * (-len(sig) % 4))
+    pub = key.public_key
+    if alg == "RS256":
+        def check() -> None:
+            pub.verify(raw, data, padding.PKCS1v15(), hashes.SHA256())
+    elif alg == "ES256":
+        der = utils.encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
+
+        def check() -> None:
+            pub.verify(der, data, ec.ECDSA(hashes.SHA256()))
+    else:
+        def check() -> None:
+            pub.verify(raw, data)
+    wall, cpu = [], []
+    clock, tclock = time.perf_counter_ns, time.thread_time_ns
+    for _ in range(n):
+        c0, t0 = tclock(), clock()
+        check()
+        t1, c1 = clock(), tclock()
+        wall.append((t1 - t0) / 1000)
+        cpu.append((c1 - c0) / 1000)
+    return wall, cpu
+
+
 def row(mode: str, alg: str, n: int, token_bytes: int, wall: list[float], cpu: list[float]) -> dict:
     return {
         "mode": mode,
@@ -93,6 +125,16 @@ async def main(n: int) -> dict:
                 wall, cpu = await measure(auth, hl, n)
                 rows.append(row(mode, alg, n, len(tokens[0]), wall, cpu))
             await verifier.close()
+        # The floor: the signature check alone (cryptography/OpenSSL), same keys and tokens.
+        verifier = JwtVerifier.from_settings(settings)
+        await verifier.start()
+        cache = next(iter(verifier.issuers.values())).cache
+        for alg in ALGS:
+            token = issuer.mint(alg)
+            key = await cache.key_for(issuer.kid(alg), alg)
+            wall, cpu = signature_only(alg, key, token, n)
+            rows.append(row("signature_only", alg, n, len(token), wall, cpu))
+        await verifier.close()
         auth = Authenticator(keys)
         wall, cpu = await measure(auth, [[(b"authorization", b"Bearer sk-bench-key")]], n)
         rows.append(row("api_key", "sha256", n, 12, wall, cpu))
@@ -121,7 +163,8 @@ def markdown(res: dict) -> str:
         "",
         "`full`: signature + claims checked on every request (verified-token cache off). `cached`: the same",
         "token again, served from the verified-token cache (on by default, 1024 entries, dropped on expiry or",
-        "a change of the issuer's keys). `api_key`: sha256 digest lookup. Wall-clock columns include time the",
+        "a change of the issuer's keys). `signature_only`: the bare OpenSSL signature check, the floor of `full`.",
+        "`api_key`: sha256 digest lookup. Wall-clock columns include time the",
         "process was not scheduled (the box is shared); the CPU columns are this thread's CPU time per call.",
     ]
     return "\n".join(lines) + "\n"

@@ -17,6 +17,7 @@ The token itself never appears in an error message or a log line.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -168,8 +169,7 @@ class JwtVerifier:
 
     async def start(self) -> None:
         """Load every issuer's keys once (failures are logged; requests retry under the rate limit)."""
-        for i in self.issuers.values():
-            await i.cache.refresh()
+        await asyncio.gather(*(i.cache.refresh() for i in self.issuers.values()))
 
     async def close(self) -> None:
         for i in self.issuers.values():
@@ -190,8 +190,10 @@ class JwtVerifier:
         except (UnicodeEncodeError, JoseError, ValueError):
             raise unauthorized("The token is malformed.") from None
         header = obj.protected
+        if not isinstance(header, dict):
+            raise unauthorized("The token is malformed.")
         alg = header.get("alg")
-        if alg not in self.algorithms:
+        if not isinstance(alg, str) or alg not in self.algorithms:
             raise unauthorized(f"The token's algorithm {str(alg)[:20]!r} is not accepted.")
         if header.get("b64") is False:
             raise unauthorized("The token is malformed (unencoded payload).")

@@ -329,3 +329,40 @@ async def test_unknown_critical_header_rejected(verifier: JwtVerifier, token_iss
     assert (await verifier.verify(f"{signing_input}.{b64url(sig)}")).subject == "user-1"
     # Unknown non-critical header fields (x5t, nonce, ...) are fine.
     assert (await verifier.verify(token_issuer.mint("ES256", header={"x-vendor": "1"}))).subject == "user-1"
+
+
+async def test_malformed_tokens_are_401_never_500(verifier: JwtVerifier, token_issuer: TokenIssuer) -> None:
+    import json
+
+    from tests.fixtures_auth import b64url
+
+    def enc(obj) -> str:
+        return b64url(json.dumps(obj).encode())
+
+    good = token_issuer.mint("RS256")
+    h, p, s = good.split(".")
+    claims = token_issuer.claims()
+    cases = [
+        f"{enc(['alg'])}.{p}.{s}",  # header is a list
+        f"{enc({'alg': ['RS256']})}.{p}.{s}",  # alg not a string
+        f"{enc({'alg': 'RS256', 'kid': 7})}.{p}.{s}",  # kid not a string
+        f"{enc({'alg': 'RS256', 'b64': False, 'crit': ['b64']})}.{p}.{s}",  # unencoded payload
+        f"{h}.{enc([claims])}.{s}",  # payload a list
+        f"{h}.{enc(dict(claims, iss=['x']))}.{s}",  # iss not a string
+        f"{h}.{p}.",  # no signature
+        f"{h}.{p}.!!!",  # signature not base64url
+        f"{h}..{s}",  # empty payload
+        "é.é.é",  # not ASCII
+        "..",
+    ]
+    for token in cases:
+        with pytest.raises(ApiError) as ei:
+            await verifier.verify(token)
+        assert ei.value.status == 401, (token, ei.value.message)
+    # Claims with odd types after a valid signature: exp as a string, roles as a number.
+    for bad in ({"exp": "tomorrow"}, {"iat": True}, {"aud": 5}):
+        with pytest.raises(ApiError) as ei:
+            await verifier.verify(token_issuer.mint("ES256", **bad))
+        assert ei.value.status == 401
+    p = await verifier.verify(token_issuer.mint("ES256", scope=42, roles={"a": 1}, groups=["llm.tiny", 3], tenant=["x"]))
+    assert p.models == {"tiny"} and p.tenant == "default"
