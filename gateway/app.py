@@ -145,7 +145,7 @@ def create_app(
     keys = ApiKeyStore.from_settings(settings.api_keys, settings.api_keys_file)
     auth = Authenticator(keys, enabled=settings.auth_enabled)
     pools = {m.name: EndpointPool.from_urls(m.name, m.upstreams) for m in settings.models}
-    metrics = GatewayMetrics()
+    metrics = GatewayMetrics.from_settings(settings)
     state = GatewayState(
         settings=settings,
         auth=auth,
@@ -155,6 +155,7 @@ def create_app(
         metrics=metrics,
         observers=[metrics, *(observers or [])],
     )
+    metrics.bind_state(state)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):

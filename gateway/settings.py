@@ -70,6 +70,15 @@ class ApiKeyConfig(BaseModel):
         return v
 
 
+class MetricsSettings(BaseModel):
+    """Bounds on metric labels. Tenants: an explicit allow-list (others fold into "other"), or, when it is
+    empty, the tenants of the configured API keys plus the first ``tenant_top_n`` other tenants seen
+    (JWT callers) since start."""
+
+    tenants: list[str] = Field(default_factory=list)
+    tenant_top_n: int = Field(default=20, ge=0)
+
+
 class _YamlSource(PydanticBaseSettingsSource):
     """Reads the YAML file named by GATEWAY_CONFIG (or the config_file init argument)."""
 
@@ -116,6 +125,7 @@ class GatewaySettings(BaseSettings):
     drain_timeout: float = 30.0
     # Forward W3C traceparent and X-Request-Id to engines.
     forward_request_id: bool = True
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     @classmethod
     def settings_customise_sources(
