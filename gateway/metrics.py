@@ -108,7 +108,7 @@ class GatewayMetrics:
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.ttft = Histogram(
-            "llm_gateway_time_to_first_token_seconds", "Time to first token (first content chunk)", ["model"],
+            "llm_gateway_time_to_first_token_seconds", "Time to first token of streamed responses (first content chunk)", ["model"],
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.itl = Histogram(
@@ -187,7 +187,8 @@ class GatewayMetrics:
         self.latency.labels(model, ctx.route).observe(ctx.duration)
         if ctx.forwarded_at is not None:
             self.overhead.labels(ctx.route).observe(ctx.forwarded_at - ctx.started)
-        if ctx.ttft is not None and ctx.status == 200:
+        # TTFT only where it means something: a streamed response (a non-streamed one has only e2e latency).
+        if ctx.stream and ctx.ttft is not None and ctx.status == 200:
             self.ttft.labels(model).observe(ctx.ttft)
         if ctx.chunk_gaps:
             h = self.itl.labels(model)

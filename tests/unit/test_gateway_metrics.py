@@ -79,9 +79,9 @@ async def test_unknown_model_names_never_become_labels():
 async def test_tokens_retries_upstream_errors_and_quota_rejections():
     m = GatewayMetrics(models=["tiny"], tenants=["t"])
     await m.on_request_end(ctx_for("t", status=200, prompt_tokens=7, completion_tokens=5, attempts=3,
-                                   upstream_errors=["connect", "http_5xx"], ttft=0.05, chunk_gaps=[0.01, 0.02],
+                                   upstream_errors=["connect", "http_5xx"], ttft=0.05, chunk_gaps=[0.01, 0.02], stream=True,
                                    forwarded_at=None))
-    await m.on_request_end(ctx_for("t", status=200, prompt_tokens=3, completion_tokens=2, attempts=1))
+    await m.on_request_end(ctx_for("t", status=200, prompt_tokens=3, completion_tokens=2, attempts=1, ttft=0.2))
     await m.on_request_end(ctx_for("t", status=429, decision="rate_limited", reason="tokens_per_minute"))
     await m.on_request_end(ctx_for("t", status=502, decision="upstream_error", upstream_errors=["weird"]))
     assert value(m, "llm_gateway_prompt_tokens_total", model="tiny", tenant="t") == 10

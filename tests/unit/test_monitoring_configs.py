@@ -77,3 +77,12 @@ def test_promtool_accepts_the_config_and_rules():
     # Prometheus's own checker, where the Debian package is installed (an extra to the parser above).
     r = subprocess.run(["promtool", "check", "config", str(PROMETHEUS_CONFIG)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)")
+def test_alerts_fire_on_synthetic_series_with_promtool():
+    # configs/prometheus/alerts.test.yml: each alert fires where it should, and only there.
+    r = subprocess.run(
+        ["promtool", "test", "rules", "alerts.test.yml"], capture_output=True, text=True, cwd=ALERTS.parent
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
