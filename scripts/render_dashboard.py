@@ -183,7 +183,7 @@ def render(prom: Prometheus, start: float, end: float, out: Path, note: str) -> 
     rows = (len(chosen) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 6.2, rows * 3.4), squeeze=False)
     step = max(1.0, (end - start) / 240)
-    for ax, p in zip(axes.flat, chosen):
+    for ax, p in zip(axes.flat, chosen, strict=False):
         unit = p.get("fieldConfig", {}).get("defaults", {}).get("unit", "short")
         scale, ylabel = {"s": (1000.0, "ms"), "percentunit": (100.0, "%")}.get(unit, (1.0, unit))
         drawn = 0

@@ -16,7 +16,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine import metrics as engine_metrics
 from gateway.metrics import GatewayMetrics
 from tests.conftest import KEY_ALL, KEY_LIMITED, MODEL, gateway_config
-from tests.monitoring import alert_rules, dashboard_queries, dashboard_variable_metrics, scrape_names, selector_names
+from tests.monitoring import (
+    alert_rules,
+    dashboard_queries,
+    dashboard_variable_metrics,
+    scrape_names,
+    selector_names,
+)
 
 pytestmark = pytest.mark.engine
 
