@@ -47,6 +47,8 @@ class GatewayState:
     draining: bool = False
     started: float = field(default_factory=time.time)
     closers: list[Any] = field(default_factory=list)
+    # gateway.tracing.RequestTracer when tracing is enabled (off by default), else None.
+    tracing: Any = None
 
 
 def error_response(e: ApiError) -> Response:
@@ -156,6 +158,12 @@ def create_app(
         observers=[metrics, *(observers or [])],
     )
     metrics.bind_state(state)
+    if settings.tracing.enabled:
+        from gateway.tracing import RequestTracer
+
+        state.tracing = RequestTracer(settings.tracing)
+        state.observers.append(state.tracing)
+        state.closers.append(state.tracing.close)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):

@@ -126,6 +126,8 @@ class ProxyEndpoint:
         ctx = RequestContext(request_id, self.route_name, scope.get("method", "POST"), client[0] if client else None)
         ticket: Ticket = NO_TICKET
         admitted = False
+        if state.tracing is not None:
+            state.tracing.on_request_start(ctx, headers)
         state.in_flight += 1
         try:
             if scope.get("method") != "POST":
@@ -240,6 +242,8 @@ class ProxyEndpoint:
                 up_headers[name.decode()] = v.decode("latin-1")
         if mcfg.upstream_api_key:
             up_headers["authorization"] = "Bearer " + mcfg.upstream_api_key
+        if state.tracing is not None:
+            state.tracing.on_forward(ctx, up_headers)
 
         watcher = asyncio.ensure_future(_watch_disconnect(receive, ctx, asyncio.current_task()))
         tried: set[str] = set()

@@ -79,6 +79,19 @@ class MetricsSettings(BaseModel):
     tenant_top_n: int = Field(default=20, ge=0)
 
 
+class TracingSettings(BaseModel):
+    """OpenTelemetry tracing, off by default: one span per request, exported over OTLP/HTTP."""
+
+    enabled: bool = False
+    # e.g. http://otel-collector:4318/v1/traces; None = the OTEL_EXPORTER_OTLP_* environment variables.
+    otlp_endpoint: str | None = None
+    service_name: str = "llm-gateway"
+    # Share of new traces recorded (a client's sampled/unsampled decision in traceparent wins).
+    sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+    # Seconds between batch exports.
+    export_interval: float = Field(default=2.0, gt=0)
+
+
 class _YamlSource(PydanticBaseSettingsSource):
     """Reads the YAML file named by GATEWAY_CONFIG (or the config_file init argument)."""
 
@@ -126,6 +139,7 @@ class GatewaySettings(BaseSettings):
     # Forward W3C traceparent and X-Request-Id to engines.
     forward_request_id: bool = True
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
 
     @classmethod
     def settings_customise_sources(
