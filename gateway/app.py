@@ -55,6 +55,8 @@ class GatewayState:
     closers: list[Any] = field(default_factory=list)
     # The AuditWriter when audit is enabled (queue_depth() for metrics).
     audit: Any = None
+    # gateway.tracing.RequestTracer when tracing is enabled (off by default), else None.
+    tracing: Any = None
 
 
 def error_response(e: ApiError) -> Response:
@@ -235,7 +237,7 @@ def create_app(
         max_credential_bytes=max(settings.auth.max_token_bytes, 1024),
     )
     pools = {m.name: EndpointPool.from_urls(m.name, m.upstreams) for m in settings.models}
-    metrics = GatewayMetrics()
+    metrics = GatewayMetrics.from_settings(settings)
     closers = []
     if admission is None:
         quota = build_admission(settings.quota, pools, metrics.registry)
@@ -262,6 +264,13 @@ def create_app(
         state.observers.append(state.audit)
         # Back-pressure: while the audit queue is full, new requests wait or get 503 (see gateway/audit/writer.py).
         state.admission = AuditGate(state.admission, state.audit)
+    metrics.bind_state(state)
+    if settings.tracing.enabled:
+        from gateway.tracing import RequestTracer
+
+        state.tracing = RequestTracer(settings.tracing)
+        state.observers.append(state.tracing)
+        state.closers.append(state.tracing.close)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):

@@ -154,6 +154,28 @@ class AuthSettings(BaseModel):
     keys_file_poll_interval: float = 5.0
 
 
+class MetricsSettings(BaseModel):
+    """Bounds on metric labels. Tenants: an explicit allow-list (others fold into "other"), or, when it is
+    empty, the tenants of the configured API keys plus the first ``tenant_top_n`` other tenants seen
+    (JWT callers) since start."""
+
+    tenants: list[str] = Field(default_factory=list)
+    tenant_top_n: int = Field(default=20, ge=0)
+
+
+class TracingSettings(BaseModel):
+    """OpenTelemetry tracing, off by default: one span per request, exported over OTLP/HTTP."""
+
+    enabled: bool = False
+    # e.g. http://otel-collector:4318/v1/traces; None = the OTEL_EXPORTER_OTLP_* environment variables.
+    otlp_endpoint: str | None = None
+    service_name: str = "llm-gateway"
+    # Share of new traces recorded (a client's sampled/unsampled decision in traceparent wins).
+    sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+    # Seconds between batch exports.
+    export_interval: float = Field(default=2.0, gt=0)
+
+
 class _YamlSource(PydanticBaseSettingsSource):
     """Reads the YAML file named by GATEWAY_CONFIG (or the config_file init argument)."""
 
@@ -209,6 +231,8 @@ class GatewaySettings(BaseSettings):
     audit: AuditSettings = Field(default_factory=AuditSettings)
     # JWT issuers and role -> model mapping (gateway/auth/tokens.py).
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
 
     @classmethod
     def settings_customise_sources(
