@@ -67,6 +67,7 @@ ENGINE_SETTINGS = obj(
         "maxModelLen": {**NONNEG, "description": "ENGINE_MAX_MODEL_LEN; 0 = the model's own"},
         "gpuMemoryUtilization": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
         "maxNumSeqs": NONNEG,
+        "maxNumBatchedTokens": NONNEG,
         "dtype": {"enum": ["auto", "half", "float16", "bfloat16", "float", "float32"]},
         "kvCacheDtype": STR,
         "enablePrefixCaching": BOOL,

@@ -75,15 +75,21 @@ class Manifests(list):
         return yaml.safe_load(cm["data"]["gateway.yaml"])
 
 
-def render(values: dict[str, Any] | None = None, **kw: Any) -> Manifests:
-    docs = Manifests()
-    for path, text in render_files(values, **kw).items():
-        if not path.endswith(".yaml"):
-            continue
-        for doc in yaml.safe_load_all(text):
-            if doc:
-                docs.append(copy.deepcopy(doc))
-    return docs
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed(values_json: str, release: str, namespace: str) -> tuple[dict[str, Any], ...]:
+    docs = []
+    for path, text in _render(values_json, release, namespace):
+        if path.endswith(".yaml"):
+            docs += [d for d in yaml.load_all(text, Loader=_Loader) if d]
+    return tuple(docs)
+
+
+def render(values: dict[str, Any] | None = None, *, release: str = RELEASE, namespace: str = NAMESPACE) -> Manifests:
+    """The rendered objects (fresh copies: tests may change them)."""
+    return Manifests(copy.deepcopy(_parsed(json.dumps(values or {}, sort_keys=True), release, namespace)))
 
 
 def notes(values: dict[str, Any] | None = None) -> str:

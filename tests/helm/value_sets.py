@@ -18,7 +18,7 @@ TP2_PVC: dict[str, Any] = {
             "key": "mixtral",
             "source": "s3://weights/mixtral-8x7b-instruct/v0.1",
             "replicas": 3,
-            "settings": {"tensorParallelSize": 2, "quantization": "fp8", "maxModelLen": 32768, "extraArgs": "--max-num-batched-tokens 8192"},
+            "settings": {"tensorParallelSize": 2, "quantization": "fp8", "maxModelLen": 32768, "maxNumBatchedTokens": 8192, "extraArgs": "--swap-space 8 --disable-log-requests"},
             "cache": {"type": "pvc", "size": "200Gi", "accessModes": ["ReadWriteMany"], "storageClassName": "nfs"},
             "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
                 {"matchExpressions": [{"key": "nvidia.com/gpu.product", "operator": "In", "values": ["NVIDIA-H100-80GB-HBM3"]}]}]}}},

@@ -158,6 +158,11 @@ engine.defaults (and the pool over the model), plus computed names. Returned as 
 {{- if lt (int $gpus) (int $minGpus) -}}
 {{- fail (printf "models[%d] (%s): gpus=%d is less than tensorParallelSize x pipelineParallelSize = %d" $i $m.name $gpus $minGpus) -}}
 {{- end -}}
+{{- range $flag := list "--host" "--port" "--served-model-name" "--dtype" "--max-model-len" "--gpu-memory-utilization" "--max-num-seqs" "--max-num-batched-tokens" "--tensor-parallel-size" "--pipeline-parallel-size" "--quantization" "--enforce-eager" "--kv-cache-memory-bytes" "--api-key" -}}
+{{- if regexMatch (printf "(^|\\s)%s(=|\\s|$)" $flag) ($s.extraArgs | default "") -}}
+{{- fail (printf "models[%d] (%s): settings.extraArgs may not set %s: it has its own setting (settings.* / ENGINE_*)" $i $m.name $flag) -}}
+{{- end -}}
+{{- end -}}
 {{- if and (eq $u.cache.type "pvc") (eq $u.workload "Deployment") (not (has "ReadWriteMany" $u.cache.accessModes)) -}}
 {{- fail (printf "models[%d] (%s): a pvc cache on a Deployment is shared by all its pods and needs accessModes [ReadWriteMany]; use workload: StatefulSet for one ReadWriteOnce claim per replica" $i $m.name) -}}
 {{- end -}}
