@@ -6,7 +6,7 @@ ARG VLLM_VERSION=v0.11.0
 FROM vllm/vllm-openai:${VLLM_VERSION}
 
 WORKDIR /opt/private-llm
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md* ./
 COPY gateway ./gateway
 COPY engine ./engine
 # vLLM and torch come with the base image and are not touched: only our package and its small dependencies

@@ -5,7 +5,7 @@ ARG PYTHON_VERSION=3.12
 
 FROM python:${PYTHON_VERSION}-slim AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md* ./
 COPY gateway ./gateway
 COPY engine ./engine
 # Wheels for the package and its dependencies; the final stage installs them without a compiler or cache.
