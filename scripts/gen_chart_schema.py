@@ -25,13 +25,21 @@ ARR = {"type": "array"}
 PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
 NONNEG = {"type": "integer", "minimum": 0}
 POS = {"type": "integer", "minimum": 1}
-QUANTITY = {"type": ["string", "integer", "number"], "pattern": r"^[0-9]+(\.[0-9]+)?([eE][0-9]+|[numkMGTPE]i?)?$"}
+QUANTITY = {
+    "type": ["string", "integer", "number"],
+    "pattern": r"^[0-9]+(\.[0-9]+)?([eE][0-9]+|[numkMGTPE]i?)?$",
+}
 MAP_OF_STR = {"type": "object", "additionalProperties": {"type": "string"}}
 SHA256 = r"^(sha256:)?[0-9a-fA-F]{64}$"
 S3_OR_PATH = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/[^\s]*)?|/[^\s]*)$"
 
 
-def obj(props: dict[str, Any], required: list[str] | None = None, description: str | None = None, closed: bool = True) -> dict:
+def obj(
+    props: dict[str, Any],
+    required: list[str] | None = None,
+    description: str | None = None,
+    closed: bool = True,
+) -> dict:
     d: dict[str, Any] = {"type": "object", "properties": props}
     if closed:
         d["additionalProperties"] = False
@@ -43,8 +51,14 @@ def obj(props: dict[str, Any], required: list[str] | None = None, description: s
 
 
 def image() -> dict:
-    return obj({"repository": {"type": "string", "minLength": 1}, "tag": STR,
-                "pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]}}, ["repository"])
+    return obj(
+        {
+            "repository": {"type": "string", "minLength": 1},
+            "tag": STR,
+            "pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]},
+        },
+        ["repository"],
+    )
 
 
 def resources() -> dict:
@@ -61,9 +75,15 @@ def probe(with_path: bool) -> dict:
 
 ENGINE_SETTINGS = obj(
     {
-        "tensorParallelSize": {**POS, "description": "ENGINE_TENSOR_PARALLEL_SIZE (GPUs per replica unless gpus is set)"},
+        "tensorParallelSize": {
+            **POS,
+            "description": "ENGINE_TENSOR_PARALLEL_SIZE (GPUs per replica unless gpus is set)",
+        },
         "pipelineParallelSize": POS,
-        "quantization": {"type": "string", "description": "ENGINE_QUANTIZATION, e.g. fp8; empty = as the checkpoint says"},
+        "quantization": {
+            "type": "string",
+            "description": "ENGINE_QUANTIZATION, e.g. fp8; empty = as the checkpoint says",
+        },
         "maxModelLen": {**NONNEG, "description": "ENGINE_MAX_MODEL_LEN; 0 = the model's own"},
         "gpuMemoryUtilization": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
         "maxNumSeqs": NONNEG,
@@ -79,8 +99,13 @@ ENGINE_SETTINGS = obj(
 ENGINE_FIELDS: dict[str, Any] = {
     "workload": {"enum": ["Deployment", "StatefulSet"]},
     "replicas": NONNEG,
-    "gpus": {**NONNEG, "description": "nvidia.com/gpu per replica; 0 = tensorParallelSize x pipelineParallelSize"},
-    "rollingUpdate": obj({"maxUnavailable": {"type": ["integer", "string"]}, "maxSurge": {"type": ["integer", "string"]}}),
+    "gpus": {
+        **NONNEG,
+        "description": "nvidia.com/gpu per replica; 0 = tensorParallelSize x pipelineParallelSize",
+    },
+    "rollingUpdate": obj(
+        {"maxUnavailable": {"type": ["integer", "string"]}, "maxSurge": {"type": ["integer", "string"]}}
+    ),
     "settings": ENGINE_SETTINGS,
     "drainSeconds": NONNEG,
     "preStopSleepSeconds": NONNEG,
@@ -91,8 +116,11 @@ ENGINE_FIELDS: dict[str, Any] = {
             "sizeLimit": {"type": ["string", "integer"]},
             "size": QUANTITY,
             "storageClassName": STR,
-            "accessModes": {"type": "array", "minItems": 1,
-                            "items": {"enum": ["ReadWriteOnce", "ReadWriteMany", "ReadOnlyMany", "ReadWriteOncePod"]}},
+            "accessModes": {
+                "type": "array",
+                "minItems": 1,
+                "items": {"enum": ["ReadWriteOnce", "ReadWriteMany", "ReadOnlyMany", "ReadWriteOncePod"]},
+            },
             "claimName": STR,
         }
     ),
@@ -107,15 +135,21 @@ ENGINE_FIELDS: dict[str, Any] = {
     "podLabels": MAP_OF_STR,
     "priorityClassName": STR,
     "runtimeClassName": STR,
-    "timeouts": obj({k: {"type": "number", "minimum": 0} for k in ("connect", "read", "write", "pool", "total")},
-                    description="gateway-side timeouts towards this model's engines (seconds)"),
+    "timeouts": obj(
+        {k: {"type": "number", "minimum": 0} for k in ("connect", "read", "write", "pool", "total")},
+        description="gateway-side timeouts towards this model's engines (seconds)",
+    ),
 }
 
 POOL = obj(
     {
         "name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 20},
-        "weight": {"type": "integer", "minimum": 0, "maximum": 100,
-                   "description": "0: deployed and warm but no traffic; >0: in the gateway's upstreams"},
+        "weight": {
+            "type": "integer",
+            "minimum": 0,
+            "maximum": 100,
+            "description": "0: deployed and warm but no traffic; >0: in the gateway's upstreams",
+        },
         "source": {"type": "string", "pattern": S3_OR_PATH},
         **copy.deepcopy(ENGINE_FIELDS),
     },
@@ -125,14 +159,24 @@ POOL = obj(
 MODEL = obj(
     {
         "name": {"type": "string", "minLength": 1, "description": "public model name clients send"},
-        "key": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 30,
-                "description": "short name for the engine's Kubernetes objects (default: from name)"},
-        "source": {"type": "string", "pattern": S3_OR_PATH,
-                   "description": "s3://bucket/prefix of the verified weights (or a path inside the cache volume)"},
+        "key": {
+            "type": "string",
+            "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+            "maxLength": 30,
+            "description": "short name for the engine's Kubernetes objects (default: from name)",
+        },
+        "source": {
+            "type": "string",
+            "pattern": S3_OR_PATH,
+            "description": "s3://bucket/prefix of the verified weights (or a path inside the cache volume)",
+        },
         "servedModelName": STR,
         "upstreams": {"type": "array", "items": {"type": "string", "pattern": "^(dns\\+)?https?://"}},
         "pools": {"type": "array", "minItems": 1, "items": POOL},
-        "gatewayModel": {"type": "object", "description": "extra gateway ModelConfig keys (owned_by, max_connections)"},
+        "gatewayModel": {
+            "type": "object",
+            "description": "extra gateway ModelConfig keys (owned_by, max_connections)",
+        },
         **copy.deepcopy(ENGINE_FIELDS),
     },
     ["name"],
@@ -149,8 +193,11 @@ ENGINE_DEFAULTS = obj(copy.deepcopy(ENGINE_FIELDS))
 API_KEY = obj(
     {
         "id": {"type": "string", "minLength": 1},
-        "sha256": {"type": "string", "pattern": SHA256,
-                   "description": "hex sha256 of the key (never the key): `llm-gateway keys hash`"},
+        "sha256": {
+            "type": "string",
+            "pattern": SHA256,
+            "description": "hex sha256 of the key (never the key): `llm-gateway keys hash`",
+        },
         "subject": STR,
         "tenant": STR,
         "models": {"type": "array", "items": STR},
@@ -166,13 +213,18 @@ GATEWAY = obj(
         "port": PORT,
         "logLevel": {"enum": ["debug", "info", "warning", "error", "critical"]},
         # api_keys belong in apiKeys (a Secret) and models in the top-level models: (false = not allowed here).
-        "config": {"type": "object", "description": "extra gateway settings (YAML config file); never secrets",
-                   "properties": {"api_keys": False, "models": False}},
+        "config": {
+            "type": "object",
+            "description": "extra gateway settings (YAML config file); never secrets",
+            "properties": {"api_keys": False, "models": False},
+        },
         "apiKeys": {"type": "array", "items": API_KEY},
         "apiKeysExistingSecret": obj({"name": STR, "key": {"type": "string", "minLength": 1}}),
         "preStopSleepSeconds": NONNEG,
         "drainSeconds": NONNEG,
-        "rollingUpdate": obj({"maxUnavailable": {"type": ["integer", "string"]}, "maxSurge": {"type": ["integer", "string"]}}),
+        "rollingUpdate": obj(
+            {"maxUnavailable": {"type": ["integer", "string"]}, "maxSurge": {"type": ["integer", "string"]}}
+        ),
         "resources": resources(),
         "probes": obj({"liveness": probe(True), "readiness": probe(True), "startup": probe(True)}),
         "extraEnv": ARR,
@@ -188,27 +240,56 @@ GATEWAY = obj(
         "serviceAccount": obj({"create": BOOL, "name": STR, "annotations": MAP_OF_STR}),
         "podSecurityContext": OBJ,
         "securityContext": OBJ,
-        "service": obj({"type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]}, "port": PORT, "annotations": MAP_OF_STR}),
+        "service": obj(
+            {
+                "type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
+                "port": PORT,
+                "annotations": MAP_OF_STR,
+            }
+        ),
         "ingress": obj(
             {
                 "enabled": BOOL,
                 "className": STR,
                 "annotations": MAP_OF_STR,
-                "hosts": {"type": "array", "items": obj({
-                    "host": STR,
-                    "paths": {"type": "array", "items": obj({
-                        "path": {"type": "string", "pattern": "^/"},
-                        "pathType": {"enum": ["Prefix", "Exact", "ImplementationSpecific"]},
-                    }, ["path"])},
-                }, ["host", "paths"])},
+                "hosts": {
+                    "type": "array",
+                    "items": obj(
+                        {
+                            "host": STR,
+                            "paths": {
+                                "type": "array",
+                                "items": obj(
+                                    {
+                                        "path": {"type": "string", "pattern": "^/"},
+                                        "pathType": {"enum": ["Prefix", "Exact", "ImplementationSpecific"]},
+                                    },
+                                    ["path"],
+                                ),
+                            },
+                        },
+                        ["host", "paths"],
+                    ),
+                },
                 "tls": ARR,
             }
         ),
-        "autoscaling": obj({"enabled": BOOL, "minReplicas": POS, "maxReplicas": POS,
-                            "targetCPUUtilizationPercentage": {"type": "integer", "minimum": 1, "maximum": 100},
-                            "behavior": OBJ}),
-        "podDisruptionBudget": obj({"enabled": BOOL, "minAvailable": {"type": ["integer", "string"]},
-                                    "maxUnavailable": {"type": ["integer", "string"]}}),
+        "autoscaling": obj(
+            {
+                "enabled": BOOL,
+                "minReplicas": POS,
+                "maxReplicas": POS,
+                "targetCPUUtilizationPercentage": {"type": "integer", "minimum": 1, "maximum": 100},
+                "behavior": OBJ,
+            }
+        ),
+        "podDisruptionBudget": obj(
+            {
+                "enabled": BOOL,
+                "minAvailable": {"type": ["integer", "string"]},
+                "maxUnavailable": {"type": ["integer", "string"]},
+            }
+        ),
     }
 )
 
@@ -220,51 +301,90 @@ SCHEMA = obj(
         "commonLabels": MAP_OF_STR,
         "imagePullSecrets": {"type": "array", "items": obj({"name": STR}, ["name"])},
         "gateway": GATEWAY,
-        "engine": obj({"image": image(), "port": PORT, "defaults": ENGINE_DEFAULTS,
-                       "podSecurityContext": OBJ, "securityContext": OBJ}),
+        "engine": obj(
+            {
+                "image": image(),
+                "port": PORT,
+                "defaults": ENGINE_DEFAULTS,
+                "podSecurityContext": OBJ,
+                "securityContext": OBJ,
+            }
+        ),
         "models": {"type": "array", "items": MODEL},
-        "s3": obj({
-            "endpoint": {"type": "string", "pattern": "^(https?://.+)?$"},
-            "region": STR,
-            "accessKeyId": STR,
-            "secretAccessKey": STR,
-            "existingSecret": STR,
-            "existingSecretKeys": obj({"accessKeyId": STR, "secretAccessKey": STR}),
-        }),
-        "networkPolicy": obj({"enabled": BOOL, "prometheus": obj({"enabled": BOOL, "namespaceSelector": MAP_OF_STR,
-                                                                  "podSelector": MAP_OF_STR})}),
-        "monitoring": obj({
-            "serviceMonitor": obj({"enabled": BOOL, "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
-                                   "labels": MAP_OF_STR}),
-            "prometheusRule": obj({"enabled": BOOL, "labels": MAP_OF_STR}),
-            "grafanaDashboards": obj({"enabled": BOOL, "labels": MAP_OF_STR}),
-        }),
-        "minio": obj({
-            "enabled": BOOL,
-            "image": image(),
-            "rootUser": STR,
-            "rootPassword": {"type": "string", "anyOf": [{"maxLength": 0}, {"minLength": 8}],
-                             "description": "at least 8 characters (MinIO's rule)"},
-            "existingSecret": STR,
-            "persistence": obj({"enabled": BOOL, "size": QUANTITY, "storageClassName": STR}),
-            "resources": resources(),
-            "nodeSelector": MAP_OF_STR,
-            "tolerations": ARR,
-        }),
-        "redis": obj({
-            "enabled": BOOL,
-            "image": image(),
-            "password": {"type": "string", "pattern": "^[A-Za-z0-9._~-]*$",
-                         "description": "URL-safe characters only (it goes into the Redis URL)"},
-            "auth": obj({"existingSecret": STR, "existingSecretPasswordKey": {"type": "string", "minLength": 1}}),
-            "persistence": obj({"enabled": BOOL, "size": QUANTITY, "storageClassName": STR}),
-            "resources": resources(),
-            "nodeSelector": MAP_OF_STR,
-            "tolerations": ARR,
-            "external": obj({"url": {"type": "string", "pattern": "^(rediss?://.+)?$"}, "existingSecret": STR,
-                             "existingSecretKey": {"type": "string", "minLength": 1}}),
-            "envVar": {"type": "string", "pattern": "^[A-Z_][A-Z0-9_]*$"},
-        }),
+        "s3": obj(
+            {
+                "endpoint": {"type": "string", "pattern": "^(https?://.+)?$"},
+                "region": STR,
+                "accessKeyId": STR,
+                "secretAccessKey": STR,
+                "existingSecret": STR,
+                "existingSecretKeys": obj({"accessKeyId": STR, "secretAccessKey": STR}),
+            }
+        ),
+        "networkPolicy": obj(
+            {
+                "enabled": BOOL,
+                "prometheus": obj(
+                    {"enabled": BOOL, "namespaceSelector": MAP_OF_STR, "podSelector": MAP_OF_STR}
+                ),
+            }
+        ),
+        "monitoring": obj(
+            {
+                "serviceMonitor": obj(
+                    {
+                        "enabled": BOOL,
+                        "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                        "labels": MAP_OF_STR,
+                    }
+                ),
+                "prometheusRule": obj({"enabled": BOOL, "labels": MAP_OF_STR}),
+                "grafanaDashboards": obj({"enabled": BOOL, "labels": MAP_OF_STR}),
+            }
+        ),
+        "minio": obj(
+            {
+                "enabled": BOOL,
+                "image": image(),
+                "rootUser": STR,
+                "rootPassword": {
+                    "type": "string",
+                    "anyOf": [{"maxLength": 0}, {"minLength": 8}],
+                    "description": "at least 8 characters (MinIO's rule)",
+                },
+                "existingSecret": STR,
+                "persistence": obj({"enabled": BOOL, "size": QUANTITY, "storageClassName": STR}),
+                "resources": resources(),
+                "nodeSelector": MAP_OF_STR,
+                "tolerations": ARR,
+            }
+        ),
+        "redis": obj(
+            {
+                "enabled": BOOL,
+                "image": image(),
+                "password": {
+                    "type": "string",
+                    "pattern": "^[A-Za-z0-9._~-]*$",
+                    "description": "URL-safe characters only (it goes into the Redis URL)",
+                },
+                "auth": obj(
+                    {"existingSecret": STR, "existingSecretPasswordKey": {"type": "string", "minLength": 1}}
+                ),
+                "persistence": obj({"enabled": BOOL, "size": QUANTITY, "storageClassName": STR}),
+                "resources": resources(),
+                "nodeSelector": MAP_OF_STR,
+                "tolerations": ARR,
+                "external": obj(
+                    {
+                        "url": {"type": "string", "pattern": "^(rediss?://.+)?$"},
+                        "existingSecret": STR,
+                        "existingSecretKey": {"type": "string", "minLength": 1},
+                    }
+                ),
+                "envVar": {"type": "string", "pattern": "^[A-Z_][A-Z0-9_]*$"},
+            }
+        ),
         "global": OBJ,
     },
     ["gateway", "engine", "models"],

@@ -100,7 +100,9 @@ def sync(repo: Path = REPO) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="only report; exit 1 when the chart's copies are stale")
+    ap.add_argument(
+        "--check", action="store_true", help="only report; exit 1 when the chart's copies are stale"
+    )
     args = ap.parse_args(argv)
     if args.check:
         problems = differences()

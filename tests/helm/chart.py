@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import functools
 import json
-from pathlib import Path
 from typing import Any
 
 import helm_python as helm
@@ -26,7 +25,9 @@ NAMESPACE = "ai"
 KUBE_VERSIONS = ("1.27", "1.33")
 
 # kubernetes-validate re-reads its 1.4 MB definitions file for every object; read each file once.
-kubernetes_validate.utils.schema_contents = functools.lru_cache(maxsize=None)(kubernetes_validate.utils.schema_contents)
+kubernetes_validate.utils.schema_contents = functools.lru_cache(maxsize=None)(
+    kubernetes_validate.utils.schema_contents
+)
 
 
 @functools.lru_cache(maxsize=1)
@@ -44,7 +45,9 @@ def _render(values_json: str, release: str, namespace: str) -> tuple[tuple[str, 
     return tuple(sorted(out.items()))
 
 
-def render_files(values: dict[str, Any] | None = None, *, release: str = RELEASE, namespace: str = NAMESPACE) -> dict[str, str]:
+def render_files(
+    values: dict[str, Any] | None = None, *, release: str = RELEASE, namespace: str = NAMESPACE
+) -> dict[str, str]:
     """Template path -> rendered text (NOTES.txt included). Raises HelmValuesError / HelmRenderError."""
     return dict(_render(json.dumps(values or {}, sort_keys=True), release, namespace))
 
@@ -87,7 +90,9 @@ def _parsed(values_json: str, release: str, namespace: str) -> tuple[dict[str, A
     return tuple(docs)
 
 
-def render(values: dict[str, Any] | None = None, *, release: str = RELEASE, namespace: str = NAMESPACE) -> Manifests:
+def render(
+    values: dict[str, Any] | None = None, *, release: str = RELEASE, namespace: str = NAMESPACE
+) -> Manifests:
     """The rendered objects (fresh copies: tests may change them)."""
     return Manifests(copy.deepcopy(_parsed(json.dumps(values or {}, sort_keys=True), release, namespace)))
 

@@ -26,7 +26,9 @@ def test_chart_copies_match_configs_byte_for_byte() -> None:
     assert any(d.parent.name == "grafana" for d in plan), "configs/ holds no Grafana dashboard"
     for dest, src in plan.items():
         assert dest.exists(), f"{dest} missing: run scripts/sync_chart_files.py"
-        assert dest.read_bytes() == src.read_bytes(), f"{dest} drifted from {src}: run scripts/sync_chart_files.py"
+        assert dest.read_bytes() == src.read_bytes(), (
+            f"{dest} drifted from {src}: run scripts/sync_chart_files.py"
+        )
     assert sync_chart_files.differences() == []
 
 
@@ -49,7 +51,9 @@ def test_sync_detects_and_repairs_drift(tmp_path) -> None:
 
 
 def test_check_mode_exit_status() -> None:
-    r = subprocess.run([sys.executable, str(REPO / "scripts/sync_chart_files.py"), "--check"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, str(REPO / "scripts/sync_chart_files.py"), "--check"], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -63,7 +67,9 @@ def test_rendered_rules_and_dashboards_are_the_configs_files() -> None:
     objs = render(MONITORING)
     plan = sync_chart_files.plan()
     groups = []
-    for src in sorted((s for d, s in plan.items() if d.parent.name == "prometheus"), key=lambda s: s.stem + ".yml"):
+    for src in sorted(
+        (s for d, s in plan.items() if d.parent.name == "prometheus"), key=lambda s: s.stem + ".yml"
+    ):
         groups += yaml.safe_load(src.read_text())["groups"]
     (rule,) = objs.kinds("PrometheusRule")
     assert rule["spec"]["groups"] == groups

@@ -9,7 +9,16 @@ import shlex
 import pytest
 import yaml
 
-from tests.helm.chart import NAMESPACE, RELEASE, component, env_of, example, pod_spec, render, selector_matches
+from tests.helm.chart import (
+    NAMESPACE,
+    RELEASE,
+    component,
+    env_of,
+    example,
+    pod_spec,
+    render,
+    selector_matches,
+)
 from tests.helm.value_sets import DIGEST, REDIS_URL_PASSWORD, S3_SECRET, TP2_PVC, value_sets
 
 SETS = value_sets()
@@ -98,7 +107,9 @@ def test_gateway_deployment_drains_and_rolls_without_unavailability() -> None:
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
     pdb = objs.get("PodDisruptionBudget", gw["metadata"]["name"])
-    assert selector_matches(pdb["spec"]["selector"]["matchLabels"], gw["spec"]["template"]["metadata"]["labels"])
+    assert selector_matches(
+        pdb["spec"]["selector"]["matchLabels"], gw["spec"]["template"]["metadata"]["labels"]
+    )
     svc = objs.get("Service", gw["metadata"]["name"])
     assert selector_matches(svc["spec"]["selector"], gw["spec"]["template"]["metadata"]["labels"])
 
@@ -108,7 +119,11 @@ def test_hpa_owns_replicas_when_enabled() -> None:
     gw = objs.gateway()
     assert "replicas" not in gw["spec"]
     hpa = objs.get("HorizontalPodAutoscaler", gw["metadata"]["name"])
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": gw["metadata"]["name"]}
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": gw["metadata"]["name"],
+    }
     assert hpa["spec"]["maxReplicas"] == 6
     ing = objs.get("Ingress", gw["metadata"]["name"])
     assert ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] == gw["metadata"]["name"]
@@ -130,9 +145,14 @@ def test_network_policy_admits_only_gateway_and_prometheus_to_engines(name: str)
     (rule,) = pol["spec"]["ingress"]
     assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
     peers = rule["from"]
-    assert any(selector_matches(p["podSelector"]["matchLabels"], gateway_labels) and "namespaceSelector" not in p for p in peers)
+    assert any(
+        selector_matches(p["podSelector"]["matchLabels"], gateway_labels) and "namespaceSelector" not in p
+        for p in peers
+    )
     assert all("ipBlock" not in p for p in peers)
-    assert all(p.get("podSelector", {}).get("matchLabels") for p in peers), "an empty selector would admit every pod"
+    assert all(p.get("podSelector", {}).get("matchLabels") for p in peers), (
+        "an empty selector would admit every pod"
+    )
 
 
 def test_network_policy_prometheus_namespace() -> None:
@@ -155,7 +175,9 @@ def test_gateway_discovers_each_engine_through_its_headless_service(name: str) -
         # the selector tells this workload's pods from every other engine's
         for other in objs.engines():
             if other is not w:
-                assert not selector_matches(svc["spec"]["selector"], other["spec"]["template"]["metadata"]["labels"])
+                assert not selector_matches(
+                    svc["spec"]["selector"], other["spec"]["template"]["metadata"]["labels"]
+                )
         port = svc["spec"]["ports"][0]["port"]
         assert pod_spec(w)["containers"][0]["ports"][0]["containerPort"] == port
         url = f"dns+http://{svc['metadata']['name']}.{NAMESPACE}.svc.cluster.local:{port}"
@@ -203,7 +225,9 @@ def test_tensor_parallel_two_gets_two_gpus_and_a_shared_rwx_cache() -> None:
     assert main["resources"]["limits"]["nvidia.com/gpu"] == 2
     assert env_of(main)["ENGINE_TENSOR_PARALLEL_SIZE"] == "2"
     assert env_of(main)["ENGINE_QUANTIZATION"] == "fp8"
-    claim = next(v for v in pod_spec(w)["volumes"] if v["name"] == "cache")["persistentVolumeClaim"]["claimName"]
+    claim = next(v for v in pod_spec(w)["volumes"] if v["name"] == "cache")["persistentVolumeClaim"][
+        "claimName"
+    ]
     pvc = objs.get("PersistentVolumeClaim", claim)
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"] and pvc["spec"]["storageClassName"] == "nfs"
     assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
@@ -257,10 +281,14 @@ def test_secrets_reach_the_gateway_as_env_and_files() -> None:
     assert env["GATEWAY_API_KEYS_FILE"] == "/etc/gateway/keys/api-keys.yaml"
     vol = next(v for v in pod_spec(objs.gateway())["volumes"] if v["name"] == "api-keys")
     assert vol["secret"]["secretName"] == keys_secret["metadata"]["name"]
-    assert env["GATEWAY_QUOTA__REDIS_URL"] == {"secretKeyRef": {"name": f"{RELEASE}-private-llm-redis-url", "key": "redis-url"}}
+    assert env["GATEWAY_QUOTA__REDIS_URL"] == {
+        "secretKeyRef": {"name": f"{RELEASE}-private-llm-redis-url", "key": "redis-url"}
+    }
     # the engines read S3 credentials from the chart's Secret
     pull = pod_spec(objs.engines()[0])["initContainers"][0]
-    assert env_of(pull)["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": f"{RELEASE}-private-llm-s3", "key": "AWS_SECRET_ACCESS_KEY"}}
+    assert env_of(pull)["AWS_SECRET_ACCESS_KEY"] == {
+        "secretKeyRef": {"name": f"{RELEASE}-private-llm-s3", "key": "AWS_SECRET_ACCESS_KEY"}
+    }
     assert objs.get("Secret", f"{RELEASE}-private-llm-s3")["stringData"]["AWS_SECRET_ACCESS_KEY"] == S3_SECRET
 
 
@@ -295,13 +323,19 @@ def test_existing_secrets_are_referenced_not_created() -> None:
     objs = render(BUNDLED_EXISTING)
     assert not objs.kinds("Secret")
     minio = objs.get("StatefulSet", f"{RELEASE}-private-llm-minio")
-    assert env_of(pod_spec(minio)["containers"][0])["MINIO_ROOT_PASSWORD"]["secretKeyRef"]["name"] == "minio-root"
+    assert (
+        env_of(pod_spec(minio)["containers"][0])["MINIO_ROOT_PASSWORD"]["secretKeyRef"]["name"]
+        == "minio-root"
+    )
     e = env_of(pod_spec(objs.engines()[0])["containers"][0])
     assert e["S3_ENDPOINT_URL"] == f"http://{RELEASE}-private-llm-minio.{NAMESPACE}.svc.cluster.local:9000"
     assert e["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "minio-root", "key": "rootPassword"}}
     genv = env_of(pod_spec(objs.gateway())["containers"][0])
     assert genv["REDIS_PASSWORD"] == {"secretKeyRef": {"name": "redis-auth", "key": "password"}}
-    assert genv["GATEWAY_QUOTA__REDIS_URL"] == f"redis://:$(REDIS_PASSWORD)@{RELEASE}-private-llm-redis.{NAMESPACE}.svc.cluster.local:6379/0"
+    assert (
+        genv["GATEWAY_QUOTA__REDIS_URL"]
+        == f"redis://:$(REDIS_PASSWORD)@{RELEASE}-private-llm-redis.{NAMESPACE}.svc.cluster.local:6379/0"
+    )
     cache = next(v for v in pod_spec(objs.engines()[0])["volumes"] if v["name"] == "cache")
     assert cache == {"name": "cache", "persistentVolumeClaim": {"claimName": "shared-weights"}}
 
@@ -317,7 +351,9 @@ def test_bundled_minio_and_redis_are_off_by_default_and_self_contained_when_on()
         assert w["kind"] == "StatefulSet" and w["spec"]["replicas"] == 1
         assert pod_spec(w)["securityContext"]["runAsNonRoot"] is True
         pol = objs.get("NetworkPolicy", f"{RELEASE}-private-llm-{name}")
-        assert selector_matches(pol["spec"]["podSelector"]["matchLabels"], w["spec"]["template"]["metadata"]["labels"])
+        assert selector_matches(
+            pol["spec"]["podSelector"]["matchLabels"], w["spec"]["template"]["metadata"]["labels"]
+        )
     assert pod_spec(comps["minio"])["containers"][0]["image"].startswith("minio/minio:")
     assert pod_spec(comps["redis"])["containers"][0]["image"].startswith("redis:")
     # the Redis password reaches redis-server through stdin, not its command line
@@ -366,7 +402,10 @@ def test_new_model_version_is_a_rolling_upgrade_with_no_unavailable_replica() ->
     assert a["metadata"]["name"] == b["metadata"]["name"]
     assert a["spec"]["selector"] == b["spec"]["selector"], "a changed selector would make upgrades fail"
     assert a["spec"]["template"] != b["spec"]["template"]
-    assert b["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    assert b["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }
     assert pod_spec(b)["initContainers"][0]["args"][1] == "s3://weights/mixtral-8x7b-instruct/v0.2"
     assert pod_spec(b)["containers"][0]["readinessProbe"]
     # the gateway's view of the model (its headless Service) does not change: no gateway restart
@@ -380,7 +419,9 @@ def test_blue_green_switch_by_pool_weights() -> None:
     assert set(names) == {"blue", "green"}
     assert pod_spec(names["green"])["initContainers"][0]["args"][1].endswith("/2024-12")
     (model,) = before.gateway_config()["models"]
-    assert model["upstreams"] == [f"dns+http://{names['blue']['metadata']['name']}.{NAMESPACE}.svc.cluster.local:8000"]
+    assert model["upstreams"] == [
+        f"dns+http://{names['blue']['metadata']['name']}.{NAMESPACE}.svc.cluster.local:8000"
+    ]
     # both pools serve the model under the same name, so the switch is invisible to clients
     served = {env_of(pod_spec(w)["containers"][0])["ENGINE_SERVED_MODEL_NAME"] for w in before.engines()}
     assert served == {model["upstream_model"]} == {"llama-3.1-8b-instruct"}
@@ -390,7 +431,9 @@ def test_blue_green_switch_by_pool_weights() -> None:
     switched["models"][0]["pools"][1]["weight"] = 100
     after = render(switched)
     (model2,) = after.gateway_config()["models"]
-    assert model2["upstreams"] == [f"dns+http://{names['green']['metadata']['name']}.{NAMESPACE}.svc.cluster.local:8000"]
+    assert model2["upstreams"] == [
+        f"dns+http://{names['green']['metadata']['name']}.{NAMESPACE}.svc.cluster.local:8000"
+    ]
     # the gateway rolls to the new config; neither engine pool is restarted by the switch
     assert _checksum(before, "checksum/config") != _checksum(after, "checksum/config")
     for b, a in zip(before.engines(), after.engines(), strict=True):
@@ -410,7 +453,10 @@ def test_two_models_render_two_engines_and_two_gateway_models() -> None:
     assert cfg["quota"] == {"requests_per_minute": 600, "tokens_per_minute": 200000}
     assert cfg["audit"] == {"sink": "stdout"}
     kinds = sorted((w["kind"], w["metadata"]["name"]) for w in objs.engines())
-    assert kinds == [("Deployment", f"{RELEASE}-private-llm-llama-3-1-8b-instruct"), ("StatefulSet", f"{RELEASE}-private-llm-llama-70b")]
+    assert kinds == [
+        ("Deployment", f"{RELEASE}-private-llm-llama-3-1-8b-instruct"),
+        ("StatefulSet", f"{RELEASE}-private-llm-llama-70b"),
+    ]
 
 
 def test_monitoring_objects_when_enabled() -> None:

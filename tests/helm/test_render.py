@@ -25,7 +25,9 @@ def _validate(obj: dict, version: str) -> None:
         kubernetes_validate.validate(obj, version, strict=True)
     except kubernetes_validate.utils.ValidationError as e:
         path = "/".join(str(p) for p in e.absolute_path)
-        raise AssertionError(f"{obj['kind']} {obj['metadata']['name']} invalid for {version} at {path}: {e.message}") from None
+        raise AssertionError(
+            f"{obj['kind']} {obj['metadata']['name']} invalid for {version} at {path}: {e.message}"
+        ) from None
 
 
 def _check_crd(obj: dict) -> None:

@@ -18,38 +18,92 @@ TP2_PVC: dict[str, Any] = {
             "key": "mixtral",
             "source": "s3://weights/mixtral-8x7b-instruct/v0.1",
             "replicas": 3,
-            "settings": {"tensorParallelSize": 2, "quantization": "fp8", "maxModelLen": 32768, "maxNumBatchedTokens": 8192, "extraArgs": "--swap-space 8 --disable-log-requests"},
-            "cache": {"type": "pvc", "size": "200Gi", "accessModes": ["ReadWriteMany"], "storageClassName": "nfs"},
-            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-                {"matchExpressions": [{"key": "nvidia.com/gpu.product", "operator": "In", "values": ["NVIDIA-H100-80GB-HBM3"]}]}]}}},
+            "settings": {
+                "tensorParallelSize": 2,
+                "quantization": "fp8",
+                "maxModelLen": 32768,
+                "maxNumBatchedTokens": 8192,
+                "extraArgs": "--swap-space 8 --disable-log-requests",
+            },
+            "cache": {
+                "type": "pvc",
+                "size": "200Gi",
+                "accessModes": ["ReadWriteMany"],
+                "storageClassName": "nfs",
+            },
+            "affinity": {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [
+                            {
+                                "matchExpressions": [
+                                    {
+                                        "key": "nvidia.com/gpu.product",
+                                        "operator": "In",
+                                        "values": ["NVIDIA-H100-80GB-HBM3"],
+                                    }
+                                ]
+                            }
+                        ]
+                    }
+                }
+            },
             "runtimeClassName": "nvidia",
         }
     ],
-    "s3": {"endpoint": "https://s3.internal.example.com", "accessKeyId": "AKIAEXAMPLE", "secretAccessKey": S3_SECRET},
+    "s3": {
+        "endpoint": "https://s3.internal.example.com",
+        "accessKeyId": "AKIAEXAMPLE",
+        "secretAccessKey": S3_SECRET,
+    },
     "gateway": {
         "apiKeys": [{"id": "ci", "sha256": DIGEST, "tenant": "ci", "models": ["mixtral-8x7b-instruct"]}],
         "autoscaling": {"enabled": True, "maxReplicas": 6},
-        "ingress": {"enabled": True, "className": "nginx", "hosts": [{"host": "llm.corp.example", "paths": [{"path": "/", "pathType": "Prefix"}]}],
-                    "tls": [{"secretName": "llm-tls", "hosts": ["llm.corp.example"]}]},
+        "ingress": {
+            "enabled": True,
+            "className": "nginx",
+            "hosts": [{"host": "llm.corp.example", "paths": [{"path": "/", "pathType": "Prefix"}]}],
+            "tls": [{"secretName": "llm-tls", "hosts": ["llm.corp.example"]}],
+        },
         "podDisruptionBudget": {"enabled": True, "maxUnavailable": 1},
     },
     "redis": {"external": {"url": f"redis://:{REDIS_URL_PASSWORD}@redis.corp.example:6379/2"}},
 }
 
 EXTERNAL_SECRETS: dict[str, Any] = {
-    "models": [{"name": "llama-3.1-8b-instruct", "source": "s3://models/llama-3.1-8b-instruct"},
-               {"name": "bge-m3", "source": "s3://models/bge-m3", "gpus": 1, "settings": {"gpuMemoryUtilization": 0.3}}],
-    "s3": {"endpoint": "http://minio.storage:9000", "existingSecret": "model-store",
-           "existingSecretKeys": {"accessKeyId": "access", "secretAccessKey": "secret"}},
+    "models": [
+        {"name": "llama-3.1-8b-instruct", "source": "s3://models/llama-3.1-8b-instruct"},
+        {
+            "name": "bge-m3",
+            "source": "s3://models/bge-m3",
+            "gpus": 1,
+            "settings": {"gpuMemoryUtilization": 0.3},
+        },
+    ],
+    "s3": {
+        "endpoint": "http://minio.storage:9000",
+        "existingSecret": "model-store",
+        "existingSecretKeys": {"accessKeyId": "access", "secretAccessKey": "secret"},
+    },
     "gateway": {"apiKeysExistingSecret": {"name": "llm-api-keys", "key": "keys.yaml"}},
     "redis": {"external": {"existingSecret": "quota-redis", "existingSecretKey": "url"}},
-    "monitoring": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}, "grafanaDashboards": {"enabled": True}},
+    "monitoring": {
+        "serviceMonitor": {"enabled": True},
+        "prometheusRule": {"enabled": True},
+        "grafanaDashboards": {"enabled": True},
+    },
 }
 
 BUNDLED_EXISTING: dict[str, Any] = {
     "minio": {"enabled": True, "existingSecret": "minio-root"},
     "redis": {"enabled": True, "auth": {"existingSecret": "redis-auth"}, "persistence": {"enabled": True}},
-    "models": [{"name": "tiny", "source": "s3://models/tiny", "cache": {"type": "existingClaim", "claimName": "shared-weights"}}],
+    "models": [
+        {
+            "name": "tiny",
+            "source": "s3://models/tiny",
+            "cache": {"type": "existingClaim", "claimName": "shared-weights"},
+        }
+    ],
 }
 
 
