@@ -227,6 +227,7 @@ GATEWAY = obj(
         ),
         "resources": resources(),
         "probes": obj({"liveness": probe(True), "readiness": probe(True), "startup": probe(True)}),
+        "s3Credentials": BOOL,
         "extraEnv": ARR,
         "extraVolumes": ARR,
         "extraVolumeMounts": ARR,

@@ -66,6 +66,8 @@ TP2_PVC: dict[str, Any] = {
             "tls": [{"secretName": "llm-tls", "hosts": ["llm.corp.example"]}],
         },
         "podDisruptionBudget": {"enabled": True, "maxUnavailable": 1},
+        "s3Credentials": True,
+        "config": {"audit": {"archive": {"bucket": "audit", "prefix": "gateway/"}}},
     },
     "redis": {"external": {"url": f"redis://:{REDIS_URL_PASSWORD}@redis.corp.example:6379/2"}},
 }
