@@ -293,7 +293,9 @@ def test_secrets_reach_the_gateway_as_env_and_files() -> None:
     # gateway.s3Credentials: the gateway gets the same (audit archive); by default it does not
     assert env["AWS_SECRET_ACCESS_KEY"] == env_of(pull)["AWS_SECRET_ACCESS_KEY"]
     assert env["S3_ENDPOINT_URL"] == "https://s3.internal.example.com"
-    assert "AWS_SECRET_ACCESS_KEY" not in env_of(pod_spec(render(example("two-models.yaml")).gateway())["containers"][0])
+    assert "AWS_SECRET_ACCESS_KEY" not in env_of(
+        pod_spec(render(example("two-models.yaml")).gateway())["containers"][0]
+    )
 
 
 def test_api_key_file_loads_into_the_gateway_key_store(tmp_path) -> None:
