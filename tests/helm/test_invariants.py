@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shlex
 
 import pytest
@@ -491,3 +492,36 @@ def test_notes_print_base_url_and_a_curl() -> None:
     text = notes(example("h200-single.yaml"))
     assert f"port-forward svc/{RELEASE}-private-llm-gateway 8080:80" in text
     assert "http://127.0.0.1:8080/v1" in text
+
+
+DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+LONG = {
+    "models": [
+        {
+            "name": "Meta-Llama-3.1-405B-Instruct-FP8-dynamic (internal build #7, long name)",
+            "source": "s3://models/x",
+            "workload": "StatefulSet",
+        },
+        {
+            "name": "another.model/with:odd_chars",
+            "source": "s3://models/y",
+            "pools": [{"name": "blue-pool-long-name", "weight": 1}],
+        },
+    ]
+}
+
+
+@pytest.mark.parametrize("name", [*sorted(SETS), "long-names"])
+def test_names_and_labels_are_valid_for_kubernetes(name: str) -> None:
+    values = LONG if name == "long-names" else SETS[name]
+    for o in render(values, release="my-production-release-name"):
+        n = o["metadata"]["name"]
+        assert len(n) <= 63 and DNS_1123_LABEL.match(n), n
+        if o["kind"] == "StatefulSet":
+            assert len(n) <= 52, f"{n}: too long for the controller-revision-hash label"
+        labels = dict(o["metadata"].get("labels", {}))
+        if o["kind"] in ("Deployment", "StatefulSet"):
+            labels.update(o["spec"]["template"]["metadata"]["labels"])
+        for k, v in labels.items():
+            assert len(str(v)) <= 63 and LABEL_VALUE.match(str(v)), (n, k, v)

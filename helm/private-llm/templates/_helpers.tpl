@@ -135,7 +135,7 @@ engine.defaults (and the pool over the model), plus computed names. Returned as 
 {{- fail (printf "models[%d]: the model name %q is used twice" $i $m.name) -}}
 {{- end -}}
 {{- $_ := set $publicNames $m.name true -}}
-{{- $key := regexReplaceAll "[^a-z0-9-]+" (default $m.name $m.key | lower) "-" | trimAll "-" -}}
+{{- $key := regexReplaceAll "[^a-z0-9-]+" (default $m.name $m.key | lower) "-" | trimAll "-" | trunc 24 | trimSuffix "-" -}}
 {{- $model := mergeOverwrite (deepCopy $root.Values.engine.defaults) (omit $m "pools" "upstreams" "name" "key") -}}
 {{- $pools := $m.pools | default (list (dict)) -}}
 {{- range $j, $p := $pools -}}
@@ -144,7 +144,9 @@ engine.defaults (and the pool over the model), plus computed names. Returned as 
 {{- if $p.name -}}
 {{- $suffix = printf "%s-%s" $key (regexReplaceAll "[^a-z0-9-]+" ($p.name | lower) "-" | trimAll "-") -}}
 {{- end -}}
-{{- $resName := printf "%s-%s" $full $suffix | trunc 63 | trimSuffix "-" -}}
+{{- /* 52: a StatefulSet's name plus its controller-revision-hash must fit a 63-character label. */ -}}
+{{- /* The model/pool suffix is kept whole (key <= 24, pool <= 20 characters); the release prefix gives way. */ -}}
+{{- $resName := printf "%s-%s" ($full | trunc (int (sub 51 (len $suffix))) | trimSuffix "-") $suffix -}}
 {{- if hasKey $names $resName -}}
 {{- fail (printf "models[%d] (%s): its engine name %q collides with another model or pool; set a distinct `key`" $i $m.name $resName) -}}
 {{- end -}}
