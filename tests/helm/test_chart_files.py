@@ -80,3 +80,17 @@ def test_rendered_rules_and_dashboards_are_the_configs_files() -> None:
     for name, src in dashboards.items():
         assert json.loads(cm["data"][name]) == json.loads(src.read_text())
         assert cm["data"][name] == src.read_text().rstrip("\n")
+
+
+def test_packaged_chart_carries_the_files(tmp_path) -> None:
+    """`helm package` output (what users install from a repository) still holds the rules and dashboards."""
+    import helm_python as helm
+
+    archive = helm.package(REPO / "helm/private-llm", destination=tmp_path)
+    with open(archive, "rb") as f:
+        packaged = helm.Chart.load_archive(f.read())
+    out = packaged.render(MONITORING, name=RELEASE, namespace="ai")
+    assert "kind: PrometheusRule" in out["private-llm/templates/monitoring.yaml"]
+    names = {f["name"] for f in packaged.files}
+    chart_dir = REPO / "helm/private-llm"
+    assert {str(d.relative_to(chart_dir)) for d in sync_chart_files.plan()} <= names
