@@ -228,6 +228,12 @@ GATEWAY = obj(
         "resources": resources(),
         "probes": obj({"liveness": probe(True), "readiness": probe(True), "startup": probe(True)}),
         "s3Credentials": BOOL,
+        "auditVolume": {
+            "type": "object",
+            "minProperties": 1,
+            "maxProperties": 1,
+            "description": "one volume source (emptyDir, persistentVolumeClaim, ...)",
+        },
         "extraEnv": ARR,
         "extraVolumes": ARR,
         "extraVolumeMounts": ARR,

@@ -295,7 +295,7 @@ def test_secrets_reach_the_gateway_as_env_and_files() -> None:
     assert env["AWS_SECRET_ACCESS_KEY"] == env_of(pull)["AWS_SECRET_ACCESS_KEY"]
     assert env["S3_ENDPOINT_URL"] == "https://s3.internal.example.com"
     assert "AWS_SECRET_ACCESS_KEY" not in env_of(
-        pod_spec(render(example("two-models.yaml")).gateway())["containers"][0]
+        pod_spec(render(example("h200-single.yaml")).gateway())["containers"][0]
     )
 
 
@@ -457,8 +457,24 @@ def test_two_models_render_two_engines_and_two_gateway_models() -> None:
     cfg = objs.gateway_config()
     assert [m["name"] for m in cfg["models"]] == ["llama-3.1-8b-instruct", "llama-3.3-70b-instruct"]
     assert cfg["models"][1]["timeouts"] == {"read": 900}
-    assert cfg["quota"] == {"requests_per_minute": 600, "tokens_per_minute": 200000}
-    assert cfg["audit"] == {"sink": "stdout"}
+    # free-form sections pass through; the chart fills in the deployment-specific keys
+    assert cfg["quota"]["default"] == {"rpm": 600, "tpm": 200000, "max_concurrent": 32}
+    assert cfg["quota"]["backend"] == "redis", "a Redis is configured: quota state is shared"
+    assert cfg["auth"]["issuers"][0]["audience"] == "private-llm"
+    assert cfg["audit"]["path"] == "/var/lib/gateway/audit/audit.jsonl"
+    c = pod_spec(objs.gateway())["containers"][0]
+    assert {"name": "audit", "mountPath": "/var/lib/gateway/audit"} in c["volumeMounts"]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    # nothing configured: nothing added
+    plain = render({"models": [{"name": "m", "source": "s3://models/m"}]}).gateway_config()
+    assert "quota" not in plain and "audit" not in plain
+    explicit = {
+        "models": [{"name": "m", "source": "s3://models/m"}],
+        "redis": {"external": {"url": "redis://r:6379/0"}},
+        "gateway": {"config": {"quota": {"backend": "memory"}, "audit": {"path": "/data/a.jsonl"}}},
+    }
+    cfg = render(explicit).gateway_config()
+    assert cfg["quota"]["backend"] == "memory" and cfg["audit"]["path"] == "/data/a.jsonl"
     kinds = sorted((w["kind"], w["metadata"]["name"]) for w in objs.engines())
     assert kinds == [
         ("Deployment", f"{RELEASE}-private-llm-llama-3-1-8b-instruct"),

@@ -224,6 +224,20 @@ engine.defaults (and the pool over the model), plus computed names. Returned as 
 {{- $models = append $models $entry -}}
 {{- end -}}
 {{- $_ := set $cfg "models" $models -}}
+{{- if or .Values.redis.enabled .Values.redis.external.url .Values.redis.external.existingSecret -}}
+{{- $q := $cfg.quota | default dict -}}
+{{- if not (hasKey $q "backend") -}}
+{{- $_ := set $q "backend" "redis" -}}
+{{- end -}}
+{{- $_ := set $cfg "quota" $q -}}
+{{- end -}}
+{{- if hasKey $cfg "audit" -}}
+{{- $a := $cfg.audit | default dict -}}
+{{- if not (hasKey $a "path") -}}
+{{- $_ := set $a "path" "/var/lib/gateway/audit/audit.jsonl" -}}
+{{- end -}}
+{{- $_ := set $cfg "audit" $a -}}
+{{- end -}}
 {{- toYaml $cfg -}}
 {{- end -}}
 
