@@ -36,15 +36,17 @@ def test_sync_detects_and_repairs_drift(tmp_path) -> None:
     """On a scratch copy: an edited config, a new dashboard and a stale chart file are all found and fixed."""
     for sub in ("configs", "helm/private-llm/files"):
         shutil.copytree(REPO / sub, tmp_path / sub)
-    (tmp_path / "configs/prometheus/alerts.yml").write_text("groups:\n  - name: edited\n    rules: []\n")
+    rules_src = next(src for dest, src in sync_chart_files.plan().items() if dest.parent.name == "prometheus")
+    edited = tmp_path / rules_src.relative_to(REPO)
+    edited.write_text("groups:\n  - name: edited\n    rules: []\n")
     (tmp_path / "configs/grafana/extra.json").write_text("{}\n")
-    (tmp_path / "configs/prometheus/prometheus.yml").write_text("scrape_configs: []\n")  # not a rules file
+    (tmp_path / "configs/prometheus/scrape.yml").write_text("scrape_configs: []\n")  # not a rules file
     (tmp_path / "helm/private-llm/files/grafana/stale.json").write_text("{}\n")
     problems = sync_chart_files.differences(tmp_path)
-    assert any(p.startswith("stale") and "alerts.yml" in p for p in problems)
+    assert any(p.startswith("stale") and edited.stem in p for p in problems)
     assert any(p.startswith("missing") and "extra.json" in p for p in problems)
     assert any(p.startswith("extra") and "stale.json" in p for p in problems)
-    assert not any("prometheus.yml" in p for p in problems)
+    assert not any("scrape.yml" in p for p in problems)
     sync_chart_files.sync(tmp_path)
     assert sync_chart_files.differences(tmp_path) == []
     assert not (tmp_path / "helm/private-llm/files/grafana/stale.json").exists()
