@@ -233,6 +233,8 @@ def test_tensor_parallel_two_gets_two_gpus_and_a_shared_rwx_cache() -> None:
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"] and pvc["spec"]["storageClassName"] == "nfs"
     assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     assert pod_spec(w)["runtimeClassName"] == "nvidia"
+    shm = next(v for v in pod_spec(w)["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"]["sizeLimit"] == 34359738368
     assert objs.get("PodDisruptionBudget", w["metadata"]["name"])["spec"]["maxUnavailable"] == 1
 
 

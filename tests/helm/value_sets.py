@@ -49,6 +49,8 @@ TP2_PVC: dict[str, Any] = {
                 }
             },
             "runtimeClassName": "nvidia",
+            # sizes in plain bytes survive the chart's JSON round trip as integers, not 3.4e+10
+            "shmSize": 34359738368,
         }
     ],
     "s3": {
