@@ -30,10 +30,6 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-_D = "[0-9]"
-_NOT_DIGIT_BEFORE = r"(?<![0-9])"
-_NOT_DIGIT_AFTER = r"(?![0-9])"
-
 _ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
 _ID_CHECK = "10X98765432"
 
@@ -84,6 +80,8 @@ class Detector:
     replacement: str
     # Confirms a candidate match (checksums); None accepts every match.
     check: Callable[[re.Match[str]], bool] | None = None
+    # A character every match contains: the detector is skipped for text without it (cheap pre-filter).
+    needs: str | None = None
 
     def apply(self, text: str) -> tuple[str, int]:
         count = 0
@@ -99,56 +97,61 @@ class Detector:
 
 
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_DIGIT = "0"  # marker for "needs": any ASCII digit
 
+# Where easy, a pattern starts with the digit itself and looks behind from there ("[0-9](?<![0-9]{2})" is a
+# digit not preceded by a digit): a leading look-behind keeps the regex engine from skipping to candidates.
 BUILTIN: tuple[Detector, ...] = (
     Detector(
         "email",
         re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}"),
         "[EMAIL]",
+        needs="@",
     ),
     Detector(
-        "cn_id", re.compile(_NOT_DIGIT_BEFORE + _D + r"{17}[0-9Xx]" + r"(?![0-9A-Za-z])"), "[CN_ID]", _id_ok
+        "cn_id",
+        re.compile(r"[0-9](?<![0-9]{2})[0-9]{16}[0-9Xx](?![0-9A-Za-z])"),
+        "[CN_ID]",
+        _id_ok,
+        _DIGIT,
     ),
     Detector(
         "bank_card",
-        # never after "+" (that is an international phone number)
+        # never right after "+" (that is an international phone number)
         re.compile(
-            r"(?<![0-9+])(?:[0-9]{4}[ -]){2,3}[0-9]{4,7}"
-            + _NOT_DIGIT_AFTER
-            + "|"
-            + r"(?<![0-9+])"
-            + _D
-            + r"{13,19}"
-            + _NOT_DIGIT_AFTER
+            r"[0-9](?<![0-9+][0-9])(?:[0-9]{3}[ -](?:[0-9]{4}[ -]){1,2}[0-9]{4,7}|[0-9]{12,18})(?![0-9])"
         ),
         "[BANK_CARD]",
         _card_ok,
+        _DIGIT,
     ),
     Detector(
         "cn_mobile",
         re.compile(
-            r"(?<![0-9])(?:(?:\+|00)?86[ -]?)?1[3-9][0-9](?:[0-9]{8}|[ -][0-9]{4}[ -][0-9]{4})"
-            + _NOT_DIGIT_AFTER
+            r"(?:(?:\+86|0(?<![0-9]0)086|8(?<![0-9]8)6)[ -]?1|1(?<![0-9]1))"
+            r"[3-9][0-9](?:[0-9]{8}|[ -][0-9]{4}[ -][0-9]{4})(?![0-9])"
         ),
         "[PHONE]",
+        needs=_DIGIT,
     ),
     Detector(
         "phone",
         re.compile(
-            # +CC then 6-14 more digits in groups (E.164-ish)
-            r"(?<![0-9A-Za-z+])\+[1-9][0-9]{0,2}(?:[ .\-]?\(?[0-9]{1,4}\)?){2,5}"
-            + _NOT_DIGIT_AFTER
+            # +CC then more digits in groups (E.164-ish)
+            r"\+(?<![0-9A-Za-z+]\+)[1-9][0-9]{0,2}(?:[ .\-]?\(?[0-9]{1,4}\)?){2,5}(?![0-9])"
             # (NNN) NNN-NNNN  /  NNN-NNN-NNNN  /  NNN.NNN.NNNN
-            + r"|(?<![0-9])(?:\([0-9]{3}\)[ ]?|[0-9]{3}[\-. ])[0-9]{3}[\-. ][0-9]{4}"
-            + _NOT_DIGIT_AFTER
+            r"|(?:\((?<![0-9]\()[0-9]{3}\)[ ]?|[0-9](?<![0-9]{2})[0-9]{2}[\-. ])[0-9]{3}[\-. ][0-9]{4}(?![0-9])"
             # Chinese landline: 010-12345678, 0755-1234567
-            + r"|(?<![0-9])0[1-9][0-9]{1,2}-[0-9]{7,8}"
-            + _NOT_DIGIT_AFTER
+            r"|0(?<![0-9]0)[1-9][0-9]{1,2}-[0-9]{7,8}(?![0-9])"
         ),
         "[PHONE]",
+        needs=_DIGIT,
     ),
     Detector(
-        "ipv4", re.compile(r"(?<![0-9.])" + r"(?:" + _OCTET + r"\.){3}" + _OCTET + r"(?!\.?[0-9])"), "[IP]"
+        "ipv4",
+        re.compile(r"(?<![0-9.])(?:" + _OCTET + r"\.){3}" + _OCTET + r"(?!\.?[0-9])"),
+        "[IP]",
+        needs=".",
     ),
     Detector(
         "ipv6",
@@ -157,8 +160,12 @@ BUILTIN: tuple[Detector, ...] = (
         ),
         "[IP]",
         _ipv6_ok,
+        ":",
     ),
 )
+
+
+_HAS_DIGIT = re.compile(r"[0-9]")
 
 
 class Redactor:
@@ -179,7 +186,10 @@ class Redactor:
     def redact_counted(self, text: str) -> tuple[str, dict[str, int]]:
         """The redacted text and how many matches each detector replaced (only those with matches)."""
         counts: dict[str, int] = {}
+        has_digit = _HAS_DIGIT.search(text) is not None
         for d in self.detectors:
+            if d.needs is not None and (not has_digit if d.needs == _DIGIT else d.needs not in text):
+                continue
             text, n = d.apply(text)
             if n:
                 counts[d.name] = counts.get(d.name, 0) + n

@@ -210,7 +210,8 @@ class AuditWriter:
             try:
                 await self.sink.maybe_rotate()
             except OSError:
-                log.exception("audit: rotation failed; retrying later")
+                log.exception("audit: rotation failed; retrying in 1 s")
+                await asyncio.sleep(1.0)  # no busy loop on a broken disk; the queue applies back-pressure
         if dirty:
             await self._sync()
 

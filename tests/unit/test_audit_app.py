@@ -90,3 +90,35 @@ def test_audit_off_by_default() -> None:
     app = create_app(GatewaySettings())
     assert app.state.gateway.audit is None
     assert all(type(o).__name__ != "AuditWriter" for o in app.state.gateway.observers)
+
+
+def test_settings_from_env_and_yaml(tmp_path: Path, monkeypatch) -> None:
+    import yaml
+
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "audit": {
+                    "enabled": True,
+                    "content": "redacted",
+                    "redaction_patterns": [{"name": "mrn", "regex": "MRN-[0-9]+"}],
+                }
+            }
+        )
+    )
+    monkeypatch.setenv("GATEWAY_CONFIG", str(cfg))
+    monkeypatch.setenv("GATEWAY_AUDIT__ON_FULL", "reject")
+    monkeypatch.setenv("GATEWAY_AUDIT__FSYNC_INTERVAL", "0.25")
+    s = GatewaySettings()
+    assert s.audit.enabled and s.audit.on_full == "reject" and s.audit.fsync_interval == 0.25
+    assert s.audit.content == "redacted" and s.audit.redaction_patterns[0].name == "mrn"
+    monkeypatch.setenv("GATEWAY_AUDIT__ON_FULL", "drop")
+    import pydantic
+
+    try:
+        GatewaySettings()
+    except pydantic.ValidationError as e:
+        assert "on_full" in str(e)
+    else:
+        raise AssertionError("on_full=drop must be rejected: records are never dropped")
