@@ -41,6 +41,9 @@ class ModelConfig(BaseModel):
     upstream_model: str | None = None
     owned_by: str = "private-llm-stack"
     max_connections: int = 1024
+    # Idle pooled connections are dropped after this many seconds; keep it below the engine's keep-alive
+    # timeout (vLLM/uvicorn: 5 s).
+    keepalive_timeout: float = 4.0
     # Bearer key the engines expect (vLLM --api-key), if any. From the environment/secret, never logged.
     upstream_api_key: str | None = None
     timeouts: UpstreamTimeouts = Field(default_factory=UpstreamTimeouts)

@@ -30,7 +30,9 @@ def make_session(cfg: ModelConfig) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(
         limit=cfg.max_connections,
         limit_per_host=cfg.max_connections,
-        keepalive_timeout=30,
+        # Shorter than the engine's own idle timeout (uvicorn's default is 5 s): reusing a connection the
+        # server is closing at that moment fails with ServerDisconnectedError (seen on the H200 run).
+        keepalive_timeout=cfg.keepalive_timeout,
         enable_cleanup_closed=True,
         ttl_dns_cache=10,
     )

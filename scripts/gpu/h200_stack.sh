@@ -35,30 +35,17 @@ start_engine() {  # $1 = tag, rest = extra env assignments
   echo "engine[$tag] ready after $(python3 -c "print(round($(ts)-$t0,1))") s"
   grep -E "pull|verified|MB/s|cache" "$W/logs/engine-$tag.log" | head -8
   grep -o "\-\-enforce-eager\|\-\-quantization fp8" "$W/logs/engine-$tag.log" | sort | uniq -c
+  return 0
 }
 
 bench() {  # $1 = name, $2 = title
   python3 scripts/bench_e2e.py --model "$MODEL" --vocab 4000 --concurrency "$CONC" --prompt-tokens "$PROMPT" \
-    --max-tokens "$OUTPUT" --rounds 2 --name "$1" --title "$2" --machine "$MACHINE" --out "$RES" \
+    --max-tokens "$OUTPUT" --rounds "${ROUNDS:-2}" --requests-per-stream "${RPS:-2}" --name "$1" --title "$2" --machine "$MACHINE" --out "$RES" \
     --target direct=http://127.0.0.1:8000/v1 --target "gateway=http://127.0.0.1:8080/v1,$KEY" \
     --target "gateway-4w=http://127.0.0.1:8081/v1,$KEY" 2>&1 | grep -v "^{" | tail -20
 }
 
-if [ "$PHASE" = setup ]; then
-  [ -n "${SKIP_WHEELS:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  NANIO_ACCESS_KEY=$AWS_ACCESS_KEY_ID NANIO_SECRET_KEY=$AWS_SECRET_ACCESS_KEY setsid python3 -m nanio serve --host 127.0.0.1 \
-    --port 9100 --data-dir /tmp/s3 --no-access-log --log-level warning > "$W/logs/s3.log" 2>&1 < /dev/null &
-  t0=$(ts); python3 -m engine make-test-model "/tmp/models/$MODEL" --shape "$SHAPE" || exit 1
-  echo "model built in $(python3 -c "print(round($(ts)-$t0,1))") s: $(du -sh /tmp/models/$MODEL | cut -f1)"
-  wait_url http://127.0.0.1:9100/ 30 || true
-  python3 -c "
-from minio import Minio
-c = Minio('127.0.0.1:9100', access_key='$AWS_ACCESS_KEY_ID', secret_key='$AWS_SECRET_ACCESS_KEY', secure=False, region='us-east-1')
-c.bucket_exists('models') or c.make_bucket('models')"
-  t0=$(ts); python3 -m engine push "/tmp/models/$MODEL" "s3://models/$MODEL" --no-progress 2>&1 | tail -3
-  echo "push took $(python3 -c "print(round($(ts)-$t0,1))") s"
-  start_engine graphs || exit 1
+start_gateways() {
   # The gateway with auth (API key), quotas (in-process, generous limits) and audit (file, fsync batching).
   DIGEST=$(python3 -c "import hashlib;print(hashlib.sha256(b'$KEY').hexdigest())")
   for port in 8080 8081; do
@@ -79,18 +66,44 @@ YAML
   done
   GATEWAY_CONFIG="$W/gateway-8080.yaml" GATEWAY_PORT=8080 GATEWAY_LOG_LEVEL=warning setsid python3 -m gateway serve > "$W/logs/gw-8080.log" 2>&1 < /dev/null &
   GATEWAY_CONFIG="$W/gateway-8081.yaml" GATEWAY_PORT=8081 GATEWAY_WORKERS=4 GATEWAY_LOG_LEVEL=warning setsid python3 -m gateway serve > "$W/logs/gw-8081.log" 2>&1 < /dev/null &
-  wait_url http://127.0.0.1:8080/readyz 60 || { tail -30 "$W/logs/gw-8080.log"; exit 1; }
-  wait_url http://127.0.0.1:8081/readyz 60 || { tail -30 "$W/logs/gw-8081.log"; exit 1; }
+  wait_url http://127.0.0.1:8080/readyz 60 || { tail -30 "$W/logs/gw-8080.log"; return 1; }
+  wait_url http://127.0.0.1:8081/readyz 60 || { tail -30 "$W/logs/gw-8081.log"; return 1; }
+}
+
+if [ "$PHASE" = setup ]; then
+  [ -n "${SKIP_WHEELS:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  NANIO_ACCESS_KEY=$AWS_ACCESS_KEY_ID NANIO_SECRET_KEY=$AWS_SECRET_ACCESS_KEY setsid python3 -m nanio serve --host 127.0.0.1 \
+    --port 9100 --data-dir /tmp/s3 --no-access-log --log-level warning > "$W/logs/s3.log" 2>&1 < /dev/null &
+  t0=$(ts); python3 -m engine make-test-model "/tmp/models/$MODEL" --shape "$SHAPE" || exit 1
+  echo "model built in $(python3 -c "print(round($(ts)-$t0,1))") s: $(du -sh /tmp/models/$MODEL | cut -f1)"
+  for i in $(seq 1 30); do curl -s -o /dev/null http://127.0.0.1:9100/ && break; sleep 1; done
+  python3 -c "
+from minio import Minio
+c = Minio('127.0.0.1:9100', access_key='$AWS_ACCESS_KEY_ID', secret_key='$AWS_SECRET_ACCESS_KEY', secure=False, region='us-east-1')
+c.bucket_exists('models') or c.make_bucket('models')"
+  t0=$(ts); python3 -m engine push "/tmp/models/$MODEL" "s3://models/$MODEL" --no-progress 2>&1 | tail -3
+  echo "push took $(python3 -c "print(round($(ts)-$t0,1))") s"
+  start_engine graphs || exit 1
+  start_gateways
   cp "$W"/logs/engine-graphs.log "$RES/engine-graphs.log" 2>/dev/null
+elif [ "$PHASE" = gateways ]; then
+  start_gateways
 elif [ "$PHASE" = bench ]; then
-  bench h200_graphs "CUDA graphs on (default), bf16"
+  bench "${NAME:-h200_graphs}" "${TITLE:-CUDA graphs on (default), bf16}"
   echo "audit records written by the 1-worker gateway: $(cat "$W"/audit-8080/*.jsonl* 2>/dev/null | wc -l)"
   python3 -m gateway audit verify "$W"/audit-8080 2>&1 | tail -2
   curl -s http://127.0.0.1:8080/metrics | grep -E "^llm_gateway_(requests_total|completion_tokens_total)" | head -5
 elif [ "$PHASE" = eager ]; then
   start_engine eager ENGINE_ENFORCE_EAGER=true || exit 1
+  pkill -f "gateway serve"; sleep 2; start_gateways || exit 1
   bench h200_eager "CUDA graphs off (ENGINE_ENFORCE_EAGER=true), bf16"
+elif [ "$PHASE" = graphs ]; then
+  start_engine graphs || exit 1
+  pkill -f "gateway serve"; sleep 2; start_gateways || exit 1
+  bench h200_graphs "CUDA graphs on (default), bf16"
 elif [ "$PHASE" = fp8 ]; then
   start_engine fp8 ENGINE_QUANTIZATION=fp8 || exit 1
+  pkill -f "gateway serve"; sleep 2; start_gateways || exit 1
   bench h200_fp8 "FP8 (ENGINE_QUANTIZATION=fp8), CUDA graphs on"
 fi
