@@ -77,7 +77,7 @@ class QuotaAdmission:
         if settings.backend == "redis":
             self.remote = RedisLimiter(
                 settings.redis_url, prefix=settings.key_prefix, timeout=settings.redis_timeout,
-                lease_seconds=settings.concurrency_lease,
+                lease_seconds=settings.concurrency_lease, max_connections=settings.redis_max_connections,
             )
             self.metrics.backend_up.labels("redis").set(1)
         self.overload = OverloadGuard(settings.overload, pools, self.metrics) if settings.overload.enabled else None

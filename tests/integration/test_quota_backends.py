@@ -19,7 +19,11 @@ from gateway.quota.limits import PERIOD
 
 
 def settings(backend: str, url: str | None = None, **limits) -> QuotaSettings:
-    cfg = {"backend": backend, "key_prefix": f"test:{uuid.uuid4().hex}:", "default": limits, "default_max_tokens": 10}
+    # A generous timeout: these tests are about exact counting, not about a slow Redis on a loaded CI box.
+    cfg = {
+        "backend": backend, "key_prefix": f"test:{uuid.uuid4().hex}:", "default": limits, "default_max_tokens": 10,
+        "redis_timeout": 5.0,
+    }
     if url:
         cfg["redis_url"] = url
     return QuotaSettings.model_validate(cfg)
@@ -193,6 +197,7 @@ async def test_settlement_missed_during_outage_is_replayed(own_redis):
 
     s = settings("redis", own_redis.url, max_concurrent=1, tpm=60)  # 1 s of TAT per token
     s.redis_retry_interval = 0.0
+    s.redis_timeout = 0.5
     reg = CollectorRegistry()
     adm = QuotaAdmission(s, {}, reg)
     r = own_redis.client()
