@@ -38,6 +38,12 @@ def _run(args: argparse.Namespace) -> int:
         print(f"llm-engine: invalid settings: {e}", file=sys.stderr)
         return 2
     device = detect_device() if s.device == "auto" else s.device
+    exporter = None
+    if not args.dry_run:
+        from engine.metrics import start_exporter
+
+        # Started before the pull so pull metrics are visible while it runs.
+        exporter = start_exporter(s.metrics_port, s.host)
     model_dir = _resolve_model(s.model, s.cache_dir, s.pull_concurrency)
     loras = {}
     if s.lora_modules:
@@ -60,7 +66,11 @@ def _run(args: argparse.Namespace) -> int:
     env = vllm_environment(device, os.environ)
     host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
     sup = Supervisor(cmd, env, f"http://{host}:{s.port}/health", s.startup_timeout, s.drain_timeout)
-    return sup.run()
+    try:
+        return sup.run()
+    finally:
+        if exporter is not None:
+            exporter.shutdown()
 
 
 def _make_test_model(args: argparse.Namespace) -> int:

@@ -51,6 +51,8 @@ class EngineSettings(BaseSettings):
     pull_concurrency: int = Field(default=8, ge=1)
     # Python executable that runs vLLM (a different venv is possible).
     python: str | None = None
+    # Our exporter (GPU via NVML, weight pulls) on its own port, beside vLLM's /metrics; 0 disables it.
+    metrics_port: int = Field(default=9400, ge=0, le=65535)
 
     @field_validator("device")
     @classmethod

@@ -85,7 +85,8 @@ class Supervisor:
         threading.Thread(target=_kill_later, daemon=True).start()
 
     def run(self) -> int:
-        log.info("starting vLLM: %s", " ".join(a if "api-key" not in p else "***" for p, a in zip([""] + self.cmd, self.cmd)))
+        shown = ["***" if prev == "--api-key" else a for prev, a in zip(["", *self.cmd[:-1]], self.cmd, strict=True)]
+        log.info("starting vLLM: %s", " ".join(shown))
         self.proc = subprocess.Popen(self.cmd, env=self.env, start_new_session=True)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)

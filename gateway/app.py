@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +21,8 @@ from starlette.routing import Route
 
 from gateway.auth import Authenticator
 from gateway.auth.apikeys import ApiKeyStore
+from gateway.auth.tokens import JwtVerifier
+from gateway.context import RequestContext, new_request_id
 from gateway.errors import ApiError
 from gateway.hooks import Admission, NoAdmissionControl, Observer
 from gateway.metrics import GatewayMetrics
@@ -48,6 +53,10 @@ class GatewayState:
     draining: bool = False
     started: float = field(default_factory=time.time)
     closers: list[Any] = field(default_factory=list)
+    # The AuditWriter when audit is enabled (queue_depth() for metrics).
+    audit: Any = None
+    # gateway.tracing.RequestTracer when tracing is enabled (off by default), else None.
+    tracing: Any = None
 
 
 def error_response(e: ApiError) -> Response:
@@ -76,31 +85,65 @@ def _generate_response(obj: dict[str, Any]) -> dict[str, Any]:
     return {"response": choices[0].get("text", ""), "model": obj.get("model"), "usage": obj.get("usage")}
 
 
+def _context(request: Request, route: str) -> RequestContext:
+    rid = request.headers.get("x-request-id")
+    client = request.scope.get("client")
+    return RequestContext(rid[:128] if rid else new_request_id(), route, request.method, client[0] if client else None)
+
+
+async def _finish(state: GatewayState, ctx: RequestContext, resp: Response, e: ApiError | None = None) -> Response:
+    """Non-proxied API routes (model listing) go through the observers too: one audit record each."""
+    ctx.finished = time.perf_counter()
+    ctx.status = resp.status_code
+    ctx.bytes_out = len(resp.body)
+    if e is not None:
+        ctx.decision = {401: "unauthenticated", 403: "forbidden", 404: "not_found"}.get(
+            e.status, "invalid_request" if e.status < 500 else "upstream_error"
+        )
+        ctx.reason, ctx.error_message = e.reason, e.message
+    resp.headers["x-request-id"] = ctx.request_id
+    for obs in state.observers:
+        try:
+            await obs.on_request_end(ctx)
+        except Exception:
+            log.exception("observer %s failed", type(obs).__name__, extra={"request_id": ctx.request_id})
+    return resp
+
+
 async def list_models(request: Request) -> Response:
     state: GatewayState = request.app.state.gateway
+    ctx = _context(request, "/v1/models")
     try:
-        principal = await state.auth.authenticate(request.scope["headers"])
+        principal = ctx.principal = await state.auth.authenticate(request.scope["headers"])
     except ApiError as e:
-        return error_response(e)
+        return await _finish(state, ctx, error_response(e), e)
     data = [
         {"id": m.name, "object": "model", "created": int(state.started), "owned_by": m.owned_by}
         for m in state.settings.models
         if principal.may_use(m.name)
     ]
-    return JSONResponse({"object": "list", "data": data})
+    return await _finish(state, ctx, JSONResponse({"object": "list", "data": data}))
 
 
 async def get_model(request: Request) -> Response:
     state: GatewayState = request.app.state.gateway
+    ctx = _context(request, "/v1/models/{model}")
+    ctx.extra["url_path"] = request.url.path[:512]
     try:
-        principal = await state.auth.authenticate(request.scope["headers"])
+        ctx.principal = await state.auth.authenticate(request.scope["headers"])
     except ApiError as e:
-        return error_response(e)
-    name = request.path_params["model"]
+        return await _finish(state, ctx, error_response(e), e)
+    name = ctx.model = request.path_params["model"]
     m = state.settings.model(name)
-    if m is None or not principal.may_use(name):
-        return error_response(ApiError(404, f"The model '{name}' does not exist.", param="model", code="model_not_found"))
-    return JSONResponse({"id": m.name, "object": "model", "created": int(state.started), "owned_by": m.owned_by})
+    if m is None:
+        e = ApiError(404, f"The model '{name}' does not exist.", param="model", code="model_not_found")
+        return await _finish(state, ctx, error_response(e), e)
+    try:
+        state.auth.authorize(ctx.principal, name)
+    except ApiError as e:
+        return await _finish(state, ctx, error_response(e), e)
+    body = {"id": m.name, "object": "model", "created": int(state.started), "owned_by": m.owned_by}
+    return await _finish(state, ctx, JSONResponse(body))
 
 
 async def healthz(request: Request) -> Response:
@@ -128,7 +171,10 @@ async def _http_exception(request: Request, exc: HTTPException) -> Response:
         e = ApiError(405, f"Method {request.method} not allowed on {request.url.path}.", code="method_not_allowed")
     else:
         e = ApiError(exc.status_code, str(exc.detail))
-    return error_response(e)
+    # Recorded too (scanners, wrong paths); a fixed route label keeps metrics' label set bounded.
+    ctx = _context(request, "(unmatched)")
+    ctx.extra["url_path"] = request.url.path[:512]
+    return await _finish(request.app.state.gateway, ctx, error_response(e), e)
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
@@ -142,7 +188,37 @@ def create_app_from_env() -> Starlette:
 
     settings = GatewaySettings()
     logs.configure(settings.log_level)
+    if settings.audit.enabled and settings.audit.sink == "file" and "{pid}" not in settings.audit.path:
+        # Several processes must never append to one hash-chained segment.
+        raise SystemExit("llm-gateway: with workers > 1, audit.path must contain {pid} (one audit file per worker)")
     return create_app(settings)
+
+
+def _watch_key_file(keys: ApiKeyStore, interval: float):
+    """Reload the API key file on SIGHUP and when its mtime changes; returns the closer that stops it."""
+    loop = asyncio.get_running_loop()
+    task = None
+    if interval > 0:
+
+        async def poll() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                keys.reload_if_changed()
+
+        task = asyncio.ensure_future(poll())
+    hup = False
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError, AttributeError):
+        loop.add_signal_handler(signal.SIGHUP, keys.reload_if_changed, True)
+        hup = True
+
+    async def stop() -> None:
+        if task is not None:
+            task.cancel()
+        if hup:
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(signal.SIGHUP)
+
+    return stop
 
 
 def create_app(
@@ -153,9 +229,15 @@ def create_app(
 ) -> Starlette:
     settings = settings or GatewaySettings()
     keys = ApiKeyStore.from_settings(settings.api_keys, settings.api_keys_file)
-    auth = Authenticator(keys, enabled=settings.auth_enabled)
+    verifier = JwtVerifier.from_settings(settings.auth) if settings.auth.issuers else None
+    auth = Authenticator(
+        keys,
+        enabled=settings.auth_enabled,
+        token_verifier=verifier,
+        max_credential_bytes=max(settings.auth.max_token_bytes, 1024),
+    )
     pools = {m.name: EndpointPool.from_urls(m.name, m.upstreams) for m in settings.models}
-    metrics = GatewayMetrics()
+    metrics = GatewayMetrics.from_settings(settings)
     closers = []
     if admission is None:
         quota = build_admission(settings.quota, pools, metrics.registry)
@@ -172,12 +254,38 @@ def create_app(
         observers=[metrics, *(observers or [])],
         closers=closers,
     )
+    if settings.audit.enabled:
+        from gateway.audit.writer import AuditGate, AuditWriter
+
+        if "{pid}" in settings.audit.path:
+            settings.audit = settings.audit.model_copy(update={"path": settings.audit.path.replace("{pid}", str(os.getpid()))})
+
+        state.audit = AuditWriter.from_settings(settings.audit)
+        state.observers.append(state.audit)
+        # Back-pressure: while the audit queue is full, new requests wait or get 503 (see gateway/audit/writer.py).
+        state.admission = AuditGate(state.admission, state.audit)
+    metrics.bind_state(state)
+    if settings.tracing.enabled:
+        from gateway.tracing import RequestTracer
+
+        state.tracing = RequestTracer(settings.tracing)
+        state.observers.append(state.tracing)
+        state.closers.append(state.tracing.close)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
+        if state.audit is not None:
+            await state.audit.start()
+            # Runs last at shutdown (after in-flight requests ended): drain, close the segment, archive.
+            state.closers.append(state.audit.stop)
         state.sessions = {m.name: make_session(m) for m in settings.models}
         state.health = HealthChecker(list(pools.values()), settings.health_interval, settings.health_timeout)
         await state.health.start()
+        if verifier is not None:
+            await verifier.start()
+            state.closers.append(verifier.close)
+        if keys.keys_file:
+            state.closers.append(_watch_key_file(keys, settings.auth.keys_file_poll_interval))
         log.info("gateway ready", extra={"models": [m.name for m in settings.models], "api_keys": len(keys)})
         try:
             yield

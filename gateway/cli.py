@@ -75,6 +75,12 @@ def _keys_hash(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_verify(args: argparse.Namespace) -> int:
+    from gateway.audit.chain import main_verify
+
+    return main_verify(args.paths)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="llm-gateway", description="OpenAI-compatible gateway in front of vLLM engines")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -96,6 +102,15 @@ def main(argv: list[str] | None = None) -> int:
     kh = ksub.add_parser("hash", help="print the sha256 digest of a key ('-' reads it from stdin)")
     kh.add_argument("key")
     kh.set_defaults(func=_keys_hash)
+    a = sub.add_parser("audit", help="audit log tools")
+    asub = a.add_subparsers(dest="audit_cmd", required=True)
+    av = asub.add_parser(
+        "verify",
+        help="check audit segments' hash chains; reports edited, reordered, inserted and deleted records "
+        "(exit status 1 if any)",
+    )
+    av.add_argument("paths", nargs="+", help="segment files or directories (all *.jsonl in them)")
+    av.set_defaults(func=_audit_verify)
     args = p.parse_args(argv)
     return args.func(args)
 

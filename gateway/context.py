@@ -50,6 +50,7 @@ class RequestContext:
         "client_gone",
         "response_headers",
         "extra",
+        "upstream_errors",
     )
 
     def __init__(self, request_id: str, route: str, method: str = "POST", client_ip: str | None = None) -> None:
@@ -93,6 +94,9 @@ class RequestContext:
         # Headers added to the response to the client (rate limits, ...).
         self.response_headers: list[tuple[bytes, bytes]] = []
         self.extra: dict[str, Any] = {}
+        # One entry per upstream fault, retried or not: connect | timeout | http_5xx | stream_broken |
+        # stream_idle_timeout | broken | no_healthy_replica (metrics count them by kind).
+        self.upstream_errors: list[str] = []
 
     @property
     def duration(self) -> float:

@@ -1,28 +1,106 @@
-"""Prometheus metrics of the gateway, on a registry per app (never the global one)."""
+"""Prometheus metrics of the gateway, on a registry per app (never the global one).
+
+Two halves:
+
+* ``GatewayMetrics.on_request_end`` (an observer, once per request): request counts, latency / TTFT /
+  inter-token / overhead histograms, token counters, upstream errors by kind, retries, quota rejections.
+* ``StateCollector`` (read at scrape time, nothing on the hot path): per-replica health, load and circuit
+  breaker state from ``state.pools``, the in-flight gauge, and the audit queue depth when an audit writer
+  with ``queue_depth()`` is on ``state.audit``.
+
+Every label value is bounded: models are the configured ones (anything else is ``"none"``), tenants come
+from an allow-list or the first N seen (the rest fold into ``"other"``), routes and kinds are fixed sets.
+"""
 
 from __future__ import annotations
 
+import logging
+import re
+from collections.abc import Iterable
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from gateway.context import RequestContext
 
-LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
-ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+log = logging.getLogger("gateway.metrics")
+
+# End-to-end latency and TTFT: tens of milliseconds (the 500 ms p99 objective sits on a bucket edge)
+# up to the ten minutes a long generation may take.
+LATENCY_BUCKETS = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.35, 0.5, 0.75, 1, 1.5, 2.5, 5, 10, 20, 30, 60, 120, 300, 600,
+)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+
+OTHER = "other"
+UNAUTHENTICATED = "unauthenticated"
+NO_MODEL = "none"
+BREAKER_STATES = ("closed", "open", "half_open")
+# Kinds of upstream faults the proxy records in ctx.upstream_errors (anything else counts as "other").
+UPSTREAM_ERROR_KINDS = frozenset(
+    {"connect", "timeout", "http_5xx", "stream_broken", "stream_idle_timeout", "broken", "no_healthy_replica"}
+)
+_LABEL_OK = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
 
 
 def status_class(status: int) -> str:
     return f"{status // 100}xx" if status else "none"
 
 
+class BoundedLabel:
+    """Maps free-form values (tenants, reasons) onto a bounded set of label values.
+
+    Values in ``allowed`` always keep their name. With ``dynamic`` > 0, the first ``dynamic`` other
+    distinct values seen since start keep theirs too (a label, once given, is never taken back, so a
+    series never changes meaning); everything after that is ``"other"``. ``reserved`` values (such as
+    ``"unauthenticated"``) always pass.
+    """
+
+    def __init__(self, allowed: Iterable[str] = (), dynamic: int = 0, reserved: Iterable[str] = ()) -> None:
+        self._known: set[str] = set(allowed) | set(reserved)
+        self._dynamic_left = max(0, dynamic)
+
+    def __call__(self, value: str | None) -> str:
+        if value is None:
+            return OTHER
+        if value in self._known:
+            return value
+        if self._dynamic_left > 0 and _LABEL_OK.match(value):
+            self._dynamic_left -= 1
+            self._known.add(value)
+            return value
+        return OTHER
+
+    @property
+    def known(self) -> frozenset[str]:
+        return frozenset(self._known)
+
+
 class GatewayMetrics:
     """The observer that turns each finished request into metric updates."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        models: Iterable[str] | None = None,
+        tenants: Iterable[str] = (),
+        tenant_top_n: int = 20,
+        tenant_allow_list_only: bool = False,
+    ) -> None:
         self.registry = registry or CollectorRegistry()
+        # None = accept any model name that reached an endpoint (the configured ones); else only these.
+        self.models: frozenset[str] | None = frozenset(models) if models is not None else None
+        self.tenant_label_of = BoundedLabel(
+            tenants, 0 if tenant_allow_list_only else tenant_top_n, reserved=(UNAUTHENTICATED,)
+        )
+        self.reason_label_of = BoundedLabel((), 16)
         r = self.registry
         self.requests = Counter(
-            "llm_gateway_requests", "Requests by model, route, status class and decision",
+            "llm_gateway_requests", "Requests by model, route, status class, decision and tenant",
             ["model", "route", "status_class", "decision", "tenant"], registry=r,
         )
         self.latency = Histogram(
@@ -30,7 +108,7 @@ class GatewayMetrics:
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.ttft = Histogram(
-            "llm_gateway_time_to_first_token_seconds", "Time to first token (first content chunk)", ["model"],
+            "llm_gateway_time_to_first_token_seconds", "Time to first token of streamed responses (first content chunk)", ["model"],
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.itl = Histogram(
@@ -45,19 +123,72 @@ class GatewayMetrics:
         self.completion_tokens = Counter(
             "llm_gateway_completion_tokens", "Completion tokens (from usage)", ["model", "tenant"], registry=r
         )
+        self.upstream_errors = Counter(
+            "llm_gateway_upstream_errors",
+            "Upstream faults by kind (connect, timeout, http_5xx, stream_broken, stream_idle_timeout, broken, "
+            "no_healthy_replica), counting every failed attempt, retried or not",
+            ["model", "kind"], registry=r,
+        )
+        self.retries = Counter(
+            "llm_gateway_upstream_retries", "Extra attempts on another replica (attempts - 1)", ["model"], registry=r
+        )
+        self.quota_rejections = Counter(
+            "llm_gateway_quota_rejections", "Requests refused by admission (429 rate_limited)",
+            ["model", "tenant", "reason"], registry=r,
+        )
         self.in_flight = Gauge("llm_gateway_in_flight_requests", "Requests being handled now", registry=r)
+        self._state_collector: StateCollector | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Any, registry: CollectorRegistry | None = None) -> GatewayMetrics:
+        """Models from the config; tenants from ``metrics.tenants`` or, if empty, from the API keys."""
+        ms = getattr(settings, "metrics", None)
+        explicit = list(getattr(ms, "tenants", []) or [])
+        tenants = explicit or [k.tenant for k in getattr(settings, "api_keys", [])]
+        return cls(
+            registry,
+            models=[m.name for m in settings.models],
+            tenants=tenants,
+            tenant_top_n=getattr(ms, "tenant_top_n", 20),
+            tenant_allow_list_only=bool(explicit),
+        )
+
+    def bind_state(self, state: Any) -> None:
+        """Read replica health, breaker state and the audit queue from ``state`` at scrape time."""
+        if self._state_collector is None:
+            self._state_collector = StateCollector(state, self)
+            self.registry.register(self._state_collector)
+        else:
+            self._state_collector.state = state
+        self.in_flight.set_function(lambda: float(getattr(state, "in_flight", 0)))
+
+    # -- labels ---------------------------------------------------------------------------------------------
 
     def tenant_label(self, ctx: RequestContext) -> str:
-        return ctx.principal.tenant if ctx.principal is not None else "unauthenticated"
+        if ctx.principal is None:
+            return UNAUTHENTICATED
+        return self.tenant_label_of(ctx.principal.tenant)
+
+    def model_label(self, ctx: RequestContext) -> str:
+        m = ctx.model
+        if m is None:
+            return NO_MODEL
+        if self.models is not None:
+            return m if m in self.models else NO_MODEL
+        # Without a model list, trust only names that were routed (client-supplied names are unbounded).
+        return m if ctx.endpoint is not None else NO_MODEL
+
+    # -- the observer ---------------------------------------------------------------------------------------
 
     async def on_request_end(self, ctx: RequestContext) -> None:
-        model = ctx.model if ctx.model is not None and ctx.endpoint is not None else "none"
+        model = self.model_label(ctx)
         tenant = self.tenant_label(ctx)
         self.requests.labels(model, ctx.route, status_class(ctx.status), ctx.decision, tenant).inc()
         self.latency.labels(model, ctx.route).observe(ctx.duration)
         if ctx.forwarded_at is not None:
             self.overhead.labels(ctx.route).observe(ctx.forwarded_at - ctx.started)
-        if ctx.ttft is not None and ctx.status == 200:
+        # TTFT only where it means something: a streamed response (a non-streamed one has only e2e latency).
+        if ctx.stream and ctx.ttft is not None and ctx.status == 200:
             self.ttft.labels(model).observe(ctx.ttft)
         if ctx.chunk_gaps:
             h = self.itl.labels(model)
@@ -67,3 +198,65 @@ class GatewayMetrics:
             self.prompt_tokens.labels(model, tenant).inc(ctx.prompt_tokens)
         if ctx.completion_tokens:
             self.completion_tokens.labels(model, tenant).inc(ctx.completion_tokens)
+        if ctx.attempts > 1:
+            self.retries.labels(model).inc(ctx.attempts - 1)
+        for kind in getattr(ctx, "upstream_errors", None) or ():
+            self.upstream_errors.labels(model, kind if kind in UPSTREAM_ERROR_KINDS else OTHER).inc()
+        if ctx.decision == "rate_limited":
+            self.quota_rejections.labels(model, tenant, self.reason_label_of(ctx.reason or "unspecified")).inc()
+
+
+class StateCollector(Collector):
+    """Gauges read from the gateway's shared state when Prometheus scrapes (never on the request path)."""
+
+    def __init__(self, state: Any, metrics: GatewayMetrics) -> None:
+        self.state = state
+        self.metrics = metrics
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return list(self._families())
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, ...]:
+        lbl = ["model", "endpoint"]
+        return (
+            GaugeMetricFamily("llm_gateway_replica_healthy", "1 if the replica passes health checks, else 0", labels=lbl),
+            GaugeMetricFamily("llm_gateway_replica_in_flight", "Requests the gateway has open to the replica", labels=lbl),
+            GaugeMetricFamily("llm_gateway_replica_engine_waiting", "Requests queued in the engine (its /metrics)", labels=lbl),
+            GaugeMetricFamily("llm_gateway_replica_engine_running", "Requests running in the engine (its /metrics)", labels=lbl),
+            GaugeMetricFamily("llm_gateway_replica_kv_cache_usage_ratio", "Engine KV-cache use, 0..1 (its /metrics)", labels=lbl),
+            GaugeMetricFamily(
+                "llm_gateway_breaker_state", "Circuit breaker state per replica: 1 for the current state",
+                labels=[*lbl, "state"],
+            ),
+        )
+
+    def collect(self):
+        healthy, in_flight, waiting, running, kv, breaker = self._families()
+        pools = getattr(self.state, "pools", None) or {}
+        for model, pool in pools.items():
+            for ep in pool.endpoints:
+                lv = [model, ep.url]
+                healthy.add_metric(lv, 1.0 if ep.healthy else 0.0)
+                in_flight.add_metric(lv, float(ep.in_flight))
+                waiting.add_metric(lv, float(ep.engine_waiting))
+                running.add_metric(lv, float(ep.engine_running))
+                kv.add_metric(lv, float(ep.kv_cache_usage))
+                current = str(getattr(ep, "breaker_state", "closed") or "closed")
+                for s in BREAKER_STATES:
+                    breaker.add_metric([*lv, s], 1.0 if s == current else 0.0)
+        yield from (healthy, in_flight, waiting, running, kv, breaker)
+
+        audit = getattr(self.state, "audit", None)
+        depth_fn = getattr(audit, "queue_depth", None) if audit is not None else None
+        if callable(depth_fn):
+            try:
+                depth = float(depth_fn())
+            except Exception:  # a broken audit writer must not break the scrape
+                log.exception("audit queue_depth() failed")
+            else:
+                fam = GaugeMetricFamily(
+                    "llm_gateway_audit_queue_depth", "Audit records accepted but not yet written durably"
+                )
+                fam.add_metric([], depth)
+                yield fam

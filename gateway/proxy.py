@@ -126,6 +126,8 @@ class ProxyEndpoint:
         ctx = RequestContext(request_id, self.route_name, scope.get("method", "POST"), client[0] if client else None)
         ticket: Ticket = NO_TICKET
         admitted = False
+        if state.tracing is not None:
+            state.tracing.on_request_start(ctx, headers)
         state.in_flight += 1
         try:
             if scope.get("method") != "POST":
@@ -240,6 +242,8 @@ class ProxyEndpoint:
                 up_headers[name.decode()] = v.decode("latin-1")
         if mcfg.upstream_api_key:
             up_headers["authorization"] = "Bearer " + mcfg.upstream_api_key
+        if state.tracing is not None:
+            state.tracing.on_forward(ctx, up_headers)
 
         watcher = asyncio.ensure_future(_watch_disconnect(receive, ctx, asyncio.current_task()))
         tried: set[str] = set()
@@ -249,6 +253,7 @@ class ProxyEndpoint:
                 if ep is None:
                     if tried:
                         raise ApiError(502, f"All replicas of '{ctx.model}' failed: {ctx.error_message}", code="upstream_unavailable", reason="upstream_error")
+                    ctx.upstream_errors.append("no_healthy_replica")
                     raise ApiError(
                         503,
                         f"No healthy replica is serving '{ctx.model}' right now; retry shortly.",
@@ -268,16 +273,19 @@ class ProxyEndpoint:
                     except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, ConnectionResetError) as e:
                         # Nothing reached the client yet: safe to try another replica.
                         ctx.error_message = f"cannot reach replica ({type(e).__name__})"
+                        ctx.upstream_errors.append("connect")
                         state.router.on_failure(pool, ep, ctx, "connect")
                         if ctx.attempts <= state.settings.max_retries:
                             continue
                         raise ApiError(502, f"The model server for '{ctx.model}' is unreachable.", code="upstream_unreachable", reason="upstream_error") from None
-                    except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+                    except (TimeoutError, aiohttp.ServerTimeoutError):
+                        ctx.upstream_errors.append("timeout")
                         state.router.on_failure(pool, ep, ctx, "timeout")
                         raise ApiError(504, f"The model server for '{ctx.model}' did not answer in time.", code="upstream_timeout", reason="upstream_error") from None
                     ctx.ttfb = time.perf_counter() - ctx.started
                     try:
                         if resp.status >= 500:
+                            ctx.upstream_errors.append("http_5xx")
                             state.router.on_failure(pool, ep, ctx, "5xx")
                             if ctx.attempts <= state.settings.max_retries:
                                 ctx.error_message = f"replica answered {resp.status}"
@@ -311,9 +319,11 @@ class ProxyEndpoint:
             return
         try:
             data = await resp.read()
-        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            ctx.upstream_errors.append("timeout")
             raise ApiError(504, f"The model server for '{ctx.model}' did not finish in time.", code="upstream_timeout", reason="upstream_error") from None
         except aiohttp.ClientError as e:
+            ctx.upstream_errors.append("broken")
             raise ApiError(502, f"The model server for '{ctx.model}' broke the connection ({type(e).__name__}).", code="upstream_error", reason="upstream_error") from None
         if resp.status == 200:
             try:
@@ -362,14 +372,16 @@ class ProxyEndpoint:
                 ctx.last_chunk_at = now
                 ctx.bytes_out += len(events)
                 await send({"type": "http.response.body", "body": events, "more_body": True})
-        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+        except (TimeoutError, aiohttp.ServerTimeoutError):
             ctx.decision, ctx.reason = "upstream_error", "stream_idle_timeout"
+            ctx.upstream_errors.append("stream_idle_timeout")
             tail = sse_error_event("The model server stopped sending (idle timeout).", "timeout_error", "upstream_timeout")
             ctx.bytes_out += len(tail)
             await send({"type": "http.response.body", "body": tail, "more_body": False})
             return
         except aiohttp.ClientError as e:
             ctx.decision, ctx.reason = "upstream_error", "stream_broken"
+            ctx.upstream_errors.append("stream_broken")
             tail = sse_error_event(f"The model server broke the stream ({type(e).__name__}).", "upstream_error", "upstream_disconnected")
             ctx.bytes_out += len(tail)
             await send({"type": "http.response.body", "body": tail, "more_body": False})

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from gateway.audit.config import AuditSettings
 from gateway.quota.config import QuotaSettings
 
 
@@ -72,6 +73,109 @@ class ApiKeyConfig(BaseModel):
         return v
 
 
+# Asymmetric signature algorithms a token may use. Never "none", never HMAC: a resource server holds only
+# the issuer's public keys, and accepting HS* would let anyone sign with a public key as the HMAC secret.
+SAFE_JWT_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA", "Ed25519"}
+)
+
+
+class IssuerConfig(BaseModel):
+    """One trusted token issuer (an OIDC provider / OAuth2 authorization server)."""
+
+    # The exact ``iss`` value in its tokens, e.g. https://keycloak.example/realms/llm
+    issuer: str
+    # Tokens must name one of these in ``aud``.
+    audience: list[str]
+    # Where its signing keys are; if unset, found through ``discovery_url``.
+    jwks_url: str | None = None
+    # Defaults to ``<issuer>/.well-known/openid-configuration``.
+    discovery_url: str | None = None
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256", "EdDSA"])
+    # Clock skew tolerated on exp/nbf/iat (seconds).
+    leeway: int = 30
+    # Claim names (dotted paths reach into objects, e.g. realm_access.roles).
+    subject_claim: str = "sub"
+    tenant_claim: str | None = None
+    default_tenant: str = "default"
+    scope_claims: list[str] = Field(default_factory=lambda: ["scope", "scp", "roles", "groups"])
+    # Scope/role/group value -> models it grants ("*" = all). None: use ``auth.role_models``.
+    role_models: dict[str, list[str]] | None = None
+    # JWKS cache: fresh for ttl; refetched at most every min_refresh_interval (unknown kids included);
+    # served stale for up to max_stale past ttl while the issuer cannot be reached.
+    jwks_ttl: float = 300.0
+    jwks_min_refresh_interval: float = 10.0
+    jwks_max_stale: float = 3600.0
+    http_timeout: float = 5.0
+
+    @field_validator("audience", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("audience")
+    @classmethod
+    def _non_empty(cls, v: list[str]) -> list[str]:
+        if not v or not all(isinstance(a, str) and a for a in v):
+            raise ValueError("audience is required: the value(s) tokens for this gateway carry in 'aud'")
+        return v
+
+    @field_validator("algorithms")
+    @classmethod
+    def _safe_algs(cls, v: list[str]) -> list[str]:
+        bad = [a for a in v if a not in SAFE_JWT_ALGORITHMS]
+        if bad:
+            raise ValueError(
+                f"algorithms {bad} are not accepted; use asymmetric ones only: {sorted(SAFE_JWT_ALGORITHMS)}"
+            )
+        if not v:
+            raise ValueError("algorithms must not be empty")
+        return v
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer(cls, v: str) -> str:
+        if not v:
+            raise ValueError("issuer must not be empty")
+        return v
+
+
+class AuthSettings(BaseModel):
+    """JWT issuers and the mapping from token scopes/roles/groups to models."""
+
+    issuers: list[IssuerConfig] = Field(default_factory=list)
+    # Scope/role/group value -> models it grants ("*" = all models); key "*" applies to every valid token.
+    role_models: dict[str, list[str]] = Field(default_factory=dict)
+    # Bearer tokens longer than this are rejected before any parsing.
+    max_token_bytes: int = 8192
+    # Tokens already verified, kept until they expire or the issuer's key set changes (0 = off).
+    verified_token_cache_size: int = 1024
+    # How often the API key file's mtime is checked for changes (seconds; 0 = only SIGHUP reloads it).
+    keys_file_poll_interval: float = 5.0
+
+
+class MetricsSettings(BaseModel):
+    """Bounds on metric labels. Tenants: an explicit allow-list (others fold into "other"), or, when it is
+    empty, the tenants of the configured API keys plus the first ``tenant_top_n`` other tenants seen
+    (JWT callers) since start."""
+
+    tenants: list[str] = Field(default_factory=list)
+    tenant_top_n: int = Field(default=20, ge=0)
+
+
+class TracingSettings(BaseModel):
+    """OpenTelemetry tracing, off by default: one span per request, exported over OTLP/HTTP."""
+
+    enabled: bool = False
+    # e.g. http://otel-collector:4318/v1/traces; None = the OTEL_EXPORTER_OTLP_* environment variables.
+    otlp_endpoint: str | None = None
+    service_name: str = "llm-gateway"
+    # Share of new traces recorded (a client's sampled/unsampled decision in traceparent wins).
+    sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+    # Seconds between batch exports.
+    export_interval: float = Field(default=2.0, gt=0)
+
+
 class _YamlSource(PydanticBaseSettingsSource):
     """Reads the YAML file named by GATEWAY_CONFIG (or the config_file init argument)."""
 
@@ -123,6 +227,12 @@ class GatewaySettings(BaseSettings):
     forward_request_id: bool = True
     # Quotas (requests/tokens per minute, concurrency) and overload protection: gateway/quota/config.py.
     quota: QuotaSettings = Field(default_factory=QuotaSettings)
+    # The audit log (gateway/audit/): one record per request, off by default.
+    audit: AuditSettings = Field(default_factory=AuditSettings)
+    # JWT issuers and role -> model mapping (gateway/auth/tokens.py).
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
 
     @classmethod
     def settings_customise_sources(

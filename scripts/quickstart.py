@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -56,6 +57,9 @@ def wait_ok(url: str, proc: subprocess.Popen, timeout: float, name: str, log: Pa
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status < 500:
                     return
+        except urllib.error.HTTPError as e:
+            if e.code < 500:  # it answers (S3 says 403 to an anonymous request): it is up
+                return
         except Exception:
             pass
         time.sleep(0.3)
@@ -78,7 +82,7 @@ class Stack:
 
     def stop(self) -> None:
         # Reverse order: gateway first (stops traffic), then the engine (vLLM drains), then S3.
-        for name, p in reversed(self.procs):
+        for _, p in reversed(self.procs):
             if p.poll() is None:
                 try:
                     os.killpg(p.pid, signal.SIGTERM)
@@ -131,7 +135,7 @@ def main() -> int:
             [py, "-m", "nanio", "serve", "--host", "127.0.0.1", "--port", str(s3_port), "--data-dir", str(STATE / "s3"), "--no-access-log", "--log-level", "warning"],
             s3_env,
         )
-        wait_ok(f"http://127.0.0.1:{s3_port}/", s3, 30, "S3 server", s3_log)
+        wait_ok(f"http://127.0.0.1:{s3_port}/", s3, 90, "S3 server", s3_log)
         s3_vars = {
             "S3_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
             "AWS_ACCESS_KEY_ID": S3_KEY,
@@ -141,10 +145,12 @@ def main() -> int:
         uri = f"s3://{BUCKET}/{MODEL_NAME}"
         say(f"S3 server on 127.0.0.1:{s3_port}; pushing the model to {uri} (skipped when already there)")
         env = dict(os.environ, **s3_vars, PYTHONPATH=str(ROOT))
-        _ensure_bucket(s3_port)
-        r = subprocess.run([py, "-m", "engine", "push", str(model_dir), uri, "--skip-existing"], env=env, cwd=ROOT)
-        if r.returncode != 0:
-            raise SystemExit("quickstart: pushing the model failed")
+        if _ensure_bucket(s3_port):
+            say("the model is already in S3 (its manifest is there): not pushing again")
+        else:
+            r = subprocess.run([py, "-m", "engine", "push", str(model_dir), uri, "--no-progress"], env=env, cwd=ROOT, stdout=sys.stderr)
+            if r.returncode != 0:
+                raise SystemExit("quickstart: pushing the model failed")
 
         # 3. the engine: pulls from S3, verifies every file, then runs vLLM's CPU build
         eng_port = pick_port(int(os.environ.get("QUICKSTART_ENGINE_PORT", "8000")))
@@ -207,12 +213,22 @@ def main() -> int:
         stack.stop()
 
 
-def _ensure_bucket(port: int) -> None:
+def _ensure_bucket(port: int) -> bool:
+    """Create the bucket if needed; True when the model's manifest is already there (a complete push)."""
     from minio import Minio
+    from minio.error import S3Error
+
+    from engine.manifest import MANIFEST_NAME
 
     c = Minio(f"127.0.0.1:{port}", access_key=S3_KEY, secret_key=S3_SECRET, secure=False, region="us-east-1")
     if not c.bucket_exists(BUCKET):
         c.make_bucket(BUCKET)
+        return False
+    try:
+        c.stat_object(BUCKET, f"{MODEL_NAME}/{MANIFEST_NAME}")
+        return True
+    except S3Error:
+        return False
 
 
 if __name__ == "__main__":

@@ -98,5 +98,6 @@ def s3_server() -> Iterator[Any]:
         yield s.wait_ready()
     finally:
         s.stop()
-from tests.fixtures_weights import *  # noqa: F401,F403
+from tests.fixtures_auth import *  # noqa: F401,F403
 from tests.fixtures_quota import *  # noqa: F401,F403
+from tests.fixtures_weights import *  # noqa: F401,F403

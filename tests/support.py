@@ -100,11 +100,15 @@ class Engine:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.served_name = served_name
+        # Our engine exporter (engine/metrics.py), beside vLLM's own /metrics.
+        self.metrics_port = free_port()
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self.tmp = tempfile.mkdtemp(prefix="vllm-tmp-")
         env = {
             "ENGINE_MODEL": model,
             "ENGINE_SERVED_MODEL_NAME": served_name,
             "ENGINE_PORT": str(self.port),
+            "ENGINE_METRICS_PORT": str(self.metrics_port),
             "ENGINE_HOST": "127.0.0.1",
             "ENGINE_CPU_KV_CACHE": "64M",
             "ENGINE_MAX_MODEL_LEN": "1024",

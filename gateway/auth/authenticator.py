@@ -21,7 +21,9 @@ def unauthorized(message: str, error: str = "invalid_token") -> ApiError:
     )
 
 
-def bearer_token(headers: dict[bytes, bytes] | list[tuple[bytes, bytes]]) -> str | None:
+def bearer_token(
+    headers: dict[bytes, bytes] | list[tuple[bytes, bytes]], limit: int = MAX_CREDENTIAL_BYTES
+) -> str | None:
     """The credential from ``Authorization: Bearer`` (or ``api-key`` / ``x-api-key`` headers)."""
     items = headers.items() if isinstance(headers, dict) else headers
     auth = None
@@ -32,38 +34,52 @@ def bearer_token(headers: dict[bytes, bytes] | list[tuple[bytes, bytes]]) -> str
         elif k in (b"api-key", b"x-api-key"):
             alt = v
     if auth is not None:
-        if len(auth) > MAX_CREDENTIAL_BYTES + 16:
+        if len(auth) > limit + 16:
             raise unauthorized("The credential is too large.")
         scheme, _, cred = auth.partition(b" ")
         if scheme.lower() != b"bearer" or not cred.strip():
             raise unauthorized("Authorization header must be 'Bearer <api key or token>'.")
         return cred.strip().decode("latin-1")
     if alt is not None:
-        if len(alt) > MAX_CREDENTIAL_BYTES:
+        if len(alt) > limit:
             raise unauthorized("The credential is too large.")
         return alt.strip().decode("latin-1")
     return None
 
 
 class Authenticator:
-    """API keys now; JWT issuers plug in through ``token_verifier`` (an object with ``async verify(token)``)."""
+    """API keys, then (for credentials shaped like a JWT) ``token_verifier.verify(token)`` (gateway/auth/tokens.py).
 
-    def __init__(self, keys: ApiKeyStore, *, enabled: bool = True, token_verifier=None) -> None:
+    Authorization is 403 for an existing model the principal may not use (404 is kept for models that do
+    not exist at all): model names are not secrets here, and a clear 403 saves callers a support ticket.
+    """
+
+    def __init__(
+        self,
+        keys: ApiKeyStore,
+        *,
+        enabled: bool = True,
+        token_verifier=None,
+        max_credential_bytes: int = MAX_CREDENTIAL_BYTES,
+    ) -> None:
         self.keys = keys
         self.enabled = enabled
         self.token_verifier = token_verifier
+        self.max_credential_bytes = max_credential_bytes
 
     async def authenticate(self, headers: list[tuple[bytes, bytes]]) -> Principal:
         if not self.enabled:
             return ANONYMOUS
-        cred = bearer_token(headers)
+        cred = bearer_token(headers, self.max_credential_bytes)
         if cred is None:
             raise unauthorized(
                 "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.", error="invalid_request"
             )
-        p = self.keys.lookup(cred)
-        if p is not None:
-            return p
+        hit = self.keys.entry(cred)
+        if hit is not None:
+            if hit[0].disabled:
+                raise unauthorized("This API key has been revoked.")
+            return hit[1]
         if self.token_verifier is not None and cred.count(".") == 2:
             return await self.token_verifier.verify(cred)
         raise unauthorized("Incorrect API key provided.")

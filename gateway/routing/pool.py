@@ -117,7 +117,7 @@ class HealthChecker:
             async with self._session.get(ep.url + "/health") as r:
                 ok = r.status == 200
                 await r.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
             ok = False
             ep.last_error = type(e).__name__
         ep.last_probe = time.time()
@@ -135,7 +135,7 @@ class HealthChecker:
                 if r.status != 200:
                     return
                 values = parse_engine_metrics(await r.read())
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return
         ep.engine_waiting = int(values.get("engine_waiting", 0))
         ep.engine_running = int(values.get("engine_running", 0))

@@ -3,13 +3,14 @@
 # live on between calls of the same lease). Run from the repo root after the vLLM bundle is installed into
 # /tmp/site (../shared/gpu/README.md) and our extra wheels are in .whl/.
 #
-#   phase1: S3 server → make a Llama-shaped model (random weights) → llm-engine push → llm-engine run from s3://
-#           (pull + verify + vLLM with CUDA graphs) → gateway (auth + quotas + audit) → bench direct vs gateway
-#   phase2: the same engine settings with CUDA graphs off, then with FP8, each benchmarked the same way
+#   setup: S3 server → make a Llama-shaped model (random weights) → llm-engine push → llm-engine run from s3://
+#          (pull + verify + vLLM with CUDA graphs) → gateways (auth + quotas + audit; 1 and 4 workers)
+#   bench: direct vs gateway, interleaved, at $CONC streams
+#   eager / fp8: restart the engine with CUDA graphs off / with FP8, and bench the same way
 #
 # Env: SHAPE (1b), CONC (1,64,256), PROMPT (512), OUTPUT (256), OUT (results dir; the device tool's $OUT).
 set -uo pipefail
-PHASE="${1:?phase1|phase2}"
+PHASE="${1:?setup|bench|eager|fp8}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 SHAPE="${SHAPE:-1b}"; CONC="${CONC:-1,64,256}"; PROMPT="${PROMPT:-512}"; OUTPUT="${OUTPUT:-256}"
@@ -43,9 +44,9 @@ bench() {  # $1 = name, $2 = title
     --target "gateway-4w=http://127.0.0.1:8081/v1,$KEY" 2>&1 | grep -v "^{" | tail -20
 }
 
-if [ "$PHASE" = phase1 ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+if [ "$PHASE" = setup ]; then
+  [ -n "${SKIP_WHEELS:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   NANIO_ACCESS_KEY=$AWS_ACCESS_KEY_ID NANIO_SECRET_KEY=$AWS_SECRET_ACCESS_KEY setsid python3 -m nanio serve --host 127.0.0.1 \
     --port 9100 --data-dir /tmp/s3 --no-access-log --log-level warning > "$W/logs/s3.log" 2>&1 < /dev/null &
   t0=$(ts); python3 -m engine make-test-model "/tmp/models/$MODEL" --shape "$SHAPE" || exit 1
@@ -73,19 +74,23 @@ quota:
 audit:
   enabled: true
   sink: file
-  path: $W/audit-$port
+  path: $W/audit-$port/audit-{pid}.jsonl
 YAML
   done
   GATEWAY_CONFIG="$W/gateway-8080.yaml" GATEWAY_PORT=8080 GATEWAY_LOG_LEVEL=warning setsid python3 -m gateway serve > "$W/logs/gw-8080.log" 2>&1 < /dev/null &
   GATEWAY_CONFIG="$W/gateway-8081.yaml" GATEWAY_PORT=8081 GATEWAY_WORKERS=4 GATEWAY_LOG_LEVEL=warning setsid python3 -m gateway serve > "$W/logs/gw-8081.log" 2>&1 < /dev/null &
   wait_url http://127.0.0.1:8080/readyz 60 || { tail -30 "$W/logs/gw-8080.log"; exit 1; }
   wait_url http://127.0.0.1:8081/readyz 60 || { tail -30 "$W/logs/gw-8081.log"; exit 1; }
-  bench h200_graphs "CUDA graphs on (default), bf16"
-  ls "$W"/audit-8080* 2>/dev/null | head -3; cat "$W"/audit-8080*/*.jsonl 2>/dev/null | wc -l
   cp "$W"/logs/engine-graphs.log "$RES/engine-graphs.log" 2>/dev/null
-elif [ "$PHASE" = phase2 ]; then
+elif [ "$PHASE" = bench ]; then
+  bench h200_graphs "CUDA graphs on (default), bf16"
+  echo "audit records written by the 1-worker gateway: $(cat "$W"/audit-8080/*.jsonl* 2>/dev/null | wc -l)"
+  python3 -m gateway audit verify "$W"/audit-8080 2>&1 | tail -2
+  curl -s http://127.0.0.1:8080/metrics | grep -E "^llm_gateway_(requests_total|completion_tokens_total)" | head -5
+elif [ "$PHASE" = eager ]; then
   start_engine eager ENGINE_ENFORCE_EAGER=true || exit 1
   bench h200_eager "CUDA graphs off (ENGINE_ENFORCE_EAGER=true), bf16"
+elif [ "$PHASE" = fp8 ]; then
   start_engine fp8 ENGINE_QUANTIZATION=fp8 || exit 1
   bench h200_fp8 "FP8 (ENGINE_QUANTIZATION=fp8), CUDA graphs on"
 fi

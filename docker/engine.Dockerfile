@@ -1,0 +1,32 @@
+# The engine image: the official vLLM OpenAI image (CUDA, PyTorch, vLLM) plus our package, which pulls and
+# verifies weights from S3/MinIO (`llm-engine pull`) and runs and supervises vLLM (`llm-engine run`).
+#   docker build -f docker/engine.Dockerfile --build-arg VLLM_VERSION=v0.11.0 \
+#     -t registry.example.com/private-llm/engine:0.1.0 .
+ARG VLLM_VERSION=v0.11.0
+FROM vllm/vllm-openai:${VLLM_VERSION}
+
+WORKDIR /opt/private-llm
+COPY pyproject.toml README.md* ./
+COPY gateway ./gateway
+COPY engine ./engine
+# vLLM and torch come with the base image and are not touched: only our package and its small dependencies
+# are added (pip keeps every requirement the image already satisfies).
+RUN python3 -m pip install --no-cache-dir . "nvidia-ml-py>=12" \
+ && rm -rf /opt/private-llm/build \
+ && (getent passwd 1000 >/dev/null || useradd --uid 1000 --user-group --no-create-home --shell /usr/sbin/nologin engine) \
+ && mkdir -p /home/engine /cache \
+ && chown -R 1000:1000 /home/engine /cache
+
+# Non-root (uid 1000, matching the chart's engine.podSecurityContext); vLLM, Triton and torch.compile write their
+# caches under $HOME. Weights live in /cache (a volume in Kubernetes) and never come from a model hub.
+ENV HOME=/home/engine \
+    HF_HOME=/home/engine/.cache/huggingface \
+    HF_HUB_OFFLINE=1 \
+    ENGINE_CACHE_DIR=/cache \
+    ENGINE_HOST=0.0.0.0 \
+    ENGINE_PORT=8000 \
+    ENGINE_DEVICE=cuda
+USER 1000:1000
+EXPOSE 8000
+ENTRYPOINT ["llm-engine"]
+CMD ["run"]

@@ -1,0 +1,166 @@
+"""The audit record of one request: an ECS-style JSON object (Elastic indexes it without mapping work).
+
+ECS fields where ECS has one (``@timestamp``, ``event.*``, ``user.id``, ``organization.id``, ``client.ip``,
+``http.request.*``, ``http.response.*``, ``url.path``), plus our own ``llm.*`` namespace::
+
+    {"@timestamp": "2026-11-29T10:47:24.123Z",              # request start (UTC)
+     "ecs": {"version": "8.11.0"},
+     "event": {"kind": "event", "category": ["web"], "type": ["access"|"denied"|"error"],
+               "action": "/v1/chat/completions", "outcome": "success"|"failure",
+               "start": ..., "end": ..., "duration": <nanoseconds>, "id": <request id>},
+     "user": {"id": <subject>}, "organization": {"id": <tenant>},
+     "client": {"ip": "127.0.0.1"},
+     "http": {"request": {"id": <request id>, "method": "POST", "bytes": <body bytes>},
+              "response": {"status_code": 200, "bytes": <bytes sent>}},
+     "url": {"path": "/v1/chat/completions"},
+     "llm": {"model": "tiny", "upstream": "http://10.0.0.5:8000", "attempts": 1,
+             "decision": "allowed", "reason": null, "stream": true, "max_tokens": 64,
+             "usage": {"prompt_tokens": 12, "completion_tokens": 64, "total_tokens": 76},
+             "ttft_ms": 41.2, "duration_ms": 913.0, "auth": {"kind": "api_key", "key_id": "team-a-1"},
+             "prompt": {"sha256": ...} | {"messages": [{"role", "content"}], "redactions": {...}}},
+     "audit": {"segment": <id>, "seq": 17, "prev": <sha256 of the previous line>}}   # added by the chain
+
+Prompt content follows the content policy: nothing by default; ``hash`` adds ``llm.prompt.sha256``;
+``redacted`` adds the prompt text after PII redaction. Completion text is never recorded: the proxy relays
+responses without keeping them (only usage is read).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any
+
+from gateway.context import RequestContext
+
+ECS_VERSION = "8.11.0"
+
+_EVENT_TYPE = {
+    "allowed": "access",
+    "unauthenticated": "denied",
+    "forbidden": "denied",
+    "rate_limited": "denied",
+    "not_found": "denied",
+    "invalid_request": "denied",
+    "overloaded": "denied",
+}
+
+
+_sec_cache: list[Any] = [None, ""]
+
+
+def iso_utc(ts: float) -> str:
+    """ISO 8601 UTC with milliseconds; the date-time part is cached per second (records come in bursts)."""
+    sec = int(ts)
+    if _sec_cache[0] != sec:
+        _sec_cache[0], _sec_cache[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return f"{_sec_cache[1]}.{int(ts * 1000) % 1000:03d}Z"
+
+
+def prompt_messages(body: dict[str, Any] | None) -> list[dict[str, str]]:
+    """The prompt as ``[{role, content}]`` text parts (chat messages, or ``prompt``/``input`` as one user part)."""
+    if not isinstance(body, dict):
+        return []
+    out: list[dict[str, str]] = []
+    msgs = body.get("messages")
+    if isinstance(msgs, list):
+        for m in msgs:
+            if not isinstance(m, dict):
+                continue
+            c = m.get("content")
+            if isinstance(c, list):
+                c = "\n".join(p["text"] for p in c if isinstance(p, dict) and isinstance(p.get("text"), str))
+            if isinstance(c, str):
+                out.append({"role": str(m.get("role", "")), "content": c})
+        return out
+    for key in ("prompt", "input"):
+        p = body.get(key)
+        if isinstance(p, str):
+            return [{"role": key, "content": p}]
+        if isinstance(p, list):
+            return [{"role": key, "content": x} for x in p if isinstance(x, str)]
+    return out
+
+
+def prompt_sha256(messages: list[dict[str, str]]) -> str:
+    """sha256 of the prompt text: each part as ``role\\ncontent``, parts separated by a NUL byte."""
+    h = hashlib.sha256()
+    for i, m in enumerate(messages):
+        if i:
+            h.update(b"\x00")
+        h.update(m["role"].encode())
+        h.update(b"\n")
+        h.update(m["content"].encode())
+    return h.hexdigest()
+
+
+def build_record(ctx: RequestContext, content: str = "none", redactor=None) -> dict[str, Any]:
+    duration = ctx.duration
+    end_wall = ctx.started_wall + duration
+    ok = 200 <= ctx.status < 400 and ctx.decision == "allowed"
+    p = ctx.principal
+    llm: dict[str, Any] = {
+        "model": ctx.model,
+        "upstream": ctx.endpoint,
+        "attempts": ctx.attempts,
+        "decision": ctx.decision,
+        "reason": ctx.reason,
+        "stream": ctx.stream,
+        "max_tokens": ctx.max_tokens,
+        "usage": {
+            "prompt_tokens": ctx.prompt_tokens,
+            "completion_tokens": ctx.completion_tokens,
+            "total_tokens": ctx.total_tokens,
+        },
+        "ttft_ms": round(ctx.ttft * 1000, 3) if ctx.ttft is not None else None,
+        "duration_ms": round(duration * 1000, 3),
+        "client_gone": ctx.client_gone,
+    }
+    if p is not None:
+        llm["auth"] = {"kind": p.kind, "key_id": p.key_id}
+    if content != "none":
+        msgs = prompt_messages(ctx.body)
+        if msgs:
+            if content == "hash":
+                llm["prompt"] = {"sha256": prompt_sha256(msgs)}
+            elif content == "redacted" and redactor is not None:
+                total: dict[str, int] = {}
+                red = []
+                for m in msgs:
+                    text, counts = redactor.redact_counted(m["content"])
+                    red.append({"role": m["role"], "content": text})
+                    for k, v in counts.items():
+                        total[k] = total.get(k, 0) + v
+                llm["prompt"] = {"messages": red, "redactions": total}
+    start = iso_utc(ctx.started_wall)
+    rec: dict[str, Any] = {
+        "@timestamp": start,
+        "ecs": {"version": ECS_VERSION},
+        "event": {
+            "kind": "event",
+            "category": ["web"],
+            "type": [_EVENT_TYPE.get(ctx.decision, "error")],
+            "action": ctx.route,
+            "outcome": "success" if ok else "failure",
+            "start": start,
+            "end": iso_utc(end_wall),
+            "duration": int(duration * 1e9),
+            "id": ctx.request_id,
+        },
+        "user": {"id": p.subject if p is not None else None},
+        "organization": {"id": p.tenant if p is not None else None},
+        "client": {"ip": ctx.client_ip},
+        "http": {
+            "request": {"id": ctx.request_id, "method": ctx.method, "bytes": ctx.bytes_in},
+            "response": {"status_code": ctx.status, "bytes": ctx.bytes_out},
+        },
+        "url": {"path": ctx.extra.get("url_path", ctx.route)},
+        "llm": llm,
+    }
+    return rec
+
+
+def dumps(rec: dict[str, Any]) -> bytes:
+    """One compact JSON line (no newline); UTF-8, non-ASCII kept as is."""
+    return json.dumps(rec, ensure_ascii=False, separators=(",", ":"), default=str).encode()
