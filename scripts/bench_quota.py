@@ -21,6 +21,7 @@ import asyncio
 import json
 import os
 import platform
+import shlex
 import shutil
 import socket
 import statistics
@@ -225,7 +226,7 @@ def main() -> int:
             proc.wait(10)
     res.update(
         machine=args.machine,
-        command="python scripts/bench_quota.py " + " ".join(sys.argv[1:]),
+        command="python scripts/bench_quota.py " + shlex.join(sys.argv[1:]),
         redis_version=version,
         event_loop=loop_name,
         python=platform.python_version(),

@@ -1,20 +1,18 @@
-"""Fixtures for quota tests: a real redis-server on 127.0.0.1, and a simulated upstream whose /metrics
+"""Fixtures for quota tests: a real redis-server on 127.0.0.1, and the simulated upstream whose /metrics
 reports a long engine queue (fault injection for overload protection only)."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 import shutil
 import socket
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
-from tests.support import Proc, free_port
+from tests.support import PY, REPO, Proc, free_port, wait_http
 
 __all__ = ["QueueingUpstream", "RedisServer", "own_redis", "queueing_upstream", "redis_server"]
 
@@ -91,72 +89,23 @@ def own_redis() -> Iterator[RedisServer]:
 
 
 class QueueingUpstream:
-    """A simulated OpenAI upstream (fault injection): healthy, answers chat completions at once, and reports
-    ``waiting`` in ``vllm:num_requests_waiting`` on /metrics (settable while running)."""
+    """scripts/sim_upstream.py (fault injection only): answers at once and reports ``waiting`` as
+    ``vllm:num_requests_waiting`` on /metrics; ``set_waiting(n)`` changes it while running."""
 
-    def __init__(self, waiting: int = 0) -> None:
+    def __init__(self) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.waiting = waiting
-        self.served = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._ready = threading.Event()
-
-    def _run(self) -> None:
-        from aiohttp import web
-
-        async def health(request):
-            return web.Response(text="")
-
-        async def metrics(request):
-            body = (
-                "# TYPE vllm:num_requests_waiting gauge\n"
-                f'vllm:num_requests_waiting{{engine="0",model_name="tiny"}} {float(self.waiting)}\n'
-                f'vllm:num_requests_running{{engine="0",model_name="tiny"}} 1.0\n'
-            )
-            return web.Response(text=body, content_type="text/plain")
-
-        async def chat(request):
-            body = await request.json()
-            self.served += 1
-            n = int(body.get("max_tokens") or 1)
-            out = {
-                "id": "chatcmpl-sim", "object": "chat.completion", "created": int(time.time()), "model": body.get("model"),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "x" * n}, "finish_reason": "length"}],
-                "usage": {"prompt_tokens": 5, "completion_tokens": n, "total_tokens": 5 + n},
-            }
-            return web.Response(text=json.dumps(out), content_type="application/json")
-
-        async def main():
-            app = web.Application()
-            app.router.add_get("/health", health)
-            app.router.add_get("/metrics", metrics)
-            app.router.add_post("/v1/chat/completions", chat)
-            self._runner = web.AppRunner(app, access_log=None)
-            await self._runner.setup()
-            await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-            self._ready.set()
-
-        self._loop = asyncio.new_event_loop()
-        self._loop.run_until_complete(main())
-        self._loop.run_forever()
+        self.proc = Proc([PY, str(REPO / "scripts" / "sim_upstream.py"), "--port", str(self.port), "--chunks", "4"], name="sim-queue")
 
     def start(self) -> QueueingUpstream:
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise TimeoutError("simulated upstream did not start")
+        wait_http(self.url + "/health", 20, self.proc.proc)
         return self
 
-    def stop(self) -> None:
-        if self._loop is not None:
-            async def _close():
-                await self._runner.cleanup()
+    def set_waiting(self, n: int) -> None:
+        httpx.post(f"{self.url}/sim/waiting", params={"n": n}, timeout=5).raise_for_status()
 
-            asyncio.run_coroutine_threadsafe(_close(), self._loop).result(10)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
+    def stop(self) -> None:
+        self.proc.stop()
 
 
 @pytest.fixture

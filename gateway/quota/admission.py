@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+from collections import deque
 
 from redis.exceptions import RedisError
 
@@ -29,6 +30,8 @@ log = logging.getLogger("gateway.quota")
 
 BACKEND_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 _LOG_EVERY = 10.0
+# Settlements that failed while Redis was down, replayed once it answers again (bounded: oldest dropped).
+_MAX_DEFERRED = 10_000
 
 
 class QuotaTicket:
@@ -61,6 +64,7 @@ class QuotaTicket:
         except BACKEND_ERRORS as e:
             self.admission.metrics.settle_errors.labels(limiter.backend).inc()
             self.admission.backend_failed(e, settle=True)
+            self.admission.defer_settlement(self.buckets, self.lease, delta)
 
 
 class QuotaAdmission:
@@ -73,7 +77,7 @@ class QuotaAdmission:
         if settings.backend == "redis":
             self.remote = RedisLimiter(
                 settings.redis_url, prefix=settings.key_prefix, timeout=settings.redis_timeout,
-                lease_seconds=settings.concurrency_lease,
+                lease_seconds=settings.concurrency_lease, max_connections=settings.redis_max_connections,
             )
             self.metrics.backend_up.labels("redis").set(1)
         self.overload = OverloadGuard(settings.overload, pools, self.metrics) if settings.overload.enabled else None
@@ -81,6 +85,8 @@ class QuotaAdmission:
         self._down_until = 0.0
         self._down = False
         self._last_log = 0.0
+        self._deferred: deque[tuple[tuple[Bucket, ...], str, int]] = deque(maxlen=_MAX_DEFERRED)
+        self._replay: asyncio.Task | None = None
 
     # -- the hook -------------------------------------------------------------------------------------------
 
@@ -153,6 +159,8 @@ class QuotaAdmission:
                     self._down = False
                     self.metrics.backend_up.labels(remote.backend).set(1)
                     log.warning("quota backend %s is reachable again; shared limits restored", remote.backend)
+                    if self._deferred and (self._replay is None or self._replay.done()):
+                        self._replay = asyncio.create_task(self._replay_deferred())
                 return remote, decision
         mode = self.settings.on_backend_error
         self.metrics.backend_errors.labels(remote.backend, mode).inc()
@@ -184,7 +192,29 @@ class QuotaAdmission:
                 extra={"quota_backend": self.remote.backend, "quota_mode": self.settings.on_backend_error},
             )
 
+    def defer_settlement(self, buckets: tuple[Bucket, ...], lease: str, delta: int) -> None:
+        """Keep a settlement Redis did not take (token correction, concurrency slot) to replay on recovery."""
+        if delta or lease:
+            self._deferred.append((buckets, lease, delta))
+
+    async def _replay_deferred(self) -> None:
+        assert self.remote is not None
+        done = 0
+        while self._deferred:
+            buckets, lease, delta = self._deferred[0]
+            try:
+                await self.remote.release(buckets, lease, delta)
+            except BACKEND_ERRORS as e:
+                self.backend_failed(e, settle=True)
+                break
+            self._deferred.popleft()
+            done += 1
+        if done:
+            log.warning("replayed %d quota settlements deferred while the backend was down", done)
+
     async def close(self) -> None:
+        if self._replay is not None and not self._replay.done():
+            self._replay.cancel()
         if self.remote is not None:
             await self.remote.close()
 

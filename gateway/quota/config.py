@@ -84,8 +84,11 @@ class QuotaSettings(BaseModel):
     enabled: bool = True
     backend: Literal["memory", "redis"] = "memory"
     redis_url: str = "redis://127.0.0.1:6379/0"
-    # Socket connect/read timeout towards Redis (seconds): how long a request may wait on a sick Redis.
-    redis_timeout: float = Field(default=0.25, gt=0)
+    # Connect/read timeout towards Redis, and the longest wait for a pooled connection (seconds): how long a
+    # request may wait on a sick Redis before the configured failure mode applies.
+    redis_timeout: float = Field(default=1.0, gt=0)
+    # Connections per gateway process (a burst waits for a free one rather than opening more).
+    redis_max_connections: int = Field(default=64, ge=1)
     # After a Redis failure, requests skip Redis for this long before one tries again (seconds).
     redis_retry_interval: float = Field(default=1.0, ge=0)
     key_prefix: str = "llmgw:quota:"

@@ -19,7 +19,11 @@ from gateway.quota.limits import PERIOD
 
 
 def settings(backend: str, url: str | None = None, **limits) -> QuotaSettings:
-    cfg = {"backend": backend, "key_prefix": f"test:{uuid.uuid4().hex}:", "default": limits, "default_max_tokens": 10}
+    # A generous timeout: these tests are about exact counting, not about a slow Redis on a loaded CI box.
+    cfg = {
+        "backend": backend, "key_prefix": f"test:{uuid.uuid4().hex}:", "default": limits, "default_max_tokens": 10,
+        "redis_timeout": 5.0,
+    }
     if url:
         cfg["redis_url"] = url
     return QuotaSettings.model_validate(cfg)
@@ -185,4 +189,37 @@ async def test_redis_down_fail_closed_answers_503(own_redis, caplog):
         assert _metric(reg, "llm_gateway_quota_settle_errors_total", {"backend": "redis"}) == 1
         assert any("fail closed" in r.getMessage() for r in caplog.records)
     finally:
+        await adm.close()
+
+
+async def test_settlement_missed_during_outage_is_replayed(own_redis):
+    import signal
+
+    s = settings("redis", own_redis.url, max_concurrent=1, tpm=60)  # 1 s of TAT per token
+    s.redis_retry_interval = 0.0
+    s.redis_timeout = 0.5
+    reg = CollectorRegistry()
+    adm = QuotaAdmission(s, {}, reg)
+    r = own_redis.client()
+    try:
+        ctx = request(max_tokens=50)
+        ticket = await adm.admit(ctx)
+        tat_reserved = int(r.get(s.key_prefix + "p:alice:t"))
+        own_redis.proc.signal(signal.SIGSTOP)  # state survives, but nothing answers
+        try:
+            ctx.first_token_at, ctx.prompt_tokens, ctx.completion_tokens = 1.0, 3, 7
+            await ticket.settle(ctx)
+        finally:
+            own_redis.proc.signal(signal.SIGCONT)
+        assert _metric(reg, "llm_gateway_quota_settle_errors_total", {"backend": "redis"}) == 1
+        # The slot is still held in Redis: the next request is refused, and Redis being back triggers the replay.
+        e = await try_admit(adm, request())
+        assert isinstance(e, ApiError) and e.status == 429
+        assert adm._replay is not None
+        await adm._replay
+        # The token correction was replayed too: reserved 3 + 50, used 10, so 43 tokens (43 s of TAT) refunded.
+        assert tat_reserved - int(r.get(s.key_prefix + "p:alice:t")) == pytest.approx(43 * 1e6, abs=2)
+        assert not isinstance(await try_admit(adm, request()), ApiError)
+    finally:
+        r.close()
         await adm.close()
