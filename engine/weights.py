@@ -29,9 +29,25 @@ import urllib3
 from minio import Minio
 from minio.error import S3Error
 
-from engine.manifest import MANIFEST_NAME, FileEntry, Manifest, ManifestError, digest, hash_file, iter_model_files
+from engine.manifest import (
+    MANIFEST_NAME,
+    FileEntry,
+    Manifest,
+    ManifestError,
+    digest,
+    hash_file,
+    iter_model_files,
+)
 from engine.progress import RateLimiter, TransferProgress, mb_per_s
-from engine.s3 import S3Config, S3Uri, WeightsError, config_from_env, describe_error, make_client, parse_s3_uri
+from engine.s3 import (
+    S3Config,
+    S3Uri,
+    WeightsError,
+    config_from_env,
+    describe_error,
+    make_client,
+    parse_s3_uri,
+)
 
 log = logging.getLogger("engine.weights")
 

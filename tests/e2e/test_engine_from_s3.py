@@ -4,6 +4,7 @@ serves it with vLLM, and the gateway in front answers an OpenAI SDK chat complet
 from __future__ import annotations
 
 import uuid
+
 import pytest
 from openai import OpenAI
 
