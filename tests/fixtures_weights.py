@@ -6,9 +6,13 @@ from __future__ import annotations
 import os
 import re
 import socket
+import ssl
 import subprocess
 import threading
 import uuid
+from datetime import datetime, timedelta, timezone
+from ipaddress import IPv4Address
+from pathlib import Path
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,7 +35,7 @@ def engine_cli_argv(*args: str) -> list[str]:
 
 
 def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "ENGINE_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "ENGINE_", "SSL_CERT_", "REQUESTS_CA"))}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra or {})
     return env
@@ -45,14 +49,15 @@ def run_engine_cli(*args: str, env: dict[str, str] | None = None, timeout: float
 class CountingProxy:
     """A plain TCP proxy on 127.0.0.1 that counts bytes sent to clients and records request heads."""
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, tls: ssl.SSLContext | None = None) -> None:
         self.target_port = target_port
+        self.tls = tls
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(64)
         self.port = self.sock.getsockname()[1]
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.endpoint = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self._lock = threading.Lock()
         self.bytes_down = 0
         self._client_streams: list[bytearray] = []
@@ -84,16 +89,21 @@ class CountingProxy:
                 client, _ = self.sock.accept()
             except OSError:
                 return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            except OSError:
-                client.close()
-                continue
-            buf = bytearray()
-            with self._lock:
-                self._client_streams.append(buf)
-            threading.Thread(target=self._pipe, args=(client, upstream, buf, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, None, True), daemon=True).start()
+            threading.Thread(target=self._connect, args=(client,), daemon=True).start()
+
+    def _connect(self, client: socket.socket) -> None:
+        try:
+            if self.tls is not None:
+                client = self.tls.wrap_socket(client, server_side=True)
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        except OSError:  # includes a failed TLS handshake
+            client.close()
+            return
+        buf = bytearray()
+        with self._lock:
+            self._client_streams.append(buf)
+        threading.Thread(target=self._pipe, args=(client, upstream, buf, False), daemon=True).start()
+        self._pipe(upstream, client, None, True)
 
     def _pipe(self, src: socket.socket, dst: socket.socket, record: bytearray | None, down: bool) -> None:
         try:
@@ -144,4 +154,43 @@ def s3_proxy(s3_server: Any) -> Iterator[CountingProxy]:
         p.close()
 
 
-__all__ = ["CountingProxy", "engine_cli_argv", "cli_env", "run_engine_cli", "s3_bucket", "s3_env", "s3_proxy"]
+@pytest.fixture(scope="session")
+def tls_ca(tmp_path_factory) -> tuple[Path, ssl.SSLContext]:
+    """A throwaway CA (PEM file for AWS_CA_BUNDLE) and a server context for 127.0.0.1 signed by it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    d = tmp_path_factory.mktemp("tls")
+    now = datetime.now(timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "llm-engine test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=5))
+          .not_valid_after(now + timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                                       key_encipherment=False, data_encipherment=False, key_agreement=False,
+                                       encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(IPv4Address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    ca_pem = d / "ca.pem"
+    ca_pem.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (d / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (d / "server.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                     serialization.NoEncryption()))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(d / "server.pem", d / "server.key")
+    return ca_pem, ctx
+
+
+__all__ = ["tls_ca", "CountingProxy", "engine_cli_argv", "cli_env", "run_engine_cli", "s3_bucket", "s3_env", "s3_proxy"]

@@ -310,3 +310,25 @@ def test_engine_run_resolves_model_and_lora_from_s3(tmp_path, s3_bucket, s3_env)
     r = subprocess.run(engine_cli_argv("run", "--dry-run"), env=cli_env(env), capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert "no manifest" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_tls_endpoint_with_ca_bundle(tmp_path, s3_server, s3_bucket, s3_env, tls_ca):
+    """https:// in the endpoint turns TLS on; AWS_CA_BUNDLE names the CA; without it the failure is one line."""
+    from tests.fixtures_weights import CountingProxy
+
+    ca_pem, server_ctx = tls_ca
+    proxy = CountingProxy(s3_server.port, tls=server_ctx)
+    try:
+        model = make_model(tmp_path / "m", {"config.json": 100, "w.safetensors": 6 * MiB})
+        env = {**s3_env, "S3_ENDPOINT_URL": proxy.endpoint, "AWS_CA_BUNDLE": str(ca_pem)}
+        assert env["S3_ENDPOINT_URL"].startswith("https://")
+        push(model, f"s3://{s3_bucket}/m", env, "--part-size-mb", "5")
+        out = pull_json(f"s3://{s3_bucket}/m", tmp_path / "cache", env)
+        assert (Path(out["path"]) / "w.safetensors").read_bytes() == (model / "w.safetensors").read_bytes()
+        assert proxy.bytes_down > 6 * MiB  # it really went through the TLS endpoint
+
+        no_ca = {k: v for k, v in env.items() if k != "AWS_CA_BUNDLE"}
+        r = run_engine_cli("pull", f"s3://{s3_bucket}/m", "--cache-dir", str(tmp_path / "c2"), env=no_ca)
+        assert_one_line_error(r, "TLS", "AWS_CA_BUNDLE")
+    finally:
+        proxy.close()
