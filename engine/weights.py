@@ -12,7 +12,6 @@ Nothing here imports torch or vllm (push/pull run in a slim init container).
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import io
@@ -187,6 +186,16 @@ def pull(uri: str, cache_dir: str | os.PathLike, concurrency: int = 8, **kw) -> 
 def pull_model(uri: str, cache_dir: str | os.PathLike, concurrency: int = 8, *, max_rate: float | None = None,
                live_progress: bool | None = None, client: Minio | None = None,
                cfg: S3Config | None = None) -> PullResult:
+    """Like :func:`pull`, with the manifest and what this call transferred (for logs, tests and benchmarks)."""
+    try:
+        return _pull_model(uri, Path(cache_dir), concurrency, max_rate, live_progress, client, cfg)
+    except OSError as e:  # the local side: permissions, disk full, read-only cache
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        raise WeightsError(f"local filesystem error while pulling {uri} into {cache_dir}: {e.strerror or e}{where}") from None
+
+
+def _pull_model(uri: str, cache_dir: Path, concurrency: int, max_rate: float | None, live_progress: bool | None,
+                client: Minio | None, cfg: S3Config | None) -> PullResult:
     src = parse_s3_uri(uri)
     cfg = cfg or config_from_env()
     client = client or make_client(cfg, max_connections=concurrency)
@@ -226,6 +235,8 @@ def pull_model(uri: str, cache_dir: str | os.PathLike, concurrency: int = 8, *, 
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(files_dir)
+        if final.exists():  # debris without a manifest (not ours: we publish by rename only)
+            shutil.rmtree(final)
         os.rename(files_dir, final)  # atomic publish: the directory appears complete or not at all
         _fsync_dir(final.parent)
         shutil.rmtree(staging, ignore_errors=True)
@@ -345,7 +356,10 @@ class _Downloader:
                             raise WeightsError(f"{entry.path}: object s3://{self.src.bucket}/{key} is larger than the "
                                                f"{entry.size} bytes the manifest says")
                         self.limiter.take(len(chunk))
-                        f.write(chunk)
+                        try:
+                            f.write(chunk)
+                        except OSError as e:
+                            raise WeightsError(f"cannot write {part}: {e.strerror or e}") from None
                         h.update(chunk)
                         have += len(chunk)
                         got += len(chunk)
@@ -359,9 +373,7 @@ class _Downloader:
                         raise WeightsError(f"{entry.path}: object s3://{self.src.bucket}/{key} is smaller than the "
                                            f"{entry.size} bytes the manifest says") from None
                     raise WeightsError(describe_error(e, self.cfg, f"downloading {entry.path}")) from None
-                except (urllib3.exceptions.HTTPError, OSError) as e:
-                    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
-                        raise WeightsError(f"cannot write {part}: {e.strerror}") from None
+                except (urllib3.exceptions.HTTPError, OSError) as e:  # network trouble: resume where it broke
                     failures += 1
                     if failures > NETWORK_RETRIES:
                         raise WeightsError(describe_error(e, self.cfg, f"downloading {entry.path}")) from None

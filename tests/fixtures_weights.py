@@ -10,10 +10,10 @@ import ssl
 import subprocess
 import threading
 import uuid
-from datetime import datetime, timedelta, timezone
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -163,7 +163,7 @@ def tls_ca(tmp_path_factory) -> tuple[Path, ssl.SSLContext]:
     from cryptography.x509.oid import NameOID
 
     d = tmp_path_factory.mktemp("tls")
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "llm-engine test CA")])
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
