@@ -332,3 +332,28 @@ def test_tls_endpoint_with_ca_bundle(tmp_path, s3_server, s3_bucket, s3_env, tls
         assert_one_line_error(r, "TLS", "AWS_CA_BUNDLE")
     finally:
         proxy.close()
+
+
+def test_repush_sends_only_changed_files_and_pull_sees_the_new_version(tmp_path, s3_bucket, s3_env, s3_proxy):
+    model = make_model(tmp_path / "m", {"config.json": 100, "a.safetensors": 6 * MiB, "b.safetensors": 2 * MiB})
+    uri = f"s3://{s3_bucket}/m"
+    cache = tmp_path / "cache"
+    r = run_engine_cli("push", str(model), uri, "--json", "--no-progress", "--part-size-mb", "5", env=s3_env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["uploaded_files"] == 3
+    v1 = pull_json(uri, cache, s3_env)
+
+    (model / "b.safetensors").write_bytes(os.urandom(2 * MiB))
+    r = run_engine_cli("push", str(model), uri, "--json", "--no-progress", env=via(s3_proxy, s3_env))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert (out["uploaded_files"], out["skipped_files"], out["uploaded_bytes"]) == (1, 2, 2 * MiB)
+    puts = [p for m, p, _ in s3_proxy.requests() if m in ("PUT", "POST") and MANIFEST_NAME not in p]
+    assert puts and all("/m/b.safetensors" in p for p in puts), puts
+
+    v2 = pull_json(uri, cache, s3_env)
+    assert v2["path"] != v1["path"] and v2["manifest_sha256"] == out["manifest_sha256"]
+    assert (Path(v2["path"]) / "b.safetensors").read_bytes() == (model / "b.safetensors").read_bytes()
+    # --force sends everything again.
+    r = run_engine_cli("push", str(model), uri, "--json", "--no-progress", "--force", env=s3_env)
+    assert json.loads(r.stdout)["uploaded_files"] == 3
