@@ -4,11 +4,11 @@ the S3 server (proves what a pull really fetched), and a CLI runner that poisons
 from __future__ import annotations
 
 import os
-import re
 import socket
 import ssl
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -46,8 +46,42 @@ def run_engine_cli(*args: str, env: dict[str, str] | None = None, timeout: float
                           cwd=str(REPO))
 
 
+class _RequestHeads:
+    """Incremental parser of one connection's client→server bytes: records request heads, skips bodies."""
+
+    def __init__(self, sink: list) -> None:
+        self.sink = sink
+        self.buf = b""
+        self.body_left = 0
+
+    def feed(self, data: bytes) -> None:
+        while data:
+            if self.body_left:
+                n = min(self.body_left, len(data))
+                self.body_left -= n
+                data = data[n:]
+                continue
+            self.buf += data
+            data = b""
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head, rest = self.buf[:end], self.buf[end + 4:]
+            self.buf = b""
+            lines = head.decode("latin-1").split("\r\n")
+            method, path, _ = lines[0].split(" ", 2)
+            headers = {}
+            for line in lines[1:]:
+                k, _, v = line.partition(":")
+                headers[k.strip().lower()] = v.strip()
+            self.sink.append((time.monotonic(), method, path, headers))
+            self.body_left = int(headers.get("content-length", "0") or 0)
+            data = rest
+
+
 class CountingProxy:
-    """A plain TCP proxy on 127.0.0.1 that counts bytes sent to clients and records request heads."""
+    """A TCP proxy on 127.0.0.1 (optionally terminating TLS) that counts bytes sent to clients and records every
+    request's method, path, headers and arrival time."""
 
     def __init__(self, target_port: int, tls: ssl.SSLContext | None = None) -> None:
         self.target_port = target_port
@@ -60,28 +94,22 @@ class CountingProxy:
         self.endpoint = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self._lock = threading.Lock()
         self.bytes_down = 0
-        self._client_streams: list[bytearray] = []
+        self._requests: list[tuple[float, str, str, dict[str, str]]] = []
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
     def reset(self) -> None:
         with self._lock:
             self.bytes_down = 0
-            self._client_streams = []
+            self._requests.clear()
+
+    def timed_requests(self) -> list[tuple[float, str, str, dict[str, str]]]:
+        """(arrival time, method, path, headers) of every request since the last reset, in arrival order."""
+        with self._lock:
+            return sorted(self._requests, key=lambda r: r[0])
 
     def requests(self) -> list[tuple[str, str, dict[str, str]]]:
-        """(method, path, headers) of every request seen since the last reset (GET bodies are empty)."""
-        out = []
-        with self._lock:
-            streams = [bytes(s) for s in self._client_streams]
-        for s in streams:
-            for m in re.finditer(rb"(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP/1\.1\r\n(.*?)\r\n\r\n", s, re.S):
-                headers = {}
-                for line in m.group(3).split(b"\r\n"):
-                    k, _, v = line.partition(b":")
-                    headers[k.strip().lower().decode()] = v.strip().decode(errors="replace")
-                out.append((m.group(1).decode(), m.group(2).decode(), headers))
-        return out
+        return [r[1:] for r in self.timed_requests()]
 
     def _accept(self) -> None:
         while not self._closed:
@@ -99,24 +127,22 @@ class CountingProxy:
         except OSError:  # includes a failed TLS handshake
             client.close()
             return
-        buf = bytearray()
-        with self._lock:
-            self._client_streams.append(buf)
-        threading.Thread(target=self._pipe, args=(client, upstream, buf, False), daemon=True).start()
-        self._pipe(upstream, client, None, True)
+        heads = _RequestHeads(self._requests)
+        threading.Thread(target=self._pipe, args=(client, upstream, heads), daemon=True).start()
+        self._pipe(upstream, client, None)
 
-    def _pipe(self, src: socket.socket, dst: socket.socket, record: bytearray | None, down: bool) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, heads: _RequestHeads | None) -> None:
         try:
             while True:
                 data = src.recv(256 * 1024)
                 if not data:
                     break
-                dst.sendall(data)
                 with self._lock:
-                    if down:
+                    if heads is None:
                         self.bytes_down += len(data)
-                    elif record is not None and len(record) < 4_000_000:
-                        record.extend(data)
+                    else:
+                        heads.feed(data)
+                dst.sendall(data)
         except OSError:
             pass
         finally:

@@ -77,11 +77,20 @@ def object_gets(proxy, bucket: str) -> list[str]:
     return [p for m, p, _ in proxy.requests() if m == "GET" and p.startswith(f"/{bucket}/") and MANIFEST_NAME not in p]
 
 
-def test_push_pull_round_trip(tmp_path, s3_server, s3_bucket, s3_env):
+def test_push_pull_round_trip(tmp_path, s3_server, s3_bucket, s3_env, s3_proxy):
     model = make_model(tmp_path / "m", {"config.json": 300, "model-00001.safetensors": 12 * MiB + 17,
                                         "model-00002.safetensors": 3 * MiB, "sub/tokenizer.json": 5000, "empty.txt": 0})
     uri = f"s3://{s3_bucket}/org/model-a"
-    push(model, uri, s3_env, "--part-size-mb", "5")
+    push(model, uri, via(s3_proxy, s3_env), "--part-size-mb", "5")
+
+    # Order on the wire: the old manifest is deleted first, every file is written, the manifest is written last.
+    writes = [(m, p.split("?")[0]) for m, p, _ in s3_proxy.requests() if m in ("PUT", "POST", "DELETE")]
+    manifest_path = f"/{s3_bucket}/org/model-a/{MANIFEST_NAME}"
+    assert writes[0] == ("DELETE", manifest_path)
+    assert writes[-1] == ("PUT", manifest_path)
+    assert [w for w in writes if w[1] == manifest_path] == [writes[0], writes[-1]]
+    assert {p for _, p in writes[1:-1]} == {f"/{s3_bucket}/org/model-a/{p.relative_to(model).as_posix()}"
+                                           for p in model.rglob("*") if p.is_file()}
 
     client = s3_server.client()
     # The manifest lists every file with its size and sha256 (computed here independently).
