@@ -96,6 +96,8 @@ class CountingProxy:
         self.bytes_down = 0
         self._requests: list[tuple[float, str, str, dict[str, str]]] = []
         self._closed = False
+        # Fault injection: drop the connection once, after this many bytes went to the client.
+        self.cut_after: int | None = None
         threading.Thread(target=self._accept, daemon=True).start()
 
     def reset(self) -> None:
@@ -139,6 +141,12 @@ class CountingProxy:
                     break
                 with self._lock:
                     if heads is None:
+                        if self.cut_after is not None and self.bytes_down + len(data) > self.cut_after:
+                            data = data[: self.cut_after - self.bytes_down]
+                            self.cut_after = None
+                            self.bytes_down += len(data)
+                            dst.sendall(data)
+                            break
                         self.bytes_down += len(data)
                     else:
                         heads.feed(data)

@@ -207,6 +207,22 @@ def test_pull_killed_mid_file_resumes_with_only_the_remaining_bytes(tmp_path, s3
     assert sha(Path(out["path"]) / "big.safetensors") == sha(model / "big.safetensors")
 
 
+def test_connection_dropped_mid_file_resumes_in_the_same_run(tmp_path, s3_bucket, s3_env, s3_proxy):
+    size = 8 * MiB
+    model = make_model(tmp_path / "m", {"big.safetensors": size})
+    uri = f"s3://{s3_bucket}/m"
+    push(model, uri, s3_env)
+    s3_proxy.cut_after = 3 * MiB  # the S3 connection breaks 3 MiB into the file
+    out = pull_json(uri, tmp_path / "cache", via(s3_proxy, s3_env))
+    assert s3_proxy.cut_after is None  # the fault did happen
+    ranges = [h.get("range") for m, p, h in s3_proxy.requests() if m == "GET" and p.endswith("/big.safetensors")]
+    assert len(ranges) == 2 and ranges[0] is None and ranges[1].startswith("bytes=")
+    resumed_at = int(ranges[1][len("bytes="):-1])
+    assert 0 < resumed_at < 3 * MiB
+    assert out["object_gets"] == 2 and out["downloaded_bytes"] == size
+    assert sha(Path(out["path"]) / "big.safetensors") == sha(model / "big.safetensors")
+
+
 def test_two_concurrent_pulls_end_with_one_verified_copy(tmp_path, s3_bucket, s3_env, s3_proxy):
     size = 12 * MiB
     model = make_model(tmp_path / "m", {"config.json": 100, "a.safetensors": size})
