@@ -70,6 +70,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(REPO / "results"))
     a = ap.parse_args()
 
+    load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="bench-pull-"))
     s3 = S3Server().wait_ready()
     try:
@@ -111,6 +112,7 @@ def main() -> int:
         best = max(pulls, key=lambda p: p["mb_per_s"])
         result = {
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), {platform.python_version()}",
+            "load_average_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
             "server": "nanio 0.1.7 on 127.0.0.1 (SigV4, plain HTTP), same disk",
             "model_bytes": total,
             "files": len(manifest.files),
@@ -129,7 +131,9 @@ def main() -> int:
     md = [
         f"# Weights push/pull throughput ({result['model_bytes'] / MB:.0f} MB, {result['files']} files)",
         "",
-        f"Machine: {result['machine']}. Server: {result['server']}.",
+        f"Machine: {result['machine']}; 1-min load average {result['load_average_1m']['before']} before, "
+        f"{result['load_average_1m']['after']} after (the box is shared: numbers swing with its load).",
+        f"Server: {result['server']}.",
         "MB/s = payload / wall time of the `llm-engine` command (process start included); "
         "in-tool = bytes / time inside the pull (manifest GET to publish).",
         "",
