@@ -12,7 +12,6 @@ Nothing here imports torch or vllm (push/pull run in a slim init container).
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import io
@@ -56,7 +55,7 @@ DEFAULT_PART_SIZE = 16 * 1024 * 1024
 # How often one file's download is re-tried (resuming from where it broke) after a network error.
 NETWORK_RETRIES = 4
 
-__all__ = ["WeightsError", "PullResult", "PullStats", "pull", "pull_model", "push", "verify_dir", "MANIFEST_NAME"]
+__all__ = ["WeightsError", "PullResult", "PullStats", "PushResult", "pull", "pull_model", "push", "push_model", "verify_dir", "MANIFEST_NAME"]
 
 
 # ---------------------------------------------------------------------------------------------------- push
@@ -80,12 +79,27 @@ class _HashingReader:
         return data
 
 
-def push(local_dir: str | os.PathLike, uri: str, *, concurrency: int = 4, part_size: int = DEFAULT_PART_SIZE,
-         live_progress: bool | None = None, client: Minio | None = None, cfg: S3Config | None = None) -> Manifest:
-    """Upload every file of ``local_dir`` under ``uri`` (multipart above ``part_size``), then the manifest.
+@dataclass
+class PushResult:
+    manifest: Manifest
+    manifest_digest: str
+    uploaded_files: int
+    uploaded_bytes: int
+    skipped_files: int  # already in S3 with the same size and sha256 (object metadata), not sent again
+    seconds: float
 
-    An existing manifest is deleted first, so readers never take a half-replaced prefix for a complete model.
-    """
+
+def push(local_dir: str | os.PathLike, uri: str, **kw) -> Manifest:
+    """Upload every file of ``local_dir`` under ``uri`` (multipart above ``part_size``), then the manifest."""
+    return push_model(local_dir, uri, **kw).manifest
+
+
+def push_model(local_dir: str | os.PathLike, uri: str, *, concurrency: int = 4, part_size: int = DEFAULT_PART_SIZE,
+               force: bool = False, live_progress: bool | None = None, client: Minio | None = None,
+               cfg: S3Config | None = None) -> PushResult:
+    """Hash every file, delete the prefix's manifest (readers never take a half-replaced prefix for a model),
+    upload the files (skipping objects already there with the same size and sha256 unless ``force``: an
+    interrupted push re-run sends only what is missing), and upload the manifest last."""
     root = Path(local_dir)
     if not root.is_dir():
         raise WeightsError(f"model directory not found: {root}")
@@ -95,8 +109,6 @@ def push(local_dir: str | os.PathLike, uri: str, *, concurrency: int = 4, part_s
     files = list(iter_model_files(root))
     if not files:
         raise WeightsError(f"no files to push in {root}")
-    sizes = {rel: p.stat().st_size for rel, p in files}
-    total = sum(sizes.values())
     manifest_key = target.key(MANIFEST_NAME)
     try:
         if not client.bucket_exists(target.bucket):
@@ -107,14 +119,42 @@ def push(local_dir: str | os.PathLike, uri: str, *, concurrency: int = 4, part_s
     except Exception as e:
         raise WeightsError(describe_error(e, cfg, f"preparing {target}", target.bucket)) from None
 
-    log.info("push %s → %s: %d files, %.1f MB", root, target, len(files), total / 1e6)
-    entries: dict[str, FileEntry] = {}
     started = time.monotonic()
+    local: dict[str, FileEntry] = {}
+
+    def hash_one(rel: str, path: Path) -> FileEntry:
+        try:
+            size, sha = hash_file(path)
+        except OSError as e:
+            raise WeightsError(f"cannot read {path}: {e.strerror}") from None
+        return FileEntry(rel, size, sha)
+
+    _run_all(concurrency, [(hash_one, (rel, p)) for rel, p in files], on_result=lambda e: local.__setitem__(e.path, e))
+    manifest = Manifest(tuple(local[rel] for rel, _ in files))
+
+    def already_there(entry: FileEntry) -> bool:
+        if force:
+            return False
+        try:
+            st = client.stat_object(target.bucket, target.key(entry.path))
+        except S3Error as e:
+            if e.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+                return False
+            raise WeightsError(describe_error(e, cfg, f"checking s3://{target.bucket}/{target.key(entry.path)}")) from None
+        except Exception as e:
+            raise WeightsError(describe_error(e, cfg, f"checking s3://{target.bucket}/{target.key(entry.path)}")) from None
+        meta = {k.lower(): v for k, v in (st.metadata or {}).items()}
+        return st.size == entry.size and meta.get("x-amz-meta-sha256") == entry.sha256
+
+    todo = [e for e in manifest.files if not already_there(e)]
+    total = sum(e.size for e in todo)
+    log.info("push %s → %s: %d files, %.1f MB to upload (%d already there)", root, target, len(todo), total / 1e6,
+             len(manifest.files) - len(todo))
     with TransferProgress(f"push {target}", total, live=live_progress, logger=log) as progress:
 
-        def upload(rel: str, path: Path) -> FileEntry:
-            key = target.key(rel)
-            size = sizes[rel]
+        def upload(entry: FileEntry) -> None:
+            key = target.key(entry.path)
+            path = root / entry.path
             try:
                 f = open(path, "rb")
             except OSError as e:
@@ -122,26 +162,25 @@ def push(local_dir: str | os.PathLike, uri: str, *, concurrency: int = 4, part_s
             with f:
                 reader = _HashingReader(f, progress)
                 try:
-                    client.put_object(target.bucket, key, reader, size, part_size=part_size,
-                                      num_parallel_uploads=2 if size > part_size else 1)
+                    client.put_object(target.bucket, key, reader, entry.size, part_size=part_size,
+                                      num_parallel_uploads=2 if entry.size > part_size else 1,
+                                      metadata={"sha256": entry.sha256})
                 except Exception as e:
-                    raise WeightsError(describe_error(e, cfg, f"uploading {rel} to s3://{target.bucket}/{key}")) from None
-            if reader.nbytes != size:
-                raise WeightsError(f"{path} changed size during the upload ({size} → {reader.nbytes} bytes)")
-            return FileEntry(rel, size, reader.sha.hexdigest())
+                    raise WeightsError(describe_error(e, cfg, f"uploading {entry.path} to s3://{target.bucket}/{key}")) from None
+            if reader.nbytes != entry.size or reader.sha.hexdigest() != entry.sha256:
+                raise WeightsError(f"{path} changed while it was being pushed; push again")
 
-        _run_all(concurrency, [(upload, (rel, p)) for rel, p in files], on_result=lambda e: entries.__setitem__(e.path, e))
+        _run_all(concurrency, [(upload, (e,)) for e in todo])
 
-    manifest = Manifest(tuple(entries[rel] for rel, _ in files))
     data = manifest.to_bytes()
     try:
         client.put_object(target.bucket, manifest_key, io.BytesIO(data), len(data), content_type="application/json")
     except Exception as e:
         raise WeightsError(describe_error(e, cfg, f"uploading the manifest to s3://{target.bucket}/{manifest_key}")) from None
     secs = time.monotonic() - started
-    log.info("push %s complete: %d files, %.1f MB in %.2f s (%.1f MB/s), manifest sha256 %s", target, len(files),
-             total / 1e6, secs, mb_per_s(total, secs), digest(data))
-    return manifest
+    log.info("push %s complete: %d files (%d uploaded, %.1f MB) in %.2f s (%.1f MB/s), manifest sha256 %s", target,
+             len(manifest.files), len(todo), total / 1e6, secs, mb_per_s(total, secs), digest(data))
+    return PushResult(manifest, digest(data), len(todo), total, len(manifest.files) - len(todo), secs)
 
 
 # ---------------------------------------------------------------------------------------------------- pull
@@ -187,6 +226,16 @@ def pull(uri: str, cache_dir: str | os.PathLike, concurrency: int = 8, **kw) -> 
 def pull_model(uri: str, cache_dir: str | os.PathLike, concurrency: int = 8, *, max_rate: float | None = None,
                live_progress: bool | None = None, client: Minio | None = None,
                cfg: S3Config | None = None) -> PullResult:
+    """Like :func:`pull`, with the manifest and what this call transferred (for logs, tests and benchmarks)."""
+    try:
+        return _pull_model(uri, Path(cache_dir), concurrency, max_rate, live_progress, client, cfg)
+    except OSError as e:  # the local side: permissions, disk full, read-only cache
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        raise WeightsError(f"local filesystem error while pulling {uri} into {cache_dir}: {e.strerror or e}{where}") from None
+
+
+def _pull_model(uri: str, cache_dir: Path, concurrency: int, max_rate: float | None, live_progress: bool | None,
+                client: Minio | None, cfg: S3Config | None) -> PullResult:
     src = parse_s3_uri(uri)
     cfg = cfg or config_from_env()
     client = client or make_client(cfg, max_connections=concurrency)
@@ -226,6 +275,8 @@ def pull_model(uri: str, cache_dir: str | os.PathLike, concurrency: int = 8, *, 
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(files_dir)
+        if final.exists():  # debris without a manifest (not ours: we publish by rename only)
+            shutil.rmtree(final)
         os.rename(files_dir, final)  # atomic publish: the directory appears complete or not at all
         _fsync_dir(final.parent)
         shutil.rmtree(staging, ignore_errors=True)
@@ -345,7 +396,10 @@ class _Downloader:
                             raise WeightsError(f"{entry.path}: object s3://{self.src.bucket}/{key} is larger than the "
                                                f"{entry.size} bytes the manifest says")
                         self.limiter.take(len(chunk))
-                        f.write(chunk)
+                        try:
+                            f.write(chunk)
+                        except OSError as e:
+                            raise WeightsError(f"cannot write {part}: {e.strerror or e}") from None
                         h.update(chunk)
                         have += len(chunk)
                         got += len(chunk)
@@ -359,9 +413,7 @@ class _Downloader:
                         raise WeightsError(f"{entry.path}: object s3://{self.src.bucket}/{key} is smaller than the "
                                            f"{entry.size} bytes the manifest says") from None
                     raise WeightsError(describe_error(e, self.cfg, f"downloading {entry.path}")) from None
-                except (urllib3.exceptions.HTTPError, OSError) as e:
-                    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
-                        raise WeightsError(f"cannot write {part}: {e.strerror}") from None
+                except (urllib3.exceptions.HTTPError, OSError) as e:  # network trouble: resume where it broke
                     failures += 1
                     if failures > NETWORK_RETRIES:
                         raise WeightsError(describe_error(e, self.cfg, f"downloading {entry.path}")) from None

@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("uri", metavar="s3://BUCKET/PREFIX")
     p.add_argument("--concurrency", type=_positive, default=4, help="files uploaded in parallel (default 4)")
     p.add_argument("--part-size-mb", type=_positive, default=16, help="multipart part size in MiB (default 16, min 5)")
+    p.add_argument("--force", action="store_true", help="upload every file, even those already there with the same sha256")
+    p.add_argument("--json", action="store_true", help="print a JSON summary instead of a sentence")
     p.add_argument("--no-progress", action="store_true", help="no live progress line even on a terminal")
     p.set_defaults(func=_push)
 
@@ -44,21 +46,28 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from engine.weights import WeightsError, push
+    from engine.weights import WeightsError, push_model
 
     if args.part_size_mb < 5:
         print("llm-engine: error: --part-size-mb must be at least 5 (S3's minimum part size)", file=sys.stderr)
         return 2
     try:
-        m = push(args.local_dir, args.uri, concurrency=args.concurrency, part_size=args.part_size_mb * 1024 * 1024,
-                 live_progress=False if args.no_progress else None)
+        r = push_model(args.local_dir, args.uri, concurrency=args.concurrency, part_size=args.part_size_mb * 1024 * 1024,
+                       force=args.force, live_progress=False if args.no_progress else None)
     except WeightsError as e:
         print(f"llm-engine: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("llm-engine: push interrupted; the prefix has no manifest and is not a usable model", file=sys.stderr)
         return 130
-    print(f"pushed {len(m.files)} files ({m.total_size} bytes) to {args.uri}")
+    if args.json:
+        print(json.dumps({"uri": args.uri, "manifest_sha256": r.manifest_digest, "files": len(r.manifest.files),
+                          "total_bytes": r.manifest.total_size, "uploaded_files": r.uploaded_files,
+                          "uploaded_bytes": r.uploaded_bytes, "skipped_files": r.skipped_files,
+                          "seconds": round(r.seconds, 3)}))
+    else:
+        print(f"pushed {len(r.manifest.files)} files ({r.manifest.total_size} bytes; {r.uploaded_files} uploaded, "
+              f"{r.skipped_files} already there) to {args.uri}")
     return 0
 
 

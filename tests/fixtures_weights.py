@@ -4,12 +4,16 @@ the S3 server (proves what a pull really fetched), and a CLI runner that poisons
 from __future__ import annotations
 
 import os
-import re
 import socket
+import ssl
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from ipaddress import IPv4Address
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,7 +35,7 @@ def engine_cli_argv(*args: str) -> list[str]:
 
 
 def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "ENGINE_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "ENGINE_", "SSL_CERT_", "REQUESTS_CA"))}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra or {})
     return env
@@ -42,41 +46,72 @@ def run_engine_cli(*args: str, env: dict[str, str] | None = None, timeout: float
                           cwd=str(REPO))
 
 
-class CountingProxy:
-    """A plain TCP proxy on 127.0.0.1 that counts bytes sent to clients and records request heads."""
+class _RequestHeads:
+    """Incremental parser of one connection's client→server bytes: records request heads, skips bodies."""
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, sink: list) -> None:
+        self.sink = sink
+        self.buf = b""
+        self.body_left = 0
+
+    def feed(self, data: bytes) -> None:
+        while data:
+            if self.body_left:
+                n = min(self.body_left, len(data))
+                self.body_left -= n
+                data = data[n:]
+                continue
+            self.buf += data
+            data = b""
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head, rest = self.buf[:end], self.buf[end + 4:]
+            self.buf = b""
+            lines = head.decode("latin-1").split("\r\n")
+            method, path, _ = lines[0].split(" ", 2)
+            headers = {}
+            for line in lines[1:]:
+                k, _, v = line.partition(":")
+                headers[k.strip().lower()] = v.strip()
+            self.sink.append((time.monotonic(), method, path, headers))
+            self.body_left = int(headers.get("content-length", "0") or 0)
+            data = rest
+
+
+class CountingProxy:
+    """A TCP proxy on 127.0.0.1 (optionally terminating TLS) that counts bytes sent to clients and records every
+    request's method, path, headers and arrival time."""
+
+    def __init__(self, target_port: int, tls: ssl.SSLContext | None = None) -> None:
         self.target_port = target_port
+        self.tls = tls
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(64)
         self.port = self.sock.getsockname()[1]
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.endpoint = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self._lock = threading.Lock()
         self.bytes_down = 0
-        self._client_streams: list[bytearray] = []
+        self._requests: list[tuple[float, str, str, dict[str, str]]] = []
         self._closed = False
+        # Fault injection: drop the connection once, after this many bytes went to the client.
+        self.cut_after: int | None = None
         threading.Thread(target=self._accept, daemon=True).start()
 
     def reset(self) -> None:
         with self._lock:
             self.bytes_down = 0
-            self._client_streams = []
+            self._requests.clear()
+
+    def timed_requests(self) -> list[tuple[float, str, str, dict[str, str]]]:
+        """(arrival time, method, path, headers) of every request since the last reset, in arrival order."""
+        with self._lock:
+            return sorted(self._requests, key=lambda r: r[0])
 
     def requests(self) -> list[tuple[str, str, dict[str, str]]]:
-        """(method, path, headers) of every request seen since the last reset (GET bodies are empty)."""
-        out = []
-        with self._lock:
-            streams = [bytes(s) for s in self._client_streams]
-        for s in streams:
-            for m in re.finditer(rb"(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP/1\.1\r\n(.*?)\r\n\r\n", s, re.S):
-                headers = {}
-                for line in m.group(3).split(b"\r\n"):
-                    k, _, v = line.partition(b":")
-                    headers[k.strip().lower().decode()] = v.strip().decode(errors="replace")
-                out.append((m.group(1).decode(), m.group(2).decode(), headers))
-        return out
+        return [r[1:] for r in self.timed_requests()]
 
     def _accept(self) -> None:
         while not self._closed:
@@ -84,29 +119,38 @@ class CountingProxy:
                 client, _ = self.sock.accept()
             except OSError:
                 return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            except OSError:
-                client.close()
-                continue
-            buf = bytearray()
-            with self._lock:
-                self._client_streams.append(buf)
-            threading.Thread(target=self._pipe, args=(client, upstream, buf, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, None, True), daemon=True).start()
+            threading.Thread(target=self._connect, args=(client,), daemon=True).start()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket, record: bytearray | None, down: bool) -> None:
+    def _connect(self, client: socket.socket) -> None:
+        try:
+            if self.tls is not None:
+                client = self.tls.wrap_socket(client, server_side=True)
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        except OSError:  # includes a failed TLS handshake
+            client.close()
+            return
+        heads = _RequestHeads(self._requests)
+        threading.Thread(target=self._pipe, args=(client, upstream, heads), daemon=True).start()
+        self._pipe(upstream, client, None)
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, heads: _RequestHeads | None) -> None:
         try:
             while True:
                 data = src.recv(256 * 1024)
                 if not data:
                     break
-                dst.sendall(data)
                 with self._lock:
-                    if down:
+                    if heads is None:
+                        if self.cut_after is not None and self.bytes_down + len(data) > self.cut_after:
+                            data = data[: self.cut_after - self.bytes_down]
+                            self.cut_after = None
+                            self.bytes_down += len(data)
+                            dst.sendall(data)
+                            break
                         self.bytes_down += len(data)
-                    elif record is not None and len(record) < 4_000_000:
-                        record.extend(data)
+                    else:
+                        heads.feed(data)
+                dst.sendall(data)
         except OSError:
             pass
         finally:
@@ -144,4 +188,43 @@ def s3_proxy(s3_server: Any) -> Iterator[CountingProxy]:
         p.close()
 
 
-__all__ = ["CountingProxy", "engine_cli_argv", "cli_env", "run_engine_cli", "s3_bucket", "s3_env", "s3_proxy"]
+@pytest.fixture(scope="session")
+def tls_ca(tmp_path_factory) -> tuple[Path, ssl.SSLContext]:
+    """A throwaway CA (PEM file for AWS_CA_BUNDLE) and a server context for 127.0.0.1 signed by it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    d = tmp_path_factory.mktemp("tls")
+    now = datetime.now(UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "llm-engine test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=5))
+          .not_valid_after(now + timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                                       key_encipherment=False, data_encipherment=False, key_agreement=False,
+                                       encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(IPv4Address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    ca_pem = d / "ca.pem"
+    ca_pem.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (d / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (d / "server.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                     serialization.NoEncryption()))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(d / "server.pem", d / "server.key")
+    return ca_pem, ctx
+
+
+__all__ = ["tls_ca", "CountingProxy", "engine_cli_argv", "cli_env", "run_engine_cli", "s3_bucket", "s3_env", "s3_proxy"]

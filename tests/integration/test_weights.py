@@ -77,11 +77,20 @@ def object_gets(proxy, bucket: str) -> list[str]:
     return [p for m, p, _ in proxy.requests() if m == "GET" and p.startswith(f"/{bucket}/") and MANIFEST_NAME not in p]
 
 
-def test_push_pull_round_trip(tmp_path, s3_server, s3_bucket, s3_env):
+def test_push_pull_round_trip(tmp_path, s3_server, s3_bucket, s3_env, s3_proxy):
     model = make_model(tmp_path / "m", {"config.json": 300, "model-00001.safetensors": 12 * MiB + 17,
                                         "model-00002.safetensors": 3 * MiB, "sub/tokenizer.json": 5000, "empty.txt": 0})
     uri = f"s3://{s3_bucket}/org/model-a"
-    push(model, uri, s3_env, "--part-size-mb", "5")
+    push(model, uri, via(s3_proxy, s3_env), "--part-size-mb", "5")
+
+    # Order on the wire: the old manifest is deleted first, every file is written, the manifest is written last.
+    writes = [(m, p.split("?")[0]) for m, p, _ in s3_proxy.requests() if m in ("PUT", "POST", "DELETE")]
+    manifest_path = f"/{s3_bucket}/org/model-a/{MANIFEST_NAME}"
+    assert writes[0] == ("DELETE", manifest_path)
+    assert writes[-1] == ("PUT", manifest_path)
+    assert [w for w in writes if w[1] == manifest_path] == [writes[0], writes[-1]]
+    assert {p for _, p in writes[1:-1]} == {f"/{s3_bucket}/org/model-a/{p.relative_to(model).as_posix()}"
+                                           for p in model.rglob("*") if p.is_file()}
 
     client = s3_server.client()
     # The manifest lists every file with its size and sha256 (computed here independently).
@@ -198,6 +207,22 @@ def test_pull_killed_mid_file_resumes_with_only_the_remaining_bytes(tmp_path, s3
     assert sha(Path(out["path"]) / "big.safetensors") == sha(model / "big.safetensors")
 
 
+def test_connection_dropped_mid_file_resumes_in_the_same_run(tmp_path, s3_bucket, s3_env, s3_proxy):
+    size = 8 * MiB
+    model = make_model(tmp_path / "m", {"big.safetensors": size})
+    uri = f"s3://{s3_bucket}/m"
+    push(model, uri, s3_env)
+    s3_proxy.cut_after = 3 * MiB  # the S3 connection breaks 3 MiB into the file
+    out = pull_json(uri, tmp_path / "cache", via(s3_proxy, s3_env))
+    assert s3_proxy.cut_after is None  # the fault did happen
+    ranges = [h.get("range") for m, p, h in s3_proxy.requests() if m == "GET" and p.endswith("/big.safetensors")]
+    assert len(ranges) == 2 and ranges[0] is None and ranges[1].startswith("bytes=")
+    resumed_at = int(ranges[1][len("bytes="):-1])
+    assert 0 < resumed_at < 3 * MiB
+    assert out["object_gets"] == 2 and out["downloaded_bytes"] == size
+    assert sha(Path(out["path"]) / "big.safetensors") == sha(model / "big.safetensors")
+
+
 def test_two_concurrent_pulls_end_with_one_verified_copy(tmp_path, s3_bucket, s3_env, s3_proxy):
     size = 12 * MiB
     model = make_model(tmp_path / "m", {"config.json": 100, "a.safetensors": size})
@@ -310,3 +335,50 @@ def test_engine_run_resolves_model_and_lora_from_s3(tmp_path, s3_bucket, s3_env)
     r = subprocess.run(engine_cli_argv("run", "--dry-run"), env=cli_env(env), capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert "no manifest" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_tls_endpoint_with_ca_bundle(tmp_path, s3_server, s3_bucket, s3_env, tls_ca):
+    """https:// in the endpoint turns TLS on; AWS_CA_BUNDLE names the CA; without it the failure is one line."""
+    from tests.fixtures_weights import CountingProxy
+
+    ca_pem, server_ctx = tls_ca
+    proxy = CountingProxy(s3_server.port, tls=server_ctx)
+    try:
+        model = make_model(tmp_path / "m", {"config.json": 100, "w.safetensors": 6 * MiB})
+        env = {**s3_env, "S3_ENDPOINT_URL": proxy.endpoint, "AWS_CA_BUNDLE": str(ca_pem)}
+        assert env["S3_ENDPOINT_URL"].startswith("https://")
+        push(model, f"s3://{s3_bucket}/m", env, "--part-size-mb", "5")
+        out = pull_json(f"s3://{s3_bucket}/m", tmp_path / "cache", env)
+        assert (Path(out["path"]) / "w.safetensors").read_bytes() == (model / "w.safetensors").read_bytes()
+        assert proxy.bytes_down > 6 * MiB  # it really went through the TLS endpoint
+
+        no_ca = {k: v for k, v in env.items() if k != "AWS_CA_BUNDLE"}
+        r = run_engine_cli("pull", f"s3://{s3_bucket}/m", "--cache-dir", str(tmp_path / "c2"), env=no_ca)
+        assert_one_line_error(r, "TLS", "AWS_CA_BUNDLE")
+    finally:
+        proxy.close()
+
+
+def test_repush_sends_only_changed_files_and_pull_sees_the_new_version(tmp_path, s3_bucket, s3_env, s3_proxy):
+    model = make_model(tmp_path / "m", {"config.json": 100, "a.safetensors": 6 * MiB, "b.safetensors": 2 * MiB})
+    uri = f"s3://{s3_bucket}/m"
+    cache = tmp_path / "cache"
+    r = run_engine_cli("push", str(model), uri, "--json", "--no-progress", "--part-size-mb", "5", env=s3_env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["uploaded_files"] == 3
+    v1 = pull_json(uri, cache, s3_env)
+
+    (model / "b.safetensors").write_bytes(os.urandom(2 * MiB))
+    r = run_engine_cli("push", str(model), uri, "--json", "--no-progress", env=via(s3_proxy, s3_env))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert (out["uploaded_files"], out["skipped_files"], out["uploaded_bytes"]) == (1, 2, 2 * MiB)
+    puts = [p for m, p, _ in s3_proxy.requests() if m in ("PUT", "POST") and MANIFEST_NAME not in p]
+    assert puts and all("/m/b.safetensors" in p for p in puts), puts
+
+    v2 = pull_json(uri, cache, s3_env)
+    assert v2["path"] != v1["path"] and v2["manifest_sha256"] == out["manifest_sha256"]
+    assert (Path(v2["path"]) / "b.safetensors").read_bytes() == (model / "b.safetensors").read_bytes()
+    # --force sends everything again.
+    r = run_engine_cli("push", str(model), uri, "--json", "--no-progress", "--force", env=s3_env)
+    assert json.loads(r.stdout)["uploaded_files"] == 3
