@@ -266,7 +266,17 @@ class FileSink:
         """Close the active segment (footer, fsync, rename) and start the next; returns the closed path."""
         assert self.chain is not None and self.fd is not None
         chain = self.chain
-        rec = _control_record(FOOTER, "audit segment end", records=chain.seq - 1)
+        dst = await self._seal_segment("audit segment end")
+        self._start_segment(chain.segment, chain.prev)
+        if self.on_closed is not None:
+            self.on_closed(dst)
+        return dst
+
+    async def _seal_segment(self, message: str) -> str:
+        """Write the footer, fsync and close the active file, rename it to its closed name; returns that name."""
+        assert self.chain is not None and self.fd is not None
+        chain = self.chain
+        rec = _control_record(FOOTER, message, records=chain.seq - 1)
         self._write_lines([chain.seal(rec)])
         fd, self.fd = self.fd, None
         await asyncio.to_thread(os.fsync, fd)
@@ -274,9 +284,6 @@ class FileSink:
         dst = self.closed_name(self.opened_at, chain.segment)
         os.replace(self.path, dst)
         await asyncio.to_thread(_fsync_dir, self.path)
-        self._start_segment(chain.segment, chain.prev)
-        if self.on_closed is not None:
-            self.on_closed(dst)
         return dst
 
     async def close(self, *, rotate: bool = True) -> None:
@@ -284,15 +291,7 @@ class FileSink:
         if self.fd is None:
             return
         if rotate and self.chain is not None and self.chain.seq > 1:
-            chain = self.chain
-            rec = _control_record(FOOTER, "audit segment end (shutdown)", records=chain.seq - 1)
-            self._write_lines([chain.seal(rec)])
-            fd, self.fd = self.fd, None
-            await asyncio.to_thread(os.fsync, fd)
-            os.close(fd)
-            dst = self.closed_name(self.opened_at, chain.segment)
-            os.replace(self.path, dst)
-            await asyncio.to_thread(_fsync_dir, self.path)
+            dst = await self._seal_segment("audit segment end (shutdown)")
             if self.on_closed is not None:
                 self.on_closed(dst)
             return
