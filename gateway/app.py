@@ -22,8 +22,10 @@ from gateway.errors import ApiError
 from gateway.hooks import Admission, NoAdmissionControl, Observer
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import ProxyEndpoint
+from gateway.routing.discovery import DnsDiscovery, parse_upstreams
 from gateway.routing.pool import EndpointPool, HealthChecker
 from gateway.routing.router import Router
+from gateway.routing.telemetry import RoutingCollector
 from gateway.settings import GatewaySettings
 from gateway.upstream import make_session
 
@@ -43,6 +45,7 @@ class GatewayState:
     observers: list[Observer] = field(default_factory=list)
     sessions: dict[str, aiohttp.ClientSession] = field(default_factory=dict)
     health: HealthChecker | None = None
+    discovery: DnsDiscovery | None = None
     in_flight: int = 0
     draining: bool = False
     started: float = field(default_factory=time.time)
@@ -144,13 +147,21 @@ def create_app(
     settings = settings or GatewaySettings()
     keys = ApiKeyStore.from_settings(settings.api_keys, settings.api_keys_file)
     auth = Authenticator(keys, enabled=settings.auth_enabled)
-    pools = {m.name: EndpointPool.from_urls(m.name, m.upstreams) for m in settings.models}
+    pools: dict[str, EndpointPool] = {}
+    dns_targets = {}
+    for m in settings.models:
+        static, dns = parse_upstreams(m.upstreams)
+        pools[m.name] = EndpointPool.from_urls(m.name, static, settings.routing)
+        if dns:
+            dns_targets[m.name] = (pools[m.name], static, dns)
     metrics = GatewayMetrics()
+    router = Router(settings.routing, settings.max_retries)
+    metrics.registry.register(RoutingCollector(pools, router))
     state = GatewayState(
         settings=settings,
         auth=auth,
         pools=pools,
-        router=Router(),
+        router=router,
         admission=admission or NoAdmissionControl(),
         metrics=metrics,
         observers=[metrics, *(observers or [])],
@@ -159,12 +170,21 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         state.sessions = {m.name: make_session(m) for m in settings.models}
-        state.health = HealthChecker(list(pools.values()), settings.health_interval, settings.health_timeout)
+        state.health = HealthChecker(
+            list(pools.values()), settings.health_interval, settings.health_timeout, settings.routing.unhealthy_after
+        )
+        if dns_targets:
+            # Resolve once before the first probe round so DNS-named replicas are probed with the rest.
+            state.discovery = DnsDiscovery(dns_targets, settings.routing.dns_interval, on_added=state.health.probe)
         await state.health.start()
+        if state.discovery is not None:
+            await state.discovery.start()
         log.info("gateway ready", extra={"models": [m.name for m in settings.models], "api_keys": len(keys)})
         try:
             yield
         finally:
+            if state.discovery is not None:
+                await state.discovery.stop()
             await state.health.stop()
             for s in state.sessions.values():
                 await s.close()

@@ -7,10 +7,9 @@ import sys
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from gateway import logs
     from gateway.app import create_app
+    from gateway.drain import serve
     from gateway.settings import GatewaySettings
 
     init = {}
@@ -27,17 +26,8 @@ def _serve(args: argparse.Namespace) -> int:
         settings.port = args.port
     logs.configure(settings.log_level)
     app = create_app(settings)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        loop="auto",
-        http="auto",
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=int(settings.drain_timeout),
-        backlog=4096,
-    )
+    # Graceful drain on SIGTERM: /readyz turns 503, in-flight streams finish (gateway/drain.py).
+    serve(app, settings.host, settings.port, settings.drain_timeout)
     return 0
 
 
