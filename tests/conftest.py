@@ -98,3 +98,4 @@ def s3_server() -> Iterator[Any]:
         yield s.wait_ready()
     finally:
         s.stop()
+from tests.fixtures_routing import *  # noqa: F401,F403

@@ -37,8 +37,9 @@ def available(endpoints: Iterable[Endpoint], now: float, exclude: Iterable[str] 
 
 
 def outstanding_score(e: Endpoint) -> float:
-    """Requests the gateway has in flight there plus the engine's reported queue."""
-    return float(e.in_flight + e.engine_waiting)
+    """Outstanding requests: the engine's reported queue plus the larger of the gateway's live in-flight
+    count and the engine's reported running count (which includes other gateways' requests)."""
+    return float(e.load)
 
 
 # -- pickers ------------------------------------------------------------------------------------------------

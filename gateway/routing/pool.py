@@ -43,8 +43,10 @@ class Endpoint:
 
     @property
     def load(self) -> int:
-        """Outstanding work: the gateway's requests in flight here plus the engine's own queue."""
-        return self.in_flight + self.engine_waiting
+        """Outstanding work: the engine's queue plus what it runs. The gateway's own in-flight count is live;
+        the engine's running count (last scrape) also holds other gateways' requests: take the larger."""
+        running = self.engine_running if self.engine_running > self.in_flight else self.in_flight
+        return running + self.engine_waiting
 
     def available(self, now: float) -> bool:
         return self.healthy and self.breaker.allows(now) and not self.outlier.ejected(now)

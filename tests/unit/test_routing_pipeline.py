@@ -270,3 +270,13 @@ def test_dns_discovery_adds_and_removes_replicas_and_survives_lookup_failures():
 
     asyncio.run(go())
     assert probed == ["http://10.0.0.1:8000", "http://10.0.0.2:8000", "http://10.0.0.3:8000"]
+
+
+def test_engine_reported_running_counts_when_it_exceeds_the_gateways_own():
+    p = pool_of(2)
+    a, b = p.endpoints
+    a.in_flight = 1
+    b.engine_running = 4  # another gateway keeps b busy
+    assert least_outstanding(p.endpoints) is a
+    b.engine_running = 0
+    assert least_outstanding(p.endpoints) is b
