@@ -92,3 +92,25 @@ def sse_events(lines: list[str]) -> tuple[list[dict], bool]:
             continue
         events.append(json.loads(data))
     return events, done
+
+
+def kill_engine_hard(engine) -> None:
+    """SIGKILL a real engine at once: vLLM (its own process group, child of the supervisor) and the
+    supervisor. A replica dying without warning, as when its node fails."""
+    import os
+    import signal
+    from pathlib import Path
+
+    sup = engine.proc.pid
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == sup:  # ppid
+            child = int(stat.parent.name)
+            try:
+                os.killpg(os.getpgid(child), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    engine.proc.signal(signal.SIGKILL)

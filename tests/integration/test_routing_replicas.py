@@ -6,7 +6,6 @@ streaming. The second engine is started for this module and killed by its last t
 from __future__ import annotations
 
 import concurrent.futures as cf
-import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ import httpx
 import pytest
 
 from tests.conftest import KEY_ALL, MODEL, gateway_config
-from tests.fixtures_routing import gateway_metric, sse_events
+from tests.fixtures_routing import gateway_metric, kill_engine_hard, sse_events
 from tests.support import Engine
 
 pytestmark = pytest.mark.engine
@@ -66,7 +65,7 @@ def wait_until(cond, timeout: float = 60) -> None:
     while time.monotonic() < deadline:
         if cond():
             return
-        time.sleep(0.1)
+        time.sleep(0.05)
     raise AssertionError("condition not reached")
 
 
@@ -130,7 +129,7 @@ def test_prefix_affinity_keeps_a_shared_prefix_on_one_replica_and_spills_when_ho
 
 def test_killing_a_replica_under_load_loses_no_request_that_had_not_started_streaming(engine, engine_b, routing_gateway):
     gw = routing_gateway(config([engine.url, engine_b.url], prefix_affinity=False))
-    max_tokens = 200
+    max_tokens = 400
 
     def plain(i: int) -> httpx.Response:
         body = {"model": MODEL, "prompt": f"Tell me about {i}", "max_tokens": max_tokens, "ignore_eos": True}
@@ -145,8 +144,9 @@ def test_killing_a_replica_under_load_loses_no_request_that_had_not_started_stre
     with cf.ThreadPoolExecutor(12) as ex:
         plain_f = [ex.submit(plain, i) for i in range(9)]
         stream_f = [ex.submit(streamed, i) for i in range(3)]
-        wait_until(lambda: engine_b.metric("vllm:num_requests_running") >= 4)
-        engine_b.proc.signal(signal.SIGKILL)  # the whole replica dies at once
+        # Kill B while the gateway has several requests in flight there.
+        wait_until(lambda: gateway_metric(gw, "llm_gateway_upstream_in_flight", endpoint=engine_b.url) >= 4, 120)
+        kill_engine_hard(engine_b)  # the whole replica dies at once
         plain_r = [f.result() for f in plain_f]
         stream_r = [f.result() for f in stream_f]
 
