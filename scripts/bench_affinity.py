@@ -94,7 +94,7 @@ def run_mode(urls: list[str], model: str, affinity: bool, args, seed: int) -> di
         "models": [{"name": model, "upstreams": urls}],
         "api_keys": [{"id": "bench", "sha256": sha256_hex(KEY), "models": ["*"]}],
         "health_interval": 0.5,
-        "routing": {"prefix_affinity": affinity, "prefix_chars": args.key_chars},
+        "routing": {"prefix_affinity": affinity, "prefix_chars": args.key_chars, "load_factor": args.load_factor},
     }
     gw = Gateway(cfg, name="gateway-bench").wait_ready()
     try:
@@ -133,13 +133,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--urls", help="comma-separated engine base URLs (default: start two tiny-model engines)")
     p.add_argument("--model", default="tiny")
-    p.add_argument("--requests", type=int, default=96)
+    p.add_argument("--requests", type=int, default=144)
     p.add_argument("--concurrency", type=int, default=4)
-    p.add_argument("--prefixes", type=int, default=12)
+    p.add_argument("--prefixes", type=int, default=24)
     p.add_argument("--prefix-chars", type=int, default=2400, help="length of each shared system prompt")
     p.add_argument("--key-chars", type=int, default=1024, help="gateway routing.prefix_chars")
     p.add_argument("--max-tokens", type=int, default=8)
-    p.add_argument("--kv-cache", default="6M", help="KV cache of each engine started here (ENGINE_CPU_KV_CACHE)")
+    p.add_argument("--load-factor", type=float, default=1.25, help="gateway routing.load_factor (bounded load)")
+    p.add_argument("--kv-cache", default="12M", help="KV cache of each engine started here (ENGINE_CPU_KV_CACHE)")
     p.add_argument("--out", default=str(REPO / "results"))
     args = p.parse_args()
 
@@ -164,7 +165,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta = {
         "machine": f"{platform.node()} ({platform.machine()}, shared 2-core CPU box)" if not args.urls else platform.node(),
-        "workload": {k: getattr(args, k) for k in ("requests", "concurrency", "prefixes", "prefix_chars", "key_chars", "max_tokens", "kv_cache")},
+        "workload": {k: getattr(args, k) for k in ("requests", "concurrency", "prefixes", "prefix_chars", "key_chars", "max_tokens", "kv_cache", "load_factor")},
         "engines": "2 x vLLM CPU, tiny test model" if not args.urls else urls,
     }
     (out / "bench_affinity.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
@@ -172,7 +173,8 @@ def main() -> int:
         "# Prefix affinity on vs off (two replicas)",
         "",
         f"Workload: {args.requests} streamed chat requests, {args.concurrency} concurrent, {args.prefixes} distinct "
-        f"{args.prefix_chars}-char system prompts, {args.max_tokens} output tokens; engines' KV cache {args.kv_cache} each.",
+        f"{args.prefix_chars}-char system prompts, {args.max_tokens} output tokens; engines' KV cache {args.kv_cache} each; "
+        f"bounded-load factor {args.load_factor}.",
         "",
         "| routing | prefix-cache hit rate | TTFT p50 (ms) | TTFT p99 (ms) | TTFT mean (ms) | requests per replica | prompt tokens (mean) |",
         "|---|---|---|---|---|---|---|",
