@@ -84,10 +84,11 @@ def test_load_spreads_by_outstanding_requests(engine, engine_b, routing_gateway)
 
     def busy() -> None:
         body = {"model": MODEL, "prompt": "Long story:", "max_tokens": 900, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", engine_b.url + "/v1/completions", json=body, timeout=300) as r:
-            for _ in r.iter_lines():
-                if stop.is_set():
-                    return
+        while not stop.is_set():  # one long request after another, until told to stop
+            with httpx.stream("POST", engine_b.url + "/v1/completions", json=body, timeout=300) as r:
+                for _ in r.iter_lines():
+                    if stop.is_set():
+                        return
 
     threads = [threading.Thread(target=busy) for _ in range(3)]
     for t in threads:
