@@ -54,7 +54,12 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
             return
         self.state.draining = True
-        log.info("signal %s: draining %d in-flight requests (up to %.0fs)", signal.Signals(sig).name, self.state.in_flight, self.drain_timeout)
+        log.info(
+            "signal %s: draining %d in-flight requests (up to %.0fs)",
+            signal.Signals(sig).name,
+            self.state.in_flight,
+            self.drain_timeout,
+        )
         self._loop.call_soon_threadsafe(self._start_drain)
 
     def _start_drain(self) -> None:

@@ -43,7 +43,11 @@ WORDS = (
 
 def metric(url: str, name: str) -> float:
     text = httpx.get(url + "/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{") or line.startswith(name + " "))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    )
 
 
 def make_prefix(rng: random.Random, chars: int, tag: str) -> str:
@@ -70,7 +74,13 @@ def one_request(gw_url: str, model: str, system: str, question: str, max_tokens:
     t0 = time.perf_counter()
     ttft = None
     prompt_tokens = 0
-    with httpx.stream("POST", gw_url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=300) as r:
+    with httpx.stream(
+        "POST",
+        gw_url + "/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=300,
+    ) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: {"):
@@ -94,13 +104,20 @@ def run_mode(urls: list[str], model: str, affinity: bool, args, seed: int) -> di
         "models": [{"name": model, "upstreams": urls}],
         "api_keys": [{"id": "bench", "sha256": sha256_hex(KEY), "models": ["*"]}],
         "health_interval": 0.5,
-        "routing": {"prefix_affinity": affinity, "prefix_chars": args.key_chars, "load_factor": args.load_factor},
+        "routing": {
+            "prefix_affinity": affinity,
+            "prefix_chars": args.key_chars,
+            "load_factor": args.load_factor,
+        },
     }
     gw = Gateway(cfg, name="gateway-bench").wait_ready()
     try:
         rng = random.Random(seed)
         prefixes = [make_prefix(rng, args.prefix_chars, f"{seed}-{i}") for i in range(args.prefixes)]
-        work = [(rng.choice(prefixes), f"Question {i}: where is my {rng.choice(WORDS)}?") for i in range(args.requests)]
+        work = [
+            (rng.choice(prefixes), f"Question {i}: where is my {rng.choice(WORDS)}?")
+            for i in range(args.requests)
+        ]
         hits0 = [metric(u, "vllm:prefix_cache_hits_total") for u in urls]
         q0 = [metric(u, "vllm:prefix_cache_queries_total") for u in urls]
         n0 = [metric(u, "vllm:request_success_total") for u in urls]
@@ -108,9 +125,9 @@ def run_mode(urls: list[str], model: str, affinity: bool, args, seed: int) -> di
         with cf.ThreadPoolExecutor(args.concurrency) as ex:
             res = list(ex.map(lambda w: one_request(gw.url, model, w[0], w[1], args.max_tokens), work))
         wall = time.perf_counter() - t0
-        hits = [metric(u, "vllm:prefix_cache_hits_total") - h for u, h in zip(urls, hits0)]
-        queries = [metric(u, "vllm:prefix_cache_queries_total") - q for u, q in zip(urls, q0)]
-        served = [metric(u, "vllm:request_success_total") - n for u, n in zip(urls, n0)]
+        hits = [metric(u, "vllm:prefix_cache_hits_total") - h for u, h in zip(urls, hits0, strict=False)]
+        queries = [metric(u, "vllm:prefix_cache_queries_total") - q for u, q in zip(urls, q0, strict=False)]
+        served = [metric(u, "vllm:request_success_total") - n for u, n in zip(urls, n0, strict=False)]
     finally:
         gw.stop()
     ttfts = [r[0] for r in res]
@@ -139,8 +156,12 @@ def main() -> int:
     p.add_argument("--prefix-chars", type=int, default=2400, help="length of each shared system prompt")
     p.add_argument("--key-chars", type=int, default=1024, help="gateway routing.prefix_chars")
     p.add_argument("--max-tokens", type=int, default=8)
-    p.add_argument("--load-factor", type=float, default=1.25, help="gateway routing.load_factor (bounded load)")
-    p.add_argument("--kv-cache", default="12M", help="KV cache of each engine started here (ENGINE_CPU_KV_CACHE)")
+    p.add_argument(
+        "--load-factor", type=float, default=1.25, help="gateway routing.load_factor (bounded load)"
+    )
+    p.add_argument(
+        "--kv-cache", default="12M", help="KV cache of each engine started here (ENGINE_CPU_KV_CACHE)"
+    )
     p.add_argument("--out", default=str(REPO / "results"))
     args = p.parse_args()
 
@@ -152,11 +173,19 @@ def main() -> int:
             from engine.testmodel import build_test_model
 
             model_dir = build_test_model(REPO / ".cache" / "tests" / "tiny-seed0", seed=0)
-            engines = [Engine(str(model_dir), served_name=args.model, extra_env={"ENGINE_CPU_KV_CACHE": args.kv_cache}) for _ in range(2)]
+            engines = [
+                Engine(
+                    str(model_dir), served_name=args.model, extra_env={"ENGINE_CPU_KV_CACHE": args.kv_cache}
+                )
+                for _ in range(2)
+            ]
             for e in engines:
                 e.wait_ready(600)
             urls = [e.url for e in engines]
-        rows = [run_mode(urls, args.model, False, args, seed=1), run_mode(urls, args.model, True, args, seed=2)]
+        rows = [
+            run_mode(urls, args.model, False, args, seed=1),
+            run_mode(urls, args.model, True, args, seed=2),
+        ]
     finally:
         for e in engines:
             e.stop()
@@ -164,8 +193,22 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
-        "machine": f"{platform.node()} ({platform.machine()}, shared 2-core CPU box)" if not args.urls else platform.node(),
-        "workload": {k: getattr(args, k) for k in ("requests", "concurrency", "prefixes", "prefix_chars", "key_chars", "max_tokens", "kv_cache", "load_factor")},
+        "machine": f"{platform.node()} ({platform.machine()}, shared 2-core CPU box)"
+        if not args.urls
+        else platform.node(),
+        "workload": {
+            k: getattr(args, k)
+            for k in (
+                "requests",
+                "concurrency",
+                "prefixes",
+                "prefix_chars",
+                "key_chars",
+                "max_tokens",
+                "kv_cache",
+                "load_factor",
+            )
+        },
         "engines": "2 x vLLM CPU, tiny test model" if not args.urls else urls,
     }
     (out / "bench_affinity.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2))

@@ -18,7 +18,20 @@ class FakeUpstream:
     def __init__(self, mode: str = "ok", delay: float = 5.0) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = Proc([PY, "-m", "tests.fakes.fake_upstream", "--port", str(self.port), "--mode", mode, "--delay", str(delay)], name=f"fake-{mode}")
+        self.proc = Proc(
+            [
+                PY,
+                "-m",
+                "tests.fakes.fake_upstream",
+                "--port",
+                str(self.port),
+                "--mode",
+                mode,
+                "--delay",
+                str(delay),
+            ],
+            name=f"fake-{mode}",
+        )
 
     def wait_ready(self) -> FakeUpstream:
         wait_http(self.url + "/health", 30, self.proc.proc)

@@ -45,7 +45,9 @@ def prompt_prefix(body: dict[str, Any] | None, limit: int) -> str | None:
                 continue
             c = m.get("content")
             if isinstance(c, list):
-                c = "".join(p.get("text", "") for p in c if isinstance(p, dict) and isinstance(p.get("text"), str))
+                c = "".join(
+                    p.get("text", "") for p in c if isinstance(p, dict) and isinstance(p.get("text"), str)
+                )
             if not isinstance(c, str):
                 continue
             piece = f"{m.get('role', '')}:{c}\n"
@@ -106,7 +108,9 @@ class HashRing:
                     return
 
 
-def bounded_load_pick(ring: HashRing, key: int, candidates: Sequence[_Loaded], load_factor: float) -> _Loaded | None:
+def bounded_load_pick(
+    ring: HashRing, key: int, candidates: Sequence[_Loaded], load_factor: float
+) -> _Loaded | None:
     """The first candidate in ring order from ``key`` whose load, with this request, is within the bound.
 
     Candidates not on the ring are ignored; if all are over the bound (cannot happen with load_factor >= 1,

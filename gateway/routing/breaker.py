@@ -22,7 +22,17 @@ HALF_OPEN = "half_open"
 
 
 class CircuitBreaker:
-    __slots__ = ("failures", "base_open", "max_open", "state", "consecutive", "open_until", "open_for", "trial", "opened_count")
+    __slots__ = (
+        "failures",
+        "base_open",
+        "max_open",
+        "state",
+        "consecutive",
+        "open_until",
+        "open_for",
+        "trial",
+        "opened_count",
+    )
 
     def __init__(self, failures: int = 5, open_seconds: float = 5.0, max_open: float = 60.0) -> None:
         self.failures = failures
@@ -84,9 +94,26 @@ class CircuitBreaker:
 class OutlierDetector:
     """Fault ratio over the last ``window`` attempts of one replica."""
 
-    __slots__ = ("window", "min_requests", "ratio", "base_eject", "max_eject", "outcomes", "faults", "ejected_until", "ejections")
+    __slots__ = (
+        "window",
+        "min_requests",
+        "ratio",
+        "base_eject",
+        "max_eject",
+        "outcomes",
+        "faults",
+        "ejected_until",
+        "ejections",
+    )
 
-    def __init__(self, window: int = 20, min_requests: int = 10, ratio: float = 0.5, eject: float = 10.0, max_eject: float = 60.0) -> None:
+    def __init__(
+        self,
+        window: int = 20,
+        min_requests: int = 10,
+        ratio: float = 0.5,
+        eject: float = 10.0,
+        max_eject: float = 60.0,
+    ) -> None:
         self.window = window
         self.min_requests = min(min_requests, window)
         self.ratio = ratio

@@ -92,16 +92,22 @@ class DnsDiscovery:
                 try:
                     addrs = await self.resolver(t.host, t.port)
                     self._known[(model, t)] = addrs
-                except (OSError, asyncio.TimeoutError) as e:
+                except (TimeoutError, OSError) as e:
                     addrs = self._known.get((model, t), [])
-                    log.warning("DNS lookup of %s failed (%s); keeping %d known replicas", t.host, type(e).__name__, len(addrs))
+                    log.warning(
+                        "DNS lookup of %s failed (%s); keeping %d known replicas",
+                        t.host,
+                        type(e).__name__,
+                        len(addrs),
+                    )
                 urls.extend(t.url_for(a) for a in addrs)
             before = {e.url for e in pool.endpoints}
             added = pool.replace(urls, static)
             after = {e.url for e in pool.endpoints}
             if before != after:
                 log.info(
-                    "pool %s replicas changed", model,
+                    "pool %s replicas changed",
+                    model,
                     extra={"added": sorted(after - before), "removed": sorted(before - after)},
                 )
             if self.on_added is not None and added:

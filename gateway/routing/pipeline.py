@@ -26,7 +26,9 @@ class RouteRequest:
 # -- filters ------------------------------------------------------------------------------------------------
 
 
-def available(endpoints: Iterable[Endpoint], now: float, exclude: Iterable[str] = frozenset()) -> list[Endpoint]:
+def available(
+    endpoints: Iterable[Endpoint], now: float, exclude: Iterable[str] = frozenset()
+) -> list[Endpoint]:
     """Replicas that passed their health probes, whose breaker lets traffic through, that are not ejected
     as outliers and that this request has not already tried."""
     ex = exclude if isinstance(exclude, (set, frozenset)) else set(exclude)

@@ -71,7 +71,9 @@ class EndpointPool:
             url,
             healthy=healthy,
             breaker=CircuitBreaker(s.breaker_failures, s.breaker_open, s.breaker_max_open),
-            outlier=OutlierDetector(s.outlier_window, s.outlier_min_requests, s.outlier_ratio, s.outlier_eject, s.breaker_max_open),
+            outlier=OutlierDetector(
+                s.outlier_window, s.outlier_min_requests, s.outlier_ratio, s.outlier_eject, s.breaker_max_open
+            ),
         )
 
     @property
@@ -136,7 +138,9 @@ class HealthChecker:
     out of rotation, one success brings it back. Also scrapes the engine's ``/metrics`` for its queue
     (``vllm:num_requests_waiting``), running count and KV-cache use, which feed the load scores."""
 
-    def __init__(self, pools: list[EndpointPool], interval: float, timeout: float, unhealthy_after: int = 2) -> None:
+    def __init__(
+        self, pools: list[EndpointPool], interval: float, timeout: float, unhealthy_after: int = 2
+    ) -> None:
         self.pools = pools
         self.interval = interval
         self.timeout = timeout
@@ -154,7 +158,7 @@ class HealthChecker:
                 await r.read()
                 if not ok:
                     ep.last_error = f"health {r.status}"
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
             ok = False
             ep.last_error = type(e).__name__
             # A replica that refuses connections is gone: no need to wait for a second probe.
@@ -179,7 +183,7 @@ class HealthChecker:
                 if r.status != 200:
                     return
                 values = parse_engine_metrics(await r.read())
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return
         ep.engine_waiting = int(values.get("engine_waiting", 0))
         ep.engine_running = int(values.get("engine_running", 0))

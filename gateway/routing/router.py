@@ -25,7 +25,9 @@ FAULT_KINDS = ("connect", "5xx", "timeout", "broken")
 
 
 class Router:
-    def __init__(self, settings: RoutingSettings | None = None, max_retries: int = 2, rng: random.Random | None = None) -> None:
+    def __init__(
+        self, settings: RoutingSettings | None = None, max_retries: int = 2, rng: random.Random | None = None
+    ) -> None:
         self.settings = settings or RoutingSettings()
         self.max_retries = max_retries
         self.rng = rng or random.Random()
@@ -50,13 +52,22 @@ class Router:
             return None
         return affinity_key(ctx.body if s.prefix_affinity else None, s.prefix_chars, session)
 
-    def pick(self, pool: EndpointPool, ctx: RequestContext, exclude: set[str] | frozenset[str] = frozenset()) -> Endpoint | None:
+    def pick(
+        self, pool: EndpointPool, ctx: RequestContext, exclude: set[str] | frozenset[str] = frozenset()
+    ) -> Endpoint | None:
         now = time.monotonic()
         if ctx.attempts == 0:
             self.budget(pool).record_request(now)
             ctx.extra["affinity_key"] = self.key_for(ctx)
         key = ctx.extra.get("affinity_key")
-        ep = choose(pool.endpoints, RouteRequest(exclude, key), now, pool.ring if key is not None else None, self.settings.load_factor, self.rng)
+        ep = choose(
+            pool.endpoints,
+            RouteRequest(exclude, key),
+            now,
+            pool.ring if key is not None else None,
+            self.settings.load_factor,
+            self.rng,
+        )
         if ep is not None:
             ep.breaker.acquire(now)
             ep.requests += 1
@@ -89,10 +100,19 @@ class Router:
         if ep.breaker.record_failure(now):
             self.breaker_opened += 1
             log.warning(
-                "circuit breaker of %s opened for %.1fs after %d faults", ep.url, ep.breaker.open_for, ep.breaker.consecutive,
+                "circuit breaker of %s opened for %.1fs after %d faults",
+                ep.url,
+                ep.breaker.open_for,
+                ep.breaker.consecutive,
             )
         ep.outlier.record(True)
-        if ep.outlier.should_eject(now) and pool.ejected_fraction(now) + 1 / max(len(pool.endpoints), 1) <= self.settings.outlier_max_ejected + 1e-9:
+        if (
+            ep.outlier.should_eject(now)
+            and pool.ejected_fraction(now) + 1 / max(len(pool.endpoints), 1)
+            <= self.settings.outlier_max_ejected + 1e-9
+        ):
             ep.outlier.eject(now)
             self.ejections += 1
-            log.warning("replica %s ejected as an outlier until +%.1fs", ep.url, ep.outlier.ejected_until - now)
+            log.warning(
+                "replica %s ejected as an outlier until +%.1fs", ep.url, ep.outlier.ejected_until - now
+            )

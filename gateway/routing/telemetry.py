@@ -25,17 +25,47 @@ class RoutingCollector(Collector):
 
     def collect(self) -> Iterator:
         now = time.monotonic()
-        healthy = GaugeMetricFamily("llm_gateway_upstream_healthy", "1 if the replica passes its /health probes", labels=["model", "endpoint"])
-        available = GaugeMetricFamily(
-            "llm_gateway_upstream_available", "1 if the replica takes traffic now (healthy, breaker not open, not ejected)", labels=["model", "endpoint"]
+        healthy = GaugeMetricFamily(
+            "llm_gateway_upstream_healthy",
+            "1 if the replica passes its /health probes",
+            labels=["model", "endpoint"],
         )
-        breaker = GaugeMetricFamily("llm_gateway_upstream_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open", labels=["model", "endpoint"])
-        in_flight = GaugeMetricFamily("llm_gateway_upstream_in_flight", "Gateway requests in flight to the replica", labels=["model", "endpoint"])
-        waiting = GaugeMetricFamily("llm_gateway_upstream_engine_waiting", "The engine's queue (vllm:num_requests_waiting)", labels=["model", "endpoint"])
-        running = GaugeMetricFamily("llm_gateway_upstream_engine_running", "The engine's running requests (vllm:num_requests_running)", labels=["model", "endpoint"])
-        attempts = CounterMetricFamily("llm_gateway_upstream_attempts", "Attempts sent to the replica", labels=["model", "endpoint"])
-        faults = CounterMetricFamily("llm_gateway_upstream_faults", "Upstream faults (connect, 5xx, timeout, broken stream)", labels=["model", "endpoint"])
-        replicas = GaugeMetricFamily("llm_gateway_upstream_replicas", "Replicas known to the pool", labels=["model"])
+        available = GaugeMetricFamily(
+            "llm_gateway_upstream_available",
+            "1 if the replica takes traffic now (healthy, breaker not open, not ejected)",
+            labels=["model", "endpoint"],
+        )
+        breaker = GaugeMetricFamily(
+            "llm_gateway_upstream_breaker_state",
+            "Circuit breaker: 0 closed, 1 half-open, 2 open",
+            labels=["model", "endpoint"],
+        )
+        in_flight = GaugeMetricFamily(
+            "llm_gateway_upstream_in_flight",
+            "Gateway requests in flight to the replica",
+            labels=["model", "endpoint"],
+        )
+        waiting = GaugeMetricFamily(
+            "llm_gateway_upstream_engine_waiting",
+            "The engine's queue (vllm:num_requests_waiting)",
+            labels=["model", "endpoint"],
+        )
+        running = GaugeMetricFamily(
+            "llm_gateway_upstream_engine_running",
+            "The engine's running requests (vllm:num_requests_running)",
+            labels=["model", "endpoint"],
+        )
+        attempts = CounterMetricFamily(
+            "llm_gateway_upstream_attempts", "Attempts sent to the replica", labels=["model", "endpoint"]
+        )
+        faults = CounterMetricFamily(
+            "llm_gateway_upstream_faults",
+            "Upstream faults (connect, 5xx, timeout, broken stream)",
+            labels=["model", "endpoint"],
+        )
+        replicas = GaugeMetricFamily(
+            "llm_gateway_upstream_replicas", "Replicas known to the pool", labels=["model"]
+        )
         for model, pool in self.pools.items():
             eps = pool.endpoints
             replicas.add_metric([model], len(eps))
@@ -54,7 +84,17 @@ class RoutingCollector(Collector):
                 faults.add_metric(lv, e.faults)
         r = self.router
         yield from (healthy, available, breaker, in_flight, waiting, running, attempts, faults, replicas)
-        yield CounterMetricFamily("llm_gateway_retries", "Retries on another replica (before any byte reached the client)", value=r.retries)
-        yield CounterMetricFamily("llm_gateway_retries_refused", "Retries refused by the retry budget", value=r.retries_refused)
-        yield CounterMetricFamily("llm_gateway_breaker_opened", "Times a replica's circuit breaker opened", value=r.breaker_opened)
-        yield CounterMetricFamily("llm_gateway_outlier_ejections", "Times a replica was ejected as an outlier", value=r.ejections)
+        yield CounterMetricFamily(
+            "llm_gateway_retries",
+            "Retries on another replica (before any byte reached the client)",
+            value=r.retries,
+        )
+        yield CounterMetricFamily(
+            "llm_gateway_retries_refused", "Retries refused by the retry budget", value=r.retries_refused
+        )
+        yield CounterMetricFamily(
+            "llm_gateway_breaker_opened", "Times a replica's circuit breaker opened", value=r.breaker_opened
+        )
+        yield CounterMetricFamily(
+            "llm_gateway_outlier_ejections", "Times a replica was ejected as an outlier", value=r.ejections
+        )

@@ -29,11 +29,21 @@ state = {"mode": "ok", "delay": 5.0, "completions": 0}
 
 def _chunk(i: int, chat: bool) -> bytes:
     if chat:
-        obj = {"id": "fake", "object": "chat.completion.chunk", "created": int(time.time()), "model": "tiny",
-               "choices": [{"index": 0, "delta": {"content": f"t{i} "}, "finish_reason": None}]}
+        obj = {
+            "id": "fake",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": "tiny",
+            "choices": [{"index": 0, "delta": {"content": f"t{i} "}, "finish_reason": None}],
+        }
     else:
-        obj = {"id": "fake", "object": "text_completion", "created": int(time.time()), "model": "tiny",
-               "choices": [{"index": 0, "text": f"t{i} ", "finish_reason": None}]}
+        obj = {
+            "id": "fake",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": "tiny",
+            "choices": [{"index": 0, "text": f"t{i} ", "finish_reason": None}],
+        }
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
@@ -47,15 +57,42 @@ async def completions(request: web.Request) -> web.StreamResponse:
     if mode == "hang":
         await asyncio.sleep(3600)
     if mode == "error500":
-        return web.json_response({"error": {"message": "fake internal error", "type": "internal_error", "param": None, "code": None}}, status=500)
+        return web.json_response(
+            {
+                "error": {
+                    "message": "fake internal error",
+                    "type": "internal_error",
+                    "param": None,
+                    "code": None,
+                }
+            },
+            status=500,
+        )
     if mode == "error400":
-        return web.json_response({"error": {"message": "fake bad request", "type": "invalid_request_error", "param": None, "code": None}}, status=400)
+        return web.json_response(
+            {
+                "error": {
+                    "message": "fake bad request",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": None,
+                }
+            },
+            status=400,
+        )
     usage = {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}
     if not stream:
         choice = {"index": 0, "finish_reason": "length"}
         choice.update({"message": {"role": "assistant", "content": "x " * n}} if chat else {"text": "x " * n})
-        return web.json_response({"id": "fake", "object": "chat.completion" if chat else "text_completion", "model": "tiny",
-                                  "choices": [choice], "usage": usage})
+        return web.json_response(
+            {
+                "id": "fake",
+                "object": "chat.completion" if chat else "text_completion",
+                "model": "tiny",
+                "choices": [choice],
+                "usage": usage,
+            }
+        )
     resp = web.StreamResponse(headers={"content-type": "text/event-stream; charset=utf-8"})
     await resp.prepare(request)
     if mode == "slow_first_byte":
@@ -80,7 +117,9 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    return web.Response(text="vllm:num_requests_running 0\nvllm:num_requests_waiting 0\nvllm:kv_cache_usage_perc 0\n")
+    return web.Response(
+        text="vllm:num_requests_running 0\nvllm:num_requests_waiting 0\nvllm:kv_cache_usage_perc 0\n"
+    )
 
 
 async def set_mode(request: web.Request) -> web.Response:

@@ -24,7 +24,13 @@ def test_sigterm_during_streams_completes_them(engine, routing_gateway):
     results: list = [None] * 3
 
     def run(i: int) -> None:
-        body = {"model": MODEL, "prompt": f"Story number {i}:", "max_tokens": MAX_TOKENS, "ignore_eos": True, "stream": True}
+        body = {
+            "model": MODEL,
+            "prompt": f"Story number {i}:",
+            "max_tokens": MAX_TOKENS,
+            "ignore_eos": True,
+            "stream": True,
+        }
         lines = []
         with httpx.stream("POST", gw.url + "/v1/completions", json=body, headers=AUTH, timeout=300) as r:
             for line in r.iter_lines():
@@ -47,7 +53,12 @@ def test_sigterm_during_streams_completes_them(engine, routing_gateway):
         if ready.status_code == 503:
             break
     assert ready.status_code == 503 and ready.json()["draining"] is True
-    refused = httpx.post(gw.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}, headers=AUTH, timeout=30)
+    refused = httpx.post(
+        gw.url + "/v1/completions",
+        json={"model": MODEL, "prompt": "x", "max_tokens": 2},
+        headers=AUTH,
+        timeout=30,
+    )
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
     assert any(t.is_alive() for t in threads)
 

@@ -38,13 +38,17 @@ def session_homed_on(url: str, urls: list[str]) -> str:
     raise AssertionError("no session id found")
 
 
-def complete(gw, max_tokens: int = 4, stream: bool = False, prompt: str = "Hello there", session: str | None = None) -> httpx.Response:
+def complete(
+    gw, max_tokens: int = 4, stream: bool = False, prompt: str = "Hello there", session: str | None = None
+) -> httpx.Response:
     body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": stream}
     headers = dict(AUTH, **({"x-session-id": session} if session else {}))
     return httpx.post(gw.url + "/v1/completions", json=body, headers=headers, timeout=120)
 
 
-def stream_lines(gw, max_tokens: int = 8, chat: bool = False, session: str | None = None) -> tuple[int, list[str]]:
+def stream_lines(
+    gw, max_tokens: int = 8, chat: bool = False, session: str | None = None
+) -> tuple[int, list[str]]:
     path = "/v1/chat/completions" if chat else "/v1/completions"
     body: dict[str, Any] = {"model": MODEL, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
     if chat:
@@ -62,9 +66,13 @@ def concurrently(fn, n: int) -> list:
 
 
 @pytest.mark.parametrize("mode", ["hang", "error500"])
-def test_faulty_replica_is_ejected_and_the_other_keeps_serving(engine, fake_upstream_factory, routing_gateway, mode):
+def test_faulty_replica_is_ejected_and_the_other_keeps_serving(
+    engine, fake_upstream_factory, routing_gateway, mode
+):
     fake = fake_upstream_factory(mode)
-    gw = routing_gateway(config([fake.url, engine.url], {"first_byte": 1.5}, breaker_failures=2, breaker_open=120))
+    gw = routing_gateway(
+        config([fake.url, engine.url], {"first_byte": 1.5}, breaker_failures=2, breaker_open=120)
+    )
     # A sticky session whose home is the faulty replica: each request fails there before its first byte
     # and is retried on the engine, until two faults open the faulty replica's breaker.
     sid = session_homed_on(fake.url, [fake.url, engine.url])
@@ -76,7 +84,9 @@ def test_faulty_replica_is_ejected_and_the_other_keeps_serving(engine, fake_upst
     assert gateway_metric(gw, "llm_gateway_upstream_faults_total", endpoint=engine.url) == 0
 
 
-def test_slow_first_byte_is_retried_before_anything_reached_the_client(engine, fake_upstream_factory, routing_gateway):
+def test_slow_first_byte_is_retried_before_anything_reached_the_client(
+    engine, fake_upstream_factory, routing_gateway
+):
     fake = fake_upstream_factory("slow_first_byte", delay=30)
     gw = routing_gateway(config([fake.url, engine.url], {"first_byte": 1.5}))
     sid = session_homed_on(fake.url, [fake.url, engine.url])
@@ -86,10 +96,15 @@ def test_slow_first_byte_is_retried_before_anything_reached_the_client(engine, f
         events, done = sse_events(lines)
         assert status == 200 and done
         assert not any("error" in e for e in events)
-        assert sum(1 for e in events if e["choices"] and e["choices"][0]["delta"].get("content") is not None) >= 1
+        assert (
+            sum(1 for e in events if e["choices"] and e["choices"][0]["delta"].get("content") is not None)
+            >= 1
+        )
 
 
-def test_replica_dropping_mid_stream_gives_an_error_event_and_a_clean_end(fake_upstream_factory, routing_gateway):
+def test_replica_dropping_mid_stream_gives_an_error_event_and_a_clean_end(
+    fake_upstream_factory, routing_gateway
+):
     fake = fake_upstream_factory("drop_mid_stream")
     other = fake_upstream_factory("ok")
     gw = routing_gateway(config([fake.url], {"first_byte": 5}))
@@ -97,7 +112,10 @@ def test_replica_dropping_mid_stream_gives_an_error_event_and_a_clean_end(fake_u
     events, done = sse_events(lines)
     assert status == 200 and done
     assert [e["choices"][0]["text"] for e in events[:2]] == ["t0 ", "t1 "]
-    assert events[-1]["error"]["type"] == "upstream_error" and events[-1]["error"]["code"] == "upstream_disconnected"
+    assert (
+        events[-1]["error"]["type"] == "upstream_error"
+        and events[-1]["error"]["code"] == "upstream_disconnected"
+    )
     assert fake.completions == 1  # never retried once streaming began
     assert other.completions == 0
 
@@ -115,7 +133,9 @@ def test_stalled_stream_ends_at_the_idle_timeout_with_an_error_event(fake_upstre
 
 def test_client_4xx_storm_never_opens_a_breaker(engine, fake_upstream_factory, routing_gateway):
     fake = fake_upstream_factory("error400")
-    gw = routing_gateway(config([engine.url, fake.url], breaker_failures=2, outlier_min_requests=2, outlier_window=4))
+    gw = routing_gateway(
+        config([engine.url, fake.url], breaker_failures=2, outlier_min_requests=2, outlier_window=4)
+    )
     # The real engine rejects a max_tokens beyond its context (400); the fake rejects everything (400).
     statuses = concurrently(lambda: complete(gw, max_tokens=100000).status_code, 30)
     assert statuses == [400] * 30
@@ -124,7 +144,12 @@ def test_client_4xx_storm_never_opens_a_breaker(engine, fake_upstream_factory, r
     assert gateway_metric(gw, "llm_gateway_outlier_ejections_total") == 0
     assert gateway_metric(gw, "llm_gateway_upstream_available") == 2
     assert gateway_metric(gw, "llm_gateway_retries_total") == 0
-    r = httpx.post(gw.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 100000}, headers=AUTH, timeout=60)
+    r = httpx.post(
+        gw.url + "/v1/completions",
+        json={"model": MODEL, "prompt": "x", "max_tokens": 100000},
+        headers=AUTH,
+        timeout=60,
+    )
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 

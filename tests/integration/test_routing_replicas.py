@@ -38,7 +38,9 @@ def engine_b(tiny_model_dir) -> Iterator[Engine]:
 
 
 def config(upstreams: list[str], **routing: Any) -> dict[str, Any]:
-    return gateway_config(upstreams, routing={"retry_min": 100, **routing}, health_interval=0.3, max_retries=2)
+    return gateway_config(
+        upstreams, routing={"retry_min": 100, **routing}, health_interval=0.3, max_retries=2
+    )
 
 
 def successes(*engines: Engine) -> list[float]:
@@ -73,9 +75,13 @@ def test_load_spreads_by_outstanding_requests(engine, engine_b, routing_gateway)
     gw = routing_gateway(config([engine.url, engine_b.url], prefix_affinity=False))
     before = successes(engine, engine_b)
     with cf.ThreadPoolExecutor(8) as ex:
-        rs = list(ex.map(lambda i: chat(gw, f"question {i}", max_tokens=64, stream=True, system="Be brief."), range(8)))
+        rs = list(
+            ex.map(
+                lambda i: chat(gw, f"question {i}", max_tokens=64, stream=True, system="Be brief."), range(8)
+            )
+        )
     assert all(r.status_code == 200 for r in rs)
-    got = [a - b for a, b in zip(successes(engine, engine_b), before)]
+    got = [a - b for a, b in zip(successes(engine, engine_b), before, strict=False)]
     assert sum(got) == 8 and min(got) >= 3
 
     # The engine's own report counts too: keep replica B busy from outside this gateway (another gateway,
@@ -83,7 +89,13 @@ def test_load_spreads_by_outstanding_requests(engine, engine_b, routing_gateway)
     stop = threading.Event()
 
     def busy() -> None:
-        body = {"model": MODEL, "prompt": "Long story:", "max_tokens": 900, "ignore_eos": True, "stream": True}
+        body = {
+            "model": MODEL,
+            "prompt": "Long story:",
+            "max_tokens": 900,
+            "ignore_eos": True,
+            "stream": True,
+        }
         while not stop.is_set():  # one long request after another, until told to stop
             with httpx.stream("POST", engine_b.url + "/v1/completions", json=body, timeout=300) as r:
                 for _ in r.iter_lines():
@@ -94,7 +106,9 @@ def test_load_spreads_by_outstanding_requests(engine, engine_b, routing_gateway)
     for t in threads:
         t.start()
     try:
-        wait_until(lambda: gateway_metric(gw, "llm_gateway_upstream_engine_running", endpoint=engine_b.url) >= 3)
+        wait_until(
+            lambda: gateway_metric(gw, "llm_gateway_upstream_engine_running", endpoint=engine_b.url) >= 3
+        )
         a0 = engine.metric("vllm:request_success_total")
         for i in range(3):
             assert chat(gw, f"next {i}", system="Be brief.").status_code == 200
@@ -105,7 +119,9 @@ def test_load_spreads_by_outstanding_requests(engine, engine_b, routing_gateway)
             t.join(120)
 
 
-def test_prefix_affinity_keeps_a_shared_prefix_on_one_replica_and_spills_when_hot(engine, engine_b, routing_gateway):
+def test_prefix_affinity_keeps_a_shared_prefix_on_one_replica_and_spills_when_hot(
+    engine, engine_b, routing_gateway
+):
     gw = routing_gateway(config([engine.url, engine_b.url], prefix_affinity=True, prefix_chars=512))
     engines = (engine, engine_b)
     s0 = successes(*engines)
@@ -114,8 +130,8 @@ def test_prefix_affinity_keeps_a_shared_prefix_on_one_replica_and_spills_when_ho
         r = chat(gw, f"Do you fix flat tyres on a Sunday? ({i})")
         assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] > 128
     s1 = successes(*engines)
-    hits = [e.metric("vllm:prefix_cache_hits_total") - h for e, h in zip(engines, h0)]
-    served = [a - b for a, b in zip(s1, s0)]
+    hits = [e.metric("vllm:prefix_cache_hits_total") - h for e, h in zip(engines, h0, strict=False)]
+    served = [a - b for a, b in zip(s1, s0, strict=False)]
     assert sorted(served) == [0, 6]
     home = served.index(6)
     assert hits[home] > 0 and hits[1 - home] == 0
@@ -124,11 +140,13 @@ def test_prefix_affinity_keeps_a_shared_prefix_on_one_replica_and_spills_when_ho
     with cf.ThreadPoolExecutor(8) as ex:
         rs = list(ex.map(lambda i: chat(gw, f"And brakes? ({i})", max_tokens=64, stream=True), range(8)))
     assert all(r.status_code == 200 for r in rs)
-    spread = [a - b for a, b in zip(successes(*engines), s1)]
+    spread = [a - b for a, b in zip(successes(*engines), s1, strict=False)]
     assert sum(spread) == 8 and 0 < spread[1 - home] < spread[home]
 
 
-def test_killing_a_replica_under_load_loses_no_request_that_had_not_started_streaming(engine, engine_b, routing_gateway):
+def test_killing_a_replica_under_load_loses_no_request_that_had_not_started_streaming(
+    engine, engine_b, routing_gateway
+):
     gw = routing_gateway(config([engine.url, engine_b.url], prefix_affinity=False))
     max_tokens = 400
 
@@ -137,8 +155,14 @@ def test_killing_a_replica_under_load_loses_no_request_that_had_not_started_stre
         return httpx.post(gw.url + "/v1/completions", json=body, headers=AUTH, timeout=300)
 
     def streamed(i: int) -> tuple[int, list[str]]:
-        body = {"model": MODEL, "prompt": f"Stream {i}", "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
-                "stream_options": {"include_usage": True}}
+        body = {
+            "model": MODEL,
+            "prompt": f"Stream {i}",
+            "max_tokens": max_tokens,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         with httpx.stream("POST", gw.url + "/v1/completions", json=body, headers=AUTH, timeout=300) as r:
             return r.status_code, list(r.iter_lines())
 
@@ -146,7 +170,9 @@ def test_killing_a_replica_under_load_loses_no_request_that_had_not_started_stre
         plain_f = [ex.submit(plain, i) for i in range(9)]
         stream_f = [ex.submit(streamed, i) for i in range(3)]
         # Kill B while the gateway has several requests in flight there.
-        wait_until(lambda: gateway_metric(gw, "llm_gateway_upstream_in_flight", endpoint=engine_b.url) >= 4, 120)
+        wait_until(
+            lambda: gateway_metric(gw, "llm_gateway_upstream_in_flight", endpoint=engine_b.url) >= 4, 120
+        )
         kill_engine_hard(engine_b)  # the whole replica dies at once
         plain_r = [f.result() for f in plain_f]
         stream_r = [f.result() for f in stream_f]

@@ -27,7 +27,10 @@ def pool_of(n: int, **kw) -> EndpointPool:
 
 
 def chat(system: str, user: str) -> dict:
-    return {"model": "m", "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]}
+    return {
+        "model": "m",
+        "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+    }
 
 
 # -- filters and pickers ------------------------------------------------------------------------------------
@@ -79,7 +82,9 @@ def test_prefix_key_shared_by_requests_with_the_same_long_system_prompt():
 def test_short_prompts_get_no_key_and_session_id_wins():
     assert affinity_key(chat("short", "hi"), 1024) is None
     assert prompt_prefix({"prompt": "x" * 100}, 1024) is None
-    assert affinity_key(chat("short", "hi"), 1024, session="s1") == affinity_key(chat(SYSTEM, "x"), 1024, session="s1")
+    assert affinity_key(chat("short", "hi"), 1024, session="s1") == affinity_key(
+        chat(SYSTEM, "x"), 1024, session="s1"
+    )
     assert affinity_key({"prompt": "y" * 2000}, 1024) == affinity_key({"prompt": "y" * 1024 + "z" * 50}, 1024)
 
 
@@ -91,7 +96,9 @@ def test_ring_spreads_keys_and_moves_only_a_removed_replicas_share():
     first4 = [next(ring4.walk(k)) for k in keys]
     share = Counter(first4)
     assert len(share) == 4 and min(share.values()) > 250
-    moved = sum(1 for k, u in zip(keys, first4) if u != "http://r3" and next(ring3.walk(k)) != u)
+    moved = sum(
+        1 for k, u in zip(keys, first4, strict=False) if u != "http://r3" and next(ring3.walk(k)) != u
+    )
     assert moved == 0
 
 
@@ -232,7 +239,9 @@ def test_router_retry_respects_max_retries():
 
 
 def test_parse_upstreams_keeps_the_dns_syntax():
-    static, dns = parse_upstreams(["http://a:8000/", "dns+http://my-engine-headless.ns.svc.cluster.local:8000"])
+    static, dns = parse_upstreams(
+        ["http://a:8000/", "dns+http://my-engine-headless.ns.svc.cluster.local:8000"]
+    )
     assert static == ["http://a:8000"]
     assert dns == [DnsTarget("http", "my-engine-headless.ns.svc.cluster.local", 8000)]
     assert dns[0].url_for("10.1.2.3") == "http://10.1.2.3:8000"
@@ -256,14 +265,20 @@ def test_dns_discovery_adds_and_removes_replicas_and_survives_lookup_failures():
         probed.append(ep.url)
         ep.healthy = True
 
-    d = DnsDiscovery({"m": (pool, ["http://static:1"], [DnsTarget("http", "svc", 8000)])}, 5, resolver, on_added)
+    d = DnsDiscovery(
+        {"m": (pool, ["http://static:1"], [DnsTarget("http", "svc", 8000)])}, 5, resolver, on_added
+    )
 
     async def go():
         await d.refresh()
         kept = pool.endpoints[2]
         kept.in_flight = 3
         await d.refresh()
-        assert [e.url for e in pool.endpoints] == ["http://static:1", "http://10.0.0.2:8000", "http://10.0.0.3:8000"]
+        assert [e.url for e in pool.endpoints] == [
+            "http://static:1",
+            "http://10.0.0.2:8000",
+            "http://10.0.0.3:8000",
+        ]
         assert pool.endpoints[1] is kept and kept.in_flight == 3  # state of a staying replica is kept
         await d.refresh()  # lookup fails: keep the last known set
         assert [e.url for e in pool.endpoints][1:] == ["http://10.0.0.2:8000", "http://10.0.0.3:8000"]
