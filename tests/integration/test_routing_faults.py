@@ -5,6 +5,7 @@ stream. Plus: client 4xx storms against the real engine never open a breaker; DN
 from __future__ import annotations
 
 import concurrent.futures as cf
+import time
 from typing import Any
 
 import httpx
@@ -160,3 +161,23 @@ def test_dns_named_upstream_resolves_to_the_engine(engine, routing_gateway):
     r = complete(gw)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
     assert httpx.get(gw.url + "/readyz", timeout=5).status_code == 200
+
+
+def test_open_breaker_half_opens_and_closes_when_the_replica_recovers(
+    engine, fake_upstream_factory, routing_gateway
+):
+    fake = fake_upstream_factory("error500")
+    gw = routing_gateway(config([fake.url, engine.url], breaker_failures=2, breaker_open=1.0))
+    sid = session_homed_on(fake.url, [fake.url, engine.url])
+    assert [complete(gw, session=sid).status_code for _ in range(2)] == [200, 200]  # retried on the engine
+    assert gateway_metric(gw, "llm_gateway_breaker_opened_total") == 1
+    fake.set_mode("ok")  # the replica recovers (resets its request count)
+    # Once the open period is over, the next request is the half-open trial; it succeeds and closes it.
+    deadline = time.monotonic() + 30
+    while fake.completions == 0 and time.monotonic() < deadline:
+        assert complete(gw, session=sid).status_code == 200
+    assert fake.completions == 1
+    assert gateway_metric(gw, "llm_gateway_upstream_breaker_state", endpoint=fake.url) == 0
+    for _ in range(3):
+        assert complete(gw, session=sid).status_code == 200
+    assert fake.completions == 4  # back home
