@@ -149,7 +149,7 @@ def main() -> None:
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/_mode", set_mode)
     app.router.add_get("/_stats", stats)
-    web.run_app(app, host="127.0.0.1", port=a.port, print=None, access_log=None)
+    web.run_app(app, host="127.0.0.1", port=a.port, print=None, access_log=None, shutdown_timeout=0.2)
 
 
 if __name__ == "__main__":
