@@ -50,6 +50,8 @@ class GatewayState:
     draining: bool = False
     started: float = field(default_factory=time.time)
     closers: list[Any] = field(default_factory=list)
+    # Set when the drain deadline passed: streams still running end with an error event (gateway/drain.py).
+    drain_expired: bool = False
 
 
 def error_response(e: ApiError) -> Response:

@@ -5,6 +5,8 @@ Sequence when SIGTERM (or SIGINT) arrives:
    ``Retry-After`` (clients and load balancers retry elsewhere), while ``/healthz`` stays 200.
 2. Requests already in flight (streams included) continue until none is left or ``drain_timeout``
    seconds have passed.
+   Streams still running at the deadline end at their next chunk with an OpenAI-style error event
+   (code ``draining``) and ``data: [DONE]``, so clients see a clean end and can retry.
 3. Then uvicorn's own shutdown runs: listeners close, idle keep-alive connections close, the lifespan
    shutdown closes upstream sessions. Anything still running after a short grace is cancelled.
 A second signal skips the wait.
@@ -70,7 +72,13 @@ class DrainingServer(uvicorn.Server):
         while self.state.in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         if self.state.in_flight:
-            log.warning("drain deadline passed with %d requests in flight", self.state.in_flight)
+            log.warning("drain deadline passed with %d requests in flight: ending them", self.state.in_flight)
+            # Streams still running end at their next chunk with an OpenAI-style error event and [DONE]
+            # instead of a cut connection; uvicorn cancels whatever is left after its grace.
+            self.state.drain_expired = True
+            end = time.monotonic() + SHUTDOWN_GRACE
+            while self.state.in_flight > 0 and time.monotonic() < end:
+                await asyncio.sleep(0.05)
         else:
             log.info("drained: no request in flight")
         self.should_exit = True

@@ -89,6 +89,10 @@ class _UpstreamFault(Exception):
         return ApiError(502, f"The model server for '{model}' failed: {self.message}.", code="upstream_error", reason="upstream_error")
 
 
+class _DrainDeadline(Exception):
+    """The gateway's drain deadline passed while this stream was still running."""
+
+
 class _StreamStart:
     """The first complete event(s) of an upstream stream, read before the client response starts."""
 
@@ -336,7 +340,7 @@ class ProxyEndpoint:
                         raise f.api_error(ctx.model) from None
                     verdict = "ok"
                     if isinstance(first, _StreamStart):
-                        fault = await self._relay_stream(ctx, resp, first.buf, send, timeouts.idle_s, total_at, loop)
+                        fault = await self._relay_stream(ctx, resp, first.buf, send, timeouts.idle_s, total_at, loop, state)
                         if fault is not None:
                             verdict = fault
                     else:
@@ -420,7 +424,7 @@ class ProxyEndpoint:
         await send({"type": "http.response.start", "status": status, "headers": out_headers})
         await send({"type": "http.response.body", "body": data, "more_body": False})
 
-    async def _relay_stream(self, ctx: RequestContext, resp: aiohttp.ClientResponse, buf: bytes, send, idle: float, total_at: float | None, loop) -> str | None:
+    async def _relay_stream(self, ctx: RequestContext, resp: aiohttp.ClientResponse, buf: bytes, send, idle: float, total_at: float | None, loop, state) -> str | None:
         """Stage two for a stream: relay events as they come. Returns None, or the upstream fault that ended
         the stream (the client then got an error event and a clean end of the stream)."""
         ctx.status = resp.status
@@ -462,6 +466,11 @@ class ProxyEndpoint:
                     if not chunk:
                         break
                     buf += chunk
+                    if state.drain_expired:
+                        raise _DrainDeadline()
+        except _DrainDeadline:
+            ctx.decision, ctx.reason = "overloaded", "drain_deadline"
+            tail = sse_error_event("The gateway is shutting down and could not finish this stream in time; retry.", "service_unavailable", "draining")
         except TimeoutError:
             fault = "timeout"
             ctx.decision = "upstream_error"
