@@ -11,7 +11,7 @@ from engine.settings import EngineSettings
 OWNED_FLAGS = {
     "--host", "--port", "--served-model-name", "--dtype", "--max-model-len", "--gpu-memory-utilization",
     "--max-num-seqs", "--max-num-batched-tokens", "--tensor-parallel-size", "--pipeline-parallel-size",
-    "--quantization", "--enforce-eager", "--kv-cache-memory-bytes", "--api-key",
+    "--quantization", "--enforce-eager", "--kv-cache-memory-bytes", "--api-key", "--shutdown-timeout",
 }
 
 
@@ -75,6 +75,9 @@ def build_vllm_command(
             cmd += ["--max-lora-rank", str(s.max_lora_rank)]
     if s.api_key:
         cmd += ["--api-key", s.api_key]
+    # On SIGTERM vLLM aborts running requests unless given a drain time; let it finish them, a little
+    # before the supervisor's own deadline (which ends in SIGKILL).
+    cmd += ["--shutdown-timeout", str(max(1, int(s.drain_timeout) - 5))]
     extra = shlex.split(s.extra_args) if s.extra_args else []
     for a in extra:
         flag = a.split("=", 1)[0]

@@ -28,8 +28,10 @@ from gateway.hooks import Admission, NoAdmissionControl, Observer
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import ProxyEndpoint
 from gateway.quota.admission import build_admission
+from gateway.routing.discovery import DnsDiscovery, parse_upstreams
 from gateway.routing.pool import EndpointPool, HealthChecker
 from gateway.routing.router import Router
+from gateway.routing.telemetry import RoutingCollector
 from gateway.settings import GatewaySettings
 from gateway.upstream import make_session
 
@@ -49,6 +51,7 @@ class GatewayState:
     observers: list[Observer] = field(default_factory=list)
     sessions: dict[str, aiohttp.ClientSession] = field(default_factory=dict)
     health: HealthChecker | None = None
+    discovery: DnsDiscovery | None = None
     in_flight: int = 0
     draining: bool = False
     started: float = field(default_factory=time.time)
@@ -57,6 +60,8 @@ class GatewayState:
     audit: Any = None
     # gateway.tracing.RequestTracer when tracing is enabled (off by default), else None.
     tracing: Any = None
+    # Set when the drain deadline passed: streams still running end with an error event (gateway/drain.py).
+    drain_expired: bool = False
 
 
 def error_response(e: ApiError) -> Response:
@@ -236,8 +241,16 @@ def create_app(
         token_verifier=verifier,
         max_credential_bytes=max(settings.auth.max_token_bytes, 1024),
     )
-    pools = {m.name: EndpointPool.from_urls(m.name, m.upstreams) for m in settings.models}
+    pools: dict[str, EndpointPool] = {}
+    dns_targets = {}
+    for m in settings.models:
+        static, dns = parse_upstreams(m.upstreams)
+        pools[m.name] = EndpointPool.from_urls(m.name, static, settings.routing)
+        if dns:
+            dns_targets[m.name] = (pools[m.name], static, dns)
     metrics = GatewayMetrics.from_settings(settings)
+    router = Router(settings.routing, settings.max_retries)
+    metrics.registry.register(RoutingCollector(pools, router))
     closers = []
     if admission is None:
         quota = build_admission(settings.quota, pools, metrics.registry)
@@ -248,7 +261,7 @@ def create_app(
         settings=settings,
         auth=auth,
         pools=pools,
-        router=Router(),
+        router=router,
         admission=admission or NoAdmissionControl(),
         metrics=metrics,
         observers=[metrics, *(observers or [])],
@@ -279,17 +292,26 @@ def create_app(
             # Runs last at shutdown (after in-flight requests ended): drain, close the segment, archive.
             state.closers.append(state.audit.stop)
         state.sessions = {m.name: make_session(m) for m in settings.models}
-        state.health = HealthChecker(list(pools.values()), settings.health_interval, settings.health_timeout)
+        state.health = HealthChecker(
+            list(pools.values()), settings.health_interval, settings.health_timeout, settings.routing.unhealthy_after
+        )
+        if dns_targets:
+            # Resolve once before the first probe round so DNS-named replicas are probed with the rest.
+            state.discovery = DnsDiscovery(dns_targets, settings.routing.dns_interval, on_added=state.health.probe)
         await state.health.start()
         if verifier is not None:
             await verifier.start()
             state.closers.append(verifier.close)
         if keys.keys_file:
             state.closers.append(_watch_key_file(keys, settings.auth.keys_file_poll_interval))
+        if state.discovery is not None:
+            await state.discovery.start()
         log.info("gateway ready", extra={"models": [m.name for m in settings.models], "api_keys": len(keys)})
         try:
             yield
         finally:
+            if state.discovery is not None:
+                await state.discovery.stop()
             await state.health.stop()
             for s in state.sessions.values():
                 await s.close()

@@ -7,10 +7,9 @@ import sys
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from gateway import logs
     from gateway.app import create_app
+    from gateway.drain import serve
     from gateway.settings import GatewaySettings
 
     init = {}
@@ -42,13 +41,18 @@ def _serve(args: argparse.Namespace) -> int:
         # Each worker re-reads the settings from the environment (config file path included).
         import os
 
+        import uvicorn
+
         if args.config:
             os.environ["GATEWAY_CONFIG"] = args.config
         os.environ["GATEWAY_HOST"], os.environ["GATEWAY_PORT"] = settings.host, str(settings.port)
+        # Several worker processes: uvicorn's supervisor forwards SIGTERM and each worker shuts down
+        # gracefully (in-flight requests finish within drain_timeout); /readyz does not flip first.
         uvicorn.run("gateway.app:create_app_from_env", factory=True, workers=settings.workers, **common)
         return 0
     app = create_app(settings)
-    uvicorn.run(app, **common)
+    # Graceful drain on SIGTERM: /readyz turns 503, in-flight streams finish (gateway/drain.py).
+    serve(app, settings.host, settings.port, settings.drain_timeout)
     return 0
 
 

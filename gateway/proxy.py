@@ -29,6 +29,7 @@ log = logging.getLogger("gateway.proxy")
 _JSON_CT = (b"content-type", b"application/json")
 _SSE_CT = (b"content-type", b"text/event-stream; charset=utf-8")
 _DONE = b"data: [DONE]"
+_DONE_EVENT = b"data: [DONE]\n\n"
 _HOP_HEADERS_IN = (b"traceparent", b"tracestate")
 
 ResponseTransform = Callable[[dict[str, Any]], dict[str, Any]]
@@ -68,6 +69,48 @@ async def read_body(receive, limit: int, content_length: bytes | None) -> bytes:
 
 class _ClientGone(Exception):
     pass
+
+
+class _UpstreamFault(Exception):
+    """An attempt failed on the upstream's side before anything reached the client (retryable)."""
+
+    def __init__(self, kind: str, message: str, status: int = 0, body: bytes = b"") -> None:
+        super().__init__(message)
+        self.kind = kind  # connect | 5xx | timeout | broken
+        self.message = message
+        self.status = status
+        self.body = body
+
+    def api_error(self, model: str | None) -> ApiError:
+        if self.kind == "timeout":
+            return ApiError(504, f"The model server for '{model}' did not answer in time.", code="upstream_timeout", reason="upstream_error")
+        if self.kind == "connect":
+            return ApiError(502, f"The model server for '{model}' is unreachable.", code="upstream_unreachable", reason="upstream_error")
+        return ApiError(502, f"The model server for '{model}' failed: {self.message}.", code="upstream_error", reason="upstream_error")
+
+
+class _DrainDeadline(Exception):
+    """The gateway's drain deadline passed while this stream was still running."""
+
+
+class _StreamStart:
+    """The first complete event(s) of an upstream stream, read before the client response starts."""
+
+    __slots__ = ("buf",)
+
+    def __init__(self, buf: bytes) -> None:
+        self.buf = buf
+
+
+async def _read_first_event(resp: aiohttp.ClientResponse) -> bytes:
+    """Read until the stream holds one complete event; a stream that ends before that is broken."""
+    buf = b""
+    while b"\n\n" not in buf:
+        chunk = await resp.content.readany()
+        if not chunk:
+            raise aiohttp.ClientPayloadError("the stream ended before its first event")
+        buf += chunk
+    return buf
 
 
 def prompt_chars(body: dict[str, Any]) -> int:
@@ -232,6 +275,14 @@ class ProxyEndpoint:
         return raw
 
     # -- forwarding -----------------------------------------------------------------------------------------
+    #
+    # Each attempt runs in two stages. Stage one sends the request and reads up to the first byte that could
+    # go to the client (the whole body of a non-streamed answer, the first complete event of a stream),
+    # bounded by the time-to-first-byte timeout. Any upstream fault there (refused or broken connection, 5xx,
+    # timeout) is retried on another replica while the request has attempts left and the pool's retry budget
+    # has room: the client has seen nothing yet. Stage two commits: the response starts, and from then on a
+    # fault ends the stream with an OpenAI-style error event instead (never a retry, never a hang), bounded
+    # by the idle-gap timeout between chunks. The total timeout bounds both stages.
 
     async def _forward(self, ctx, state, pool, mcfg, raw, headers, receive, send) -> None:
         session: aiohttp.ClientSession = state.sessions[ctx.model]
@@ -244,12 +295,21 @@ class ProxyEndpoint:
             up_headers["authorization"] = "Bearer " + mcfg.upstream_api_key
         if state.tracing is not None:
             state.tracing.on_forward(ctx, up_headers)
+        session_header = state.settings.routing.session_header
+        if session_header:
+            sid = _header(headers, session_header.lower().encode("latin-1"))
+            if sid:
+                ctx.extra["session_id"] = sid.decode("latin-1")[:256]
 
+        router = state.router
+        timeouts = mcfg.timeouts
+        loop = asyncio.get_running_loop()
+        total_at = loop.time() + timeouts.total if timeouts.total else None
         watcher = asyncio.ensure_future(_watch_disconnect(receive, ctx, asyncio.current_task()))
         tried: set[str] = set()
         try:
             while True:
-                ep = state.router.pick(pool, ctx, exclude=tried)
+                ep = router.pick(pool, ctx, exclude=tried)
                 if ep is None:
                     if tried:
                         raise ApiError(502, f"All replicas of '{ctx.model}' failed: {ctx.error_message}", code="upstream_unavailable", reason="upstream_error")
@@ -267,65 +327,87 @@ class ProxyEndpoint:
                 if ctx.forwarded_at is None:
                     ctx.forwarded_at = time.perf_counter()
                 ep.in_flight += 1
+                verdict: str | None = None  # None: no verdict (client left); "ok"; or an upstream fault kind
+                resp = None
                 try:
                     try:
-                        resp = await session.post(ep.url + self.upstream_path, data=raw, headers=up_headers)
-                    except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, ConnectionResetError) as e:
-                        # Nothing reached the client yet: safe to try another replica.
-                        ctx.error_message = f"cannot reach replica ({type(e).__name__})"
-                        ctx.upstream_errors.append("connect")
-                        state.router.on_failure(pool, ep, ctx, "connect")
-                        if ctx.attempts <= state.settings.max_retries:
+                        resp, first = await self._attempt(session, ep.url + self.upstream_path, raw, up_headers, ctx, timeouts, total_at, loop)
+                    except _UpstreamFault as f:
+                        verdict = f.kind
+                        ctx.error_message = f.message
+                        ctx.upstream_errors.append("http_5xx" if f.kind == "5xx" else f.kind)
+                        if router.may_retry(pool, ctx):
                             continue
-                        raise ApiError(502, f"The model server for '{ctx.model}' is unreachable.", code="upstream_unreachable", reason="upstream_error") from None
-                    except (TimeoutError, aiohttp.ServerTimeoutError):
-                        ctx.upstream_errors.append("timeout")
-                        state.router.on_failure(pool, ep, ctx, "timeout")
-                        raise ApiError(504, f"The model server for '{ctx.model}' did not answer in time.", code="upstream_timeout", reason="upstream_error") from None
-                    ctx.ttfb = time.perf_counter() - ctx.started
-                    try:
-                        if resp.status >= 500:
-                            ctx.upstream_errors.append("http_5xx")
-                            state.router.on_failure(pool, ep, ctx, "5xx")
-                            if ctx.attempts <= state.settings.max_retries:
-                                ctx.error_message = f"replica answered {resp.status}"
-                                await resp.read()
-                                continue
-                        else:
-                            state.router.on_success(pool, ep, ctx)
-                        await self._relay(ctx, resp, send)
-                        return
-                    finally:
+                        if f.status:
+                            # Out of attempts: pass the engine's own 5xx on (in OpenAI's shape).
+                            ctx.decision, ctx.reason = "upstream_error", f"upstream_{f.status}"
+                            await self._send_whole(ctx, f.status, "application/json", f.body, send)
+                            return
+                        raise f.api_error(ctx.model) from None
+                    verdict = "ok"
+                    if isinstance(first, _StreamStart):
+                        fault = await self._relay_stream(ctx, resp, first.buf, send, timeouts.idle_s, total_at, loop, state)
+                        if fault is not None:
+                            verdict = fault
+                    else:
+                        await self._send_whole(ctx, resp.status, resp.headers.get("content-type", ""), first, send)
+                    return
+                finally:
+                    ep.in_flight -= 1
+                    if resp is not None:
                         # Fully read responses already went back to the pool; anything else (a client
                         # that left mid-stream) closes the connection, which makes vLLM abort the request.
                         resp.close()
-                finally:
-                    ep.in_flight -= 1
+                    if verdict is None:
+                        router.on_abandon(pool, ep, ctx)
+                    elif verdict == "ok":
+                        router.on_success(pool, ep, ctx)
+                    else:
+                        router.on_failure(pool, ep, ctx, verdict)
         finally:
             watcher.cancel()
 
-    async def _relay(self, ctx: RequestContext, resp: aiohttp.ClientResponse, send) -> None:
-        ctx.status = resp.status
-        ct = resp.headers.get("content-type", "")
-        is_sse = ct.startswith("text/event-stream")
-        out_headers = [_SSE_CT if is_sse else (b"content-type", ct.encode("latin-1") or _JSON_CT[1])]
+    async def _attempt(self, session, url, raw, up_headers, ctx, timeouts, total_at, loop):
+        """Stage one (see above): returns (response, body bytes | _StreamStart) or raises _UpstreamFault."""
+        deadline = loop.time() + timeouts.first_byte_s
+        if total_at is not None and total_at < deadline:
+            deadline = total_at
+        resp: aiohttp.ClientResponse | None = None
+        try:
+            async with asyncio.timeout_at(deadline):
+                resp = await session.post(url, data=raw, headers=up_headers)
+                ctx.ttfb = time.perf_counter() - ctx.started
+                if resp.status >= 500:
+                    body = await resp.read()
+                    raise _UpstreamFault("5xx", f"replica answered {resp.status}", resp.status, body)
+                if resp.status == 200 and resp.headers.get("content-type", "").startswith("text/event-stream"):
+                    return resp, _StreamStart(await _read_first_event(resp))
+                return resp, await resp.read()
+        except _UpstreamFault:
+            if resp is not None:
+                resp.close()
+            raise
+        except TimeoutError:
+            if resp is not None:
+                resp.close()
+            total = total_at is not None and loop.time() >= total_at
+            raise _UpstreamFault("timeout", "replica did not answer in time" if not total else "request ran past its total timeout") from None
+        except (aiohttp.ClientError, OSError) as e:
+            if resp is not None:
+                resp.close()
+            kind = "connect" if resp is None and isinstance(e, aiohttp.ClientConnectorError) else "broken"
+            raise _UpstreamFault(kind, f"cannot reach replica ({type(e).__name__})" if kind == "connect" else f"replica broke the connection ({type(e).__name__})") from None
+        except BaseException:
+            if resp is not None:
+                resp.close()
+            raise
+
+    async def _send_whole(self, ctx: RequestContext, status: int, content_type: str, data: bytes, send) -> None:
+        ctx.status = status
+        out_headers = [(b"content-type", content_type.encode("latin-1") or _JSON_CT[1])]
         out_headers.append((b"x-request-id", ctx.request_id.encode()))
         out_headers.extend(ctx.response_headers)
-        if is_sse:
-            out_headers.append((b"cache-control", b"no-cache"))
-            out_headers.append((b"x-accel-buffering", b"no"))
-            await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
-            await self._relay_stream(ctx, resp, send)
-            return
-        try:
-            data = await resp.read()
-        except (TimeoutError, aiohttp.ServerTimeoutError):
-            ctx.upstream_errors.append("timeout")
-            raise ApiError(504, f"The model server for '{ctx.model}' did not finish in time.", code="upstream_timeout", reason="upstream_error") from None
-        except aiohttp.ClientError as e:
-            ctx.upstream_errors.append("broken")
-            raise ApiError(502, f"The model server for '{ctx.model}' broke the connection ({type(e).__name__}).", code="upstream_error", reason="upstream_error") from None
-        if resp.status == 200:
+        if status == 200:
             try:
                 obj = json.loads(data)
             except ValueError:
@@ -336,62 +418,96 @@ class ProxyEndpoint:
                     obj = self.response_transform(obj)
                     data = json.dumps(obj, ensure_ascii=False).encode()
         else:
-            ctx.decision = "upstream_error" if resp.status >= 500 else "invalid_request"
-            ctx.reason = f"upstream_{resp.status}"
-            data = _normalize_error(data, resp.status)
+            if ctx.decision == "allowed":
+                ctx.decision = "upstream_error" if status >= 500 else "invalid_request"
+            ctx.reason = ctx.reason or f"upstream_{status}"
+            data = _normalize_error(data, status)
+            out_headers[0] = _JSON_CT
         ctx.first_token_at = time.perf_counter()
         ctx.ttft = ctx.first_token_at - ctx.started
         ctx.bytes_out = len(data)
-        await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
+        ctx.extra["response_started"] = True
+        await send({"type": "http.response.start", "status": status, "headers": out_headers})
         await send({"type": "http.response.body", "body": data, "more_body": False})
 
-    async def _relay_stream(self, ctx: RequestContext, resp: aiohttp.ClientResponse, send) -> None:
-        buf = b""
+    async def _relay_stream(self, ctx: RequestContext, resp: aiohttp.ClientResponse, buf: bytes, send, idle: float, total_at: float | None, loop, state) -> str | None:
+        """Stage two for a stream: relay events as they come. Returns None, or the upstream fault that ended
+        the stream (the client then got an error event and a clean end of the stream)."""
+        ctx.status = resp.status
+        out_headers = [_SSE_CT, (b"x-request-id", ctx.request_id.encode())]
+        out_headers.extend(ctx.response_headers)
+        out_headers.append((b"cache-control", b"no-cache"))
+        out_headers.append((b"x-accel-buffering", b"no"))
+        ctx.extra["response_started"] = True
+        await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
         hide_usage = not ctx.client_wants_usage
+        saw_done = False
+        fault: str | None = None
+        content = resp.content
         try:
-            async for chunk in resp.content.iter_any():
-                now = time.perf_counter()
-                if not buf and chunk.endswith(b"\n\n"):
-                    events = chunk  # the common case: whole events, nothing held back
-                else:
+            async with asyncio.timeout(None) as to:
+                while True:
                     # Forward complete SSE events only; keep a partial trailing event for the next read.
-                    buf += chunk
                     cut = buf.rfind(b"\n\n")
-                    if cut < 0:
-                        continue
-                    events, buf = buf[: cut + 2], buf[cut + 2 :]
-                if b'"usage":{' in events:
-                    events = _take_stream_usage(ctx, events, hide_usage)
-                if not events:
-                    continue
-                if ctx.first_token_at is None:
-                    ctx.first_token_at = now
-                    ctx.ttft = now - ctx.started
-                elif ctx.last_chunk_at is not None:
-                    ctx.chunk_gaps.append(now - ctx.last_chunk_at)
-                ctx.last_chunk_at = now
-                ctx.bytes_out += len(events)
-                await send({"type": "http.response.body", "body": events, "more_body": True})
-        except (TimeoutError, aiohttp.ServerTimeoutError):
-            ctx.decision, ctx.reason = "upstream_error", "stream_idle_timeout"
+                    if cut >= 0:
+                        events, buf = buf[: cut + 2], buf[cut + 2 :]
+                        if b'"usage":{' in events:
+                            events = _take_stream_usage(ctx, events, hide_usage)
+                        if events:
+                            now = time.perf_counter()
+                            if ctx.first_token_at is None:
+                                ctx.first_token_at = now
+                                ctx.ttft = now - ctx.started
+                            elif ctx.last_chunk_at is not None:
+                                ctx.chunk_gaps.append(now - ctx.last_chunk_at)
+                            ctx.last_chunk_at = now
+                            ctx.bytes_out += len(events)
+                            if events.endswith(_DONE_EVENT):
+                                saw_done = True
+                            await send({"type": "http.response.body", "body": events, "more_body": True})
+                    wake = loop.time() + idle
+                    to.reschedule(wake if total_at is None or wake < total_at else total_at)
+                    chunk = await content.readany()
+                    to.reschedule(None)
+                    if not chunk:
+                        break
+                    buf += chunk
+                    if state.drain_expired:
+                        raise _DrainDeadline()
+        except _DrainDeadline:
+            ctx.decision, ctx.reason = "overloaded", "drain_deadline"
+            tail = sse_error_event("The gateway is shutting down and could not finish this stream in time; retry.", "service_unavailable", "draining")
+        except TimeoutError:
+            fault = "timeout"
+            ctx.decision = "upstream_error"
             ctx.upstream_errors.append("stream_idle_timeout")
-            tail = sse_error_event("The model server stopped sending (idle timeout).", "timeout_error", "upstream_timeout")
-            ctx.bytes_out += len(tail)
-            await send({"type": "http.response.body", "body": tail, "more_body": False})
-            return
-        except aiohttp.ClientError as e:
+            if total_at is not None and loop.time() >= total_at:
+                ctx.reason = "stream_total_timeout"
+                tail = sse_error_event("The request ran past its total time limit.", "timeout_error", "upstream_timeout")
+            else:
+                ctx.reason = "stream_idle_timeout"
+                tail = sse_error_event("The model server stopped sending (idle timeout).", "timeout_error", "upstream_timeout")
+        except (aiohttp.ClientError, OSError) as e:
+            fault = "broken"
             ctx.decision, ctx.reason = "upstream_error", "stream_broken"
             ctx.upstream_errors.append("stream_broken")
             tail = sse_error_event(f"The model server broke the stream ({type(e).__name__}).", "upstream_error", "upstream_disconnected")
-            ctx.bytes_out += len(tail)
-            await send({"type": "http.response.body", "body": tail, "more_body": False})
-            return
-        if buf:
-            # The stream ended without a final blank line: pass on what is left as it is.
-            if b'"usage":{' in buf:
-                buf = _take_stream_usage(ctx, buf, hide_usage)
-            ctx.bytes_out += len(buf)
-        await send({"type": "http.response.body", "body": buf, "more_body": False})
+        else:
+            if buf.strip():
+                # The stream ended without a final blank line: pass on what is left as it is.
+                if b'"usage":{' in buf:
+                    buf = _take_stream_usage(ctx, buf, hide_usage)
+                saw_done = saw_done or buf.rstrip().endswith(_DONE)
+            if saw_done:
+                tail = buf
+            else:
+                fault = "broken"
+                ctx.upstream_errors.append("stream_broken")
+                ctx.decision, ctx.reason = "upstream_error", "stream_truncated"
+                tail = buf + sse_error_event("The model server ended the stream early.", "upstream_error", "upstream_disconnected")
+        ctx.bytes_out += len(tail)
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
+        return fault
 
     async def _send_error(self, ctx: RequestContext, send, e: ApiError) -> None:
         ctx.status = e.status

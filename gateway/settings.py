@@ -30,12 +30,28 @@ class UpstreamTimeouts(BaseModel):
     pool: float = 30.0
     # Whole request, 0 = no limit beyond the per-phase ones.
     total: float = 0.0
+    # Time to first byte: from sending the request to the response headers and, for a stream, its first
+    # event. For a non-streamed request vLLM answers only when done, so this also bounds its generation.
+    # Unset = ``read``. Before the first byte reached the client a timeout here is retried elsewhere.
+    first_byte: float | None = None
+    # Longest silence between two chunks once the response has begun. Unset = ``read``.
+    idle: float | None = None
+
+    @property
+    def first_byte_s(self) -> float:
+        return self.first_byte if self.first_byte is not None else self.read
+
+    @property
+    def idle_s(self) -> float:
+        return self.idle if self.idle is not None else self.read
 
 
 class ModelConfig(BaseModel):
     """One model the gateway serves: its public name and the engine replicas that serve it."""
 
     name: str
+    # Base URLs of vLLM servers (http://10.0.0.5:8000), or ``dns+http://name:port`` for every A/AAAA record
+    # of a name, re-resolved periodically (a Kubernetes headless Service).
     upstreams: list[str] = Field(default_factory=list, description="Base URLs of vLLM servers, e.g. http://10.0.0.5:8000")
     # Name the engine serves the model under, when it differs from the public one.
     upstream_model: str | None = None
@@ -52,6 +68,45 @@ class ModelConfig(BaseModel):
     @classmethod
     def _strip_slash(cls, v: list[str]) -> list[str]:
         return [u.rstrip("/") for u in v]
+
+
+class RoutingSettings(BaseModel):
+    """How the gateway chooses among a model's replicas and reacts to their faults (gateway/routing/)."""
+
+    # Prefix affinity: requests whose prompt shares its first ``prefix_chars`` characters (a system prompt,
+    # a conversation's start) go to the same replica (vLLM's prefix cache) via a consistent-hash ring.
+    prefix_affinity: bool = True
+    prefix_chars: int = Field(default=1024, ge=16)
+    # Bounded load: a replica takes an affinity request only while its load stays under
+    # ceil(load_factor * mean load); a hot prefix spills over to the next replica on the ring.
+    load_factor: float = Field(default=1.25, ge=1.0)
+    virtual_nodes: int = Field(default=64, ge=1)
+    # Header naming a session: requests of one session stick to one replica (same bounded-load ring).
+    session_header: str | None = "x-session-id"
+    # Active health: consecutive failed /health probes before a replica is taken out of rotation.
+    unhealthy_after: int = Field(default=2, ge=1)
+    # Circuit breaker per replica: consecutive upstream faults (connect errors, 5xx, timeouts; never a
+    # client's 4xx) that open it; how long it stays open before one half-open trial request (doubling on
+    # each re-open up to ``breaker_max_open``).
+    breaker_failures: int = Field(default=5, ge=1)
+    breaker_open: float = Field(default=5.0, gt=0)
+    breaker_max_open: float = Field(default=60.0, gt=0)
+    # Passive outlier ejection: over the last ``outlier_window`` attempts on a replica, a fault ratio of at
+    # least ``outlier_ratio`` (with ``outlier_min_requests`` seen) ejects it for ``outlier_eject`` seconds
+    # (times the number of ejections so far, capped at ``breaker_max_open``); never more than
+    # ``outlier_max_ejected`` of a pool at once.
+    outlier_window: int = Field(default=20, ge=1)
+    outlier_min_requests: int = Field(default=10, ge=1)
+    outlier_ratio: float = Field(default=0.5, gt=0, le=1)
+    outlier_eject: float = Field(default=10.0, gt=0)
+    outlier_max_ejected: float = Field(default=0.5, ge=0, le=1)
+    # Retry budget per pool: retries may add at most ``retry_ratio`` of the requests seen over the last
+    # ``retry_window`` seconds, plus ``retry_min`` per window so a quiet pool can still fail over.
+    retry_ratio: float = Field(default=0.2, ge=0)
+    retry_window: float = Field(default=10.0, gt=0)
+    retry_min: int = Field(default=10, ge=0)
+    # How often ``dns+http://name:port`` upstreams are re-resolved (seconds).
+    dns_interval: float = Field(default=5.0, gt=0)
 
 
 class ApiKeyConfig(BaseModel):
@@ -236,6 +291,7 @@ class GatewaySettings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -15,14 +15,15 @@ UpstreamConnectError = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnected
 
 
 def client_timeout(t: UpstreamTimeouts) -> aiohttp.ClientTimeout:
-    # aiohttp's phases: `connect` covers waiting for a pooled connection plus establishing it,
-    # `sock_connect` the TCP connect alone, `sock_read` the time to the first byte and every gap
-    # between reads (so it is both time-to-first-byte and idle-gap), `total` the whole exchange.
+    # aiohttp owns the connection phases: `connect` covers waiting for a pooled connection plus
+    # establishing it, `sock_connect` the TCP connect alone. Time to first byte, the idle gap between
+    # chunks and the total are enforced by the proxy per phase (asyncio timeouts), because aiohttp's
+    # `sock_read` would be one number for both the first byte and every later gap.
     return aiohttp.ClientTimeout(
-        total=t.total or None,
+        total=None,
         connect=t.pool + t.connect,
         sock_connect=t.connect,
-        sock_read=t.read,
+        sock_read=None,
     )
 
 

@@ -100,4 +100,5 @@ def s3_server() -> Iterator[Any]:
         s.stop()
 from tests.fixtures_auth import *  # noqa: F401,F403
 from tests.fixtures_quota import *  # noqa: F401,F403
+from tests.fixtures_routing import *  # noqa: F401,F403
 from tests.fixtures_weights import *  # noqa: F401,F403

@@ -1,7 +1,8 @@
-"""A model's pool of engine replicas and the per-request choice among them.
+"""A model's pool of engine replicas, each with its health, load and fault state, and the active prober.
 
-The choice is a pipeline of small pure steps over a snapshot of endpoint state: filter (healthy, not
-excluded) then pick (least outstanding requests: the gateway's in-flight plus the engine's reported queue).
+Replicas come from a static list or from DNS (``dns+http://name:port``, see discovery.py); the pool's
+``endpoints`` list is replaced as a whole when the set changes, so a request always routes over a
+consistent snapshot, and a replica that left keeps serving the requests it already has.
 """
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from gateway.routing.affinity import HashRing
+from gateway.routing.breaker import CircuitBreaker, OutlierDetector
+from gateway.settings import RoutingSettings
+
 log = logging.getLogger("gateway.routing")
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Endpoint:
     url: str
     healthy: bool = True
@@ -27,53 +32,81 @@ class Endpoint:
     kv_cache_usage: float = 0.0
     # When the engine's /metrics was last read (0 = never).
     metrics_at: float = 0.0
-    consecutive_failures: int = 0
+    consecutive_failures: int = 0  # failed /health probes in a row
     last_probe: float = 0.0
     last_error: str | None = None
+    breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
+    outlier: OutlierDetector = field(default_factory=OutlierDetector)
+    # Counters for telemetry.
+    requests: int = 0
+    faults: int = 0
 
     @property
     def load(self) -> int:
-        return self.in_flight + self.engine_waiting
+        """Outstanding work: the engine's queue plus what it runs. The gateway's own in-flight count is live;
+        the engine's running count (last scrape) also holds other gateways' requests: take the larger."""
+        running = self.engine_running if self.engine_running > self.in_flight else self.in_flight
+        return running + self.engine_waiting
 
-
-def healthy_filter(endpoints: list[Endpoint], exclude: set[str] | frozenset[str] = frozenset()) -> list[Endpoint]:
-    return [e for e in endpoints if e.healthy and e.url not in exclude]
-
-
-def least_outstanding(candidates: list[Endpoint]) -> Endpoint | None:
-    if not candidates:
-        return None
-    best = candidates[0]
-    for e in candidates[1:]:
-        if e.load < best.load:
-            best = e
-    return best
+    def available(self, now: float) -> bool:
+        return self.healthy and self.breaker.allows(now) and not self.outlier.ejected(now)
 
 
 @dataclass
 class EndpointPool:
     model: str
     endpoints: list[Endpoint] = field(default_factory=list)
+    settings: RoutingSettings = field(default_factory=RoutingSettings)
+    _ring: HashRing | None = field(default=None, repr=False)
 
     @classmethod
-    def from_urls(cls, model: str, urls: list[str]) -> EndpointPool:
-        return cls(model, [Endpoint(u.rstrip("/")) for u in urls])
+    def from_urls(cls, model: str, urls: list[str], settings: RoutingSettings | None = None) -> EndpointPool:
+        pool = cls(model, settings=settings or RoutingSettings())
+        pool.endpoints = [pool.new_endpoint(u.rstrip("/")) for u in urls]
+        return pool
 
-    def pick(self, exclude: set[str] | frozenset[str] = frozenset()) -> Endpoint | None:
-        return least_outstanding(healthy_filter(self.endpoints, exclude))
+    def new_endpoint(self, url: str, healthy: bool = True) -> Endpoint:
+        s = self.settings
+        return Endpoint(
+            url,
+            healthy=healthy,
+            breaker=CircuitBreaker(s.breaker_failures, s.breaker_open, s.breaker_max_open),
+            outlier=OutlierDetector(
+                s.outlier_window, s.outlier_min_requests, s.outlier_ratio, s.outlier_eject, s.breaker_max_open
+            ),
+        )
+
+    @property
+    def ring(self) -> HashRing:
+        urls = [e.url for e in self.endpoints]
+        if self._ring is None or self._ring.urls != frozenset(urls):
+            self._ring = HashRing(urls, self.settings.virtual_nodes)
+        return self._ring
+
+    def replace(self, urls: list[str], static: list[str] | None = None) -> list[Endpoint]:
+        """Make the pool's replicas ``urls`` (+ ``static``), keeping the state of those that stay.
+        Returns the endpoints that are new (they start unhealthy until probed)."""
+        current = {e.url: e for e in self.endpoints}
+        wanted = list(dict.fromkeys([*(static or []), *urls]))
+        added = [self.new_endpoint(u, healthy=False) for u in wanted if u not in current]
+        new_by_url = {e.url: e for e in added}
+        self.endpoints = [current.get(u) or new_by_url[u] for u in wanted]
+        return added
 
     @property
     def any_healthy(self) -> bool:
         return any(e.healthy for e in self.endpoints)
 
-    def mark_failure(self, ep: Endpoint, error: str) -> None:
-        ep.consecutive_failures += 1
-        ep.last_error = error
-        if ep.consecutive_failures >= 1:
-            ep.healthy = False
+    def ejected_fraction(self, now: float) -> float:
+        if not self.endpoints:
+            return 0.0
+        return sum(1 for e in self.endpoints if e.outlier.ejected(now)) / len(self.endpoints)
 
-    def mark_success(self, ep: Endpoint) -> None:
-        ep.consecutive_failures = 0
+    # Backwards-compatible simple pick (least outstanding among available replicas).
+    def pick(self, exclude: set[str] | frozenset[str] = frozenset()) -> Endpoint | None:
+        from gateway.routing.pipeline import available, least_outstanding
+
+        return least_outstanding(available(self.endpoints, time.monotonic(), exclude))
 
 
 _GAUGES = {
@@ -101,32 +134,47 @@ def parse_engine_metrics(text: bytes) -> dict[str, float]:
 
 
 class HealthChecker:
-    """Probes every endpoint's ``/health`` periodically and flips its ``healthy`` flag; also scrapes the
-    engine's ``/metrics`` for its queue (``vllm:num_requests_waiting``), running count and KV-cache use."""
+    """Probes every endpoint's ``/health`` periodically: ``unhealthy_after`` failures in a row take a replica
+    out of rotation, one success brings it back. Also scrapes the engine's ``/metrics`` for its queue
+    (``vllm:num_requests_waiting``), running count and KV-cache use, which feed the load scores."""
 
-    def __init__(self, pools: list[EndpointPool], interval: float, timeout: float) -> None:
+    def __init__(
+        self, pools: list[EndpointPool], interval: float, timeout: float, unhealthy_after: int = 2
+    ) -> None:
         self.pools = pools
         self.interval = interval
         self.timeout = timeout
+        self.unhealthy_after = unhealthy_after
         self._task: asyncio.Task | None = None
         self._session: aiohttp.ClientSession | None = None
 
     async def probe(self, ep: Endpoint) -> None:
-        assert self._session is not None
+        if self._session is None:
+            return
+        gone = False
         try:
             async with self._session.get(ep.url + "/health") as r:
                 ok = r.status == 200
                 await r.read()
+                if not ok:
+                    ep.last_error = f"health {r.status}"
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
             ok = False
             ep.last_error = type(e).__name__
+            # A replica that refuses connections is gone: no need to wait for a second probe.
+            gone = isinstance(e, aiohttp.ClientConnectorError)
         ep.last_probe = time.time()
-        if ok != ep.healthy:
-            log.info("endpoint %s is now %s", ep.url, "healthy" if ok else "unhealthy")
-        ep.healthy = ok
         if ok:
             ep.consecutive_failures = 0
+            if not ep.healthy:
+                log.info("endpoint %s is now healthy", ep.url)
+            ep.healthy = True
             await self.scrape(ep)
+            return
+        ep.consecutive_failures += 1
+        if ep.healthy and (gone or ep.consecutive_failures >= self.unhealthy_after):
+            log.warning("endpoint %s is now unhealthy (%s)", ep.url, ep.last_error)
+            ep.healthy = False
 
     async def scrape(self, ep: Endpoint) -> None:
         assert self._session is not None
@@ -169,3 +217,4 @@ class HealthChecker:
                 pass
         if self._session:
             await self._session.close()
+            self._session = None

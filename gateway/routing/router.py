@@ -1,25 +1,118 @@
-"""The router: picks a replica for a request and learns from the outcome (passive health)."""
+"""The router: picks a replica for a request and learns from each attempt's outcome (passive health).
+
+Faults (``connect``, ``5xx``, ``timeout``, ``broken``: an upstream that failed) feed the replica's circuit
+breaker and outlier detector; a client's 4xx is a success (the replica worked). Retries are allowed only
+while the pool's retry budget has room and the request has attempts left; the proxy asks only before
+anything reached the client.
+"""
 
 from __future__ import annotations
 
 import logging
+import random
+import time
 
 from gateway.context import RequestContext
+from gateway.routing.affinity import affinity_key
+from gateway.routing.pipeline import RouteRequest, choose
 from gateway.routing.pool import Endpoint, EndpointPool
+from gateway.routing.retry import RetryBudget
+from gateway.settings import RoutingSettings
 
 log = logging.getLogger("gateway.routing")
 
+FAULT_KINDS = ("connect", "5xx", "timeout", "broken")
+
 
 class Router:
-    """Least-outstanding choice among healthy replicas; an upstream fault marks a replica unhealthy
-    until the next successful health probe. Client errors (4xx) never count as faults."""
+    def __init__(
+        self, settings: RoutingSettings | None = None, max_retries: int = 2, rng: random.Random | None = None
+    ) -> None:
+        self.settings = settings or RoutingSettings()
+        self.max_retries = max_retries
+        self.rng = rng or random.Random()
+        self._budgets: dict[str, RetryBudget] = {}
+        # Telemetry: retries taken / refused by the budget, breaker openings, ejections.
+        self.retries = 0
+        self.retries_refused = 0
+        self.breaker_opened = 0
+        self.ejections = 0
 
-    def pick(self, pool: EndpointPool, ctx: RequestContext, exclude: set[str] | frozenset[str] = frozenset()) -> Endpoint | None:
-        return pool.pick(exclude)
+    def budget(self, pool: EndpointPool) -> RetryBudget:
+        b = self._budgets.get(pool.model)
+        if b is None:
+            s = self.settings
+            b = self._budgets[pool.model] = RetryBudget(s.retry_ratio, s.retry_window, s.retry_min)
+        return b
+
+    def key_for(self, ctx: RequestContext) -> int | None:
+        s = self.settings
+        session = ctx.extra.get("session_id")
+        if session is None and not s.prefix_affinity:
+            return None
+        return affinity_key(ctx.body if s.prefix_affinity else None, s.prefix_chars, session)
+
+    def pick(
+        self, pool: EndpointPool, ctx: RequestContext, exclude: set[str] | frozenset[str] = frozenset()
+    ) -> Endpoint | None:
+        now = time.monotonic()
+        if ctx.attempts == 0:
+            self.budget(pool).record_request(now)
+            ctx.extra["affinity_key"] = self.key_for(ctx)
+        key = ctx.extra.get("affinity_key")
+        ep = choose(
+            pool.endpoints,
+            RouteRequest(exclude, key),
+            now,
+            pool.ring if key is not None else None,
+            self.settings.load_factor,
+            self.rng,
+        )
+        if ep is not None:
+            ep.breaker.acquire(now)
+            ep.requests += 1
+        return ep
+
+    def may_retry(self, pool: EndpointPool, ctx: RequestContext) -> bool:
+        """One more attempt on another replica? Counts against the pool's retry budget when granted."""
+        if ctx.attempts > self.max_retries:
+            return False
+        if not self.budget(pool).try_retry(time.monotonic()):
+            self.retries_refused += 1
+            log.warning("retry budget of pool %s spent", pool.model, extra={"request_id": ctx.request_id})
+            return False
+        self.retries += 1
+        return True
 
     def on_success(self, pool: EndpointPool, ep: Endpoint, ctx: RequestContext) -> None:
-        pool.mark_success(ep)
+        ep.breaker.record_success()
+        ep.outlier.record(False)
+
+    def on_abandon(self, pool: EndpointPool, ep: Endpoint, ctx: RequestContext) -> None:
+        """The attempt ended without a verdict (the client went away): free a half-open trial slot."""
+        ep.breaker.release()
 
     def on_failure(self, pool: EndpointPool, ep: Endpoint, ctx: RequestContext, kind: str) -> None:
+        now = time.monotonic()
+        ep.faults += 1
+        ep.last_error = kind
         log.warning("upstream fault on %s (%s)", ep.url, kind, extra={"request_id": ctx.request_id})
-        pool.mark_failure(ep, kind)
+        if ep.breaker.record_failure(now):
+            self.breaker_opened += 1
+            log.warning(
+                "circuit breaker of %s opened for %.1fs after %d faults",
+                ep.url,
+                ep.breaker.open_for,
+                ep.breaker.consecutive,
+            )
+        ep.outlier.record(True)
+        if (
+            ep.outlier.should_eject(now)
+            and pool.ejected_fraction(now) + 1 / max(len(pool.endpoints), 1)
+            <= self.settings.outlier_max_ejected + 1e-9
+        ):
+            ep.outlier.eject(now)
+            self.ejections += 1
+            log.warning(
+                "replica %s ejected as an outlier until +%.1fs", ep.url, ep.outlier.ejected_until - now
+            )

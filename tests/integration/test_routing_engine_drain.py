@@ -1,0 +1,83 @@
+"""A rolling restart of one engine behind the gateway: SIGTERM reaches `llm-engine run` while a stream runs
+on it. vLLM drains (--shutdown-timeout) so the stream completes in full, the engine exits 0, and the
+gateway's pool goes on with the other replica."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import httpx
+import pytest
+
+from gateway.routing.affinity import HashRing, affinity_key
+from gateway.settings import RoutingSettings
+from tests.conftest import KEY_ALL, MODEL, gateway_config
+from tests.fixtures_routing import sse_events
+from tests.support import Engine
+
+pytestmark = pytest.mark.engine
+
+AUTH = {"Authorization": f"Bearer {KEY_ALL}"}
+
+
+def test_sigterm_to_an_engine_finishes_its_stream_and_the_pool_goes_on(
+    engine, tiny_model_dir, routing_gateway
+):
+    leaving = Engine(str(tiny_model_dir), served_name=MODEL, extra_env={"ENGINE_DRAIN_TIMEOUT": "60"})
+    try:
+        leaving.wait_ready()
+        gw = routing_gateway(
+            gateway_config([engine.url, leaving.url], health_interval=0.3, routing={"retry_min": 100})
+        )
+        ring = HashRing([engine.url, leaving.url], RoutingSettings().virtual_nodes)
+        sid = next(
+            s
+            for s in (f"s{i}" for i in range(1000))
+            if next(ring.walk(affinity_key(None, 1024, session=s))) == leaving.url
+        )
+        started = threading.Event()
+        result: dict = {}
+
+        def run() -> None:
+            body = {
+                "model": MODEL,
+                "prompt": "Story:",
+                "max_tokens": 700,
+                "ignore_eos": True,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            headers = dict(AUTH, **{"x-session-id": sid})
+            with httpx.stream(
+                "POST", gw.url + "/v1/completions", json=body, headers=headers, timeout=300
+            ) as r:
+                lines = []
+                for line in r.iter_lines():
+                    lines.append(line)
+                    started.set()
+                result["status"], result["lines"] = r.status_code, lines
+
+        t = threading.Thread(target=run)
+        t.start()
+        assert started.wait(120)
+        before = leaving.metric("vllm:request_success_total")
+        leaving.proc.signal(signal.SIGTERM)
+        t.join(300)
+        events, done = sse_events(result["lines"])
+        assert result["status"] == 200 and done
+        assert not any("error" in e for e in events)
+        assert events[-1]["usage"]["completion_tokens"] == 700
+        assert before == 0  # the stream was still running on the leaving engine when SIGTERM came
+        assert leaving.proc.proc.wait(90) == 0
+        # The replica is gone; the same session now lands on the survivor.
+        for _ in range(3):
+            r = httpx.post(
+                gw.url + "/v1/completions",
+                json={"model": MODEL, "prompt": "hi", "max_tokens": 2},
+                headers=dict(AUTH, **{"x-session-id": sid}),
+                timeout=120,
+            )
+            assert r.status_code == 200
+    finally:
+        leaving.stop()
