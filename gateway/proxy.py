@@ -307,11 +307,15 @@ class ProxyEndpoint:
         total_at = loop.time() + timeouts.total if timeouts.total else None
         watcher = asyncio.ensure_future(_watch_disconnect(receive, ctx, asyncio.current_task()))
         tried: set[str] = set()
+        last_fault: _UpstreamFault | None = None
         try:
             while True:
                 ep = router.pick(pool, ctx, exclude=tried)
                 if ep is None:
                     if tried:
+                        if last_fault is not None and last_fault.kind == "timeout":
+                            # Every replica tried timed out: that is a gateway timeout, not a bad gateway.
+                            raise last_fault.api_error(ctx.model)
                         raise ApiError(502, f"All replicas of '{ctx.model}' failed: {ctx.error_message}", code="upstream_unavailable", reason="upstream_error")
                     ctx.upstream_errors.append("no_healthy_replica")
                     raise ApiError(
@@ -334,6 +338,7 @@ class ProxyEndpoint:
                         resp, first = await self._attempt(session, ep.url + self.upstream_path, raw, up_headers, ctx, timeouts, total_at, loop)
                     except _UpstreamFault as f:
                         verdict = f.kind
+                        last_fault = f
                         ctx.error_message = f.message
                         ctx.upstream_errors.append("http_5xx" if f.kind == "5xx" else f.kind)
                         if router.may_retry(pool, ctx):

@@ -86,8 +86,9 @@ def test_chat_completion_streamed_with_usage(client):
 
 
 def test_stream_is_relayed_chunk_by_chunk(gateway):
-    """Each token arrives as its own SSE event, ending with [DONE]; nothing buffered into one blob."""
-    body = {"model": MODEL, "prompt": "a b c", "max_tokens": 8, "stream": True, "ignore_eos": True}
+    """Tokens arrive as separate SSE events (not one buffered blob), ending with [DONE]."""
+    body = {"model": MODEL, "prompt": "a b c", "max_tokens": 8, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}
     events = []
     with httpx.stream("POST", gateway.url + "/v1/completions", json=body, headers=_auth(), timeout=60) as r:
         assert r.status_code == 200
@@ -97,9 +98,14 @@ def test_stream_is_relayed_chunk_by_chunk(gateway):
                 events.append(line[6:])
     assert events[-1] == "[DONE]"
     payloads = [json.loads(e) for e in events[:-1]]
-    assert len(payloads) == 8  # one event per generated token, no usage event
     assert all(p["object"] == "text_completion" for p in payloads)
-    assert all("usage" not in p or p["usage"] is None for p in payloads)
+    usage = [p for p in payloads if p.get("usage")]
+    assert len(usage) == 1 and usage[0] is payloads[-1] and usage[0]["choices"] == []
+    assert usage[0]["usage"]["completion_tokens"] == 8
+    # One event per decoded piece of text: vLLM holds back a token that ends inside a UTF-8 sequence
+    # (random weights emit such bytes), so up to 8 events, but never one blob.
+    content = payloads[:-1]
+    assert 2 <= len(content) <= 8
 
 
 def test_completions_and_usage(client):
