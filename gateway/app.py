@@ -158,7 +158,13 @@ async def healthz(request: Request) -> Response:
 async def readyz(request: Request) -> Response:
     state: GatewayState = request.app.state.gateway
     models = {name: pool.any_healthy for name, pool in state.pools.items()}
-    ready = not state.draining and bool(models) and all(models.values())
+    # require=all (default): every model has a healthy replica. require=any: at least one does; Kubernetes
+    # readiness uses it, so one model's outage does not take the gateway out of service for all the others.
+    require = request.query_params.get("require", "all")
+    if require not in ("all", "any"):
+        return error_response(ApiError(400, "'require' must be 'all' or 'any'.", param="require", code="invalid_value"))
+    healthy = all(models.values()) if require == "all" else any(models.values())
+    ready = not state.draining and bool(models) and healthy
     body = {"status": "ready" if ready else "not_ready", "draining": state.draining, "models": models}
     return JSONResponse(body, status_code=200 if ready else 503)
 

@@ -95,7 +95,7 @@ def test_gateway_deployment_drains_and_rolls_without_unavailability() -> None:
     spec = pod_spec(gw)
     (c,) = spec["containers"]
     assert gw["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
-    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz?require=any"
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert c["startupProbe"]["httpGet"]["path"] == "/healthz"
     env = env_of(c)

@@ -352,3 +352,18 @@ def test_client_disconnect_cancels_upstream_request(engine, gateway):
     # The request was aborted, not run to completion: far fewer than max_tokens were generated for it.
     generated = engine.metric("vllm:generation_tokens_total") - generated_before
     assert 3 <= generated < max_tokens / 2
+
+
+def test_readiness_all_models_or_any(engine, gateway_factory):
+    """Plain /readyz needs every model served; ?require=any (Kubernetes readiness) needs one."""
+    cfg = gateway_config([engine.url])
+    cfg["models"].append({"name": "model-without-replicas", "upstreams": [f"http://127.0.0.1:{free_port()}"]})
+    g = gateway_factory(cfg)
+    r = httpx.get(g.url + "/readyz", timeout=10)
+    assert r.status_code == 503 and r.json()["models"] == {MODEL: True, "model-without-replicas": False}
+    assert httpx.get(g.url + "/readyz?require=any", timeout=10).status_code == 200
+    r = httpx.get(g.url + "/readyz?require=most", timeout=10)
+    assert r.status_code == 400 and _err(r)["param"] == "require"
+    # The served model keeps working while the other has no replica.
+    r = httpx.post(g.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}, headers=_auth(), timeout=60)
+    assert r.status_code == 200
