@@ -535,6 +535,9 @@ class ProxyEndpoint:
 
 
 def _decision_for(e: ApiError) -> str:
+    if e.reason == "auth_unavailable":
+        # The identity provider's keys could not be had (fail closed): the caller is not authenticated.
+        return "unauthenticated"
     return {
         401: "unauthenticated",
         403: "forbidden",
