@@ -23,6 +23,7 @@ import aiohttp
 from gateway.context import RequestContext, new_request_id
 from gateway.errors import ApiError, error_body, sse_error_event
 from gateway.hooks import NO_TICKET, Ticket
+from gateway.prompt import content_text
 
 log = logging.getLogger("gateway.proxy")
 
@@ -120,13 +121,9 @@ def prompt_chars(body: dict[str, Any]) -> int:
     if isinstance(msgs, list):
         for m in msgs:
             if isinstance(m, dict):
-                c = m.get("content")
-                if isinstance(c, str):
-                    n += len(c)
-                elif isinstance(c, list):
-                    for part in c:
-                        if isinstance(part, dict) and isinstance(part.get("text"), str):
-                            n += len(part["text"])
+                text = content_text(m.get("content"))
+                if text is not None:
+                    n += len(text)
         return n
     for key in ("prompt", "input"):
         p = body.get(key)

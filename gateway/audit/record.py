@@ -33,6 +33,7 @@ import time
 from typing import Any
 
 from gateway.context import RequestContext
+from gateway.prompt import content_text
 
 ECS_VERSION = "8.11.0"
 
@@ -68,10 +69,8 @@ def prompt_messages(body: dict[str, Any] | None) -> list[dict[str, str]]:
         for m in msgs:
             if not isinstance(m, dict):
                 continue
-            c = m.get("content")
-            if isinstance(c, list):
-                c = "\n".join(p["text"] for p in c if isinstance(p, dict) and isinstance(p.get("text"), str))
-            if isinstance(c, str):
+            c = content_text(m.get("content"), "\n")
+            if c is not None:
                 out.append({"role": str(m.get("role", "")), "content": c})
         return out
     for key in ("prompt", "input"):

@@ -20,6 +20,8 @@ import math
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from gateway.prompt import content_text
+
 
 class _Loaded(Protocol):
     url: str
@@ -43,12 +45,8 @@ def prompt_prefix(body: dict[str, Any] | None, limit: int) -> str | None:
         for m in msgs:
             if not isinstance(m, dict):
                 continue
-            c = m.get("content")
-            if isinstance(c, list):
-                c = "".join(
-                    p.get("text", "") for p in c if isinstance(p, dict) and isinstance(p.get("text"), str)
-                )
-            if not isinstance(c, str):
+            c = content_text(m.get("content"))
+            if c is None:
                 continue
             piece = f"{m.get('role', '')}:{c}\n"
             parts.append(piece)

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from gateway.routing.periodic import PeriodicTask
 from gateway.routing.pool import Endpoint, EndpointPool
 
 log = logging.getLogger("gateway.routing")
@@ -83,7 +84,7 @@ class DnsDiscovery:
         self.resolver = resolver
         self.on_added = on_added
         self._known: dict[tuple[str, DnsTarget], list[str]] = {}
-        self._task: asyncio.Task | None = None
+        self._task: PeriodicTask | None = None
 
     async def refresh(self) -> None:
         for model, (pool, static, targets) in self.targets.items():
@@ -113,22 +114,10 @@ class DnsDiscovery:
             if self.on_added is not None and added:
                 await asyncio.gather(*(self.on_added(e) for e in added))
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.refresh()
-            except Exception:  # pragma: no cover - never let discovery die
-                log.exception("DNS discovery round failed")
-
     async def start(self) -> None:
-        await self.refresh()
-        self._task = asyncio.create_task(self._run())
+        self._task = PeriodicTask(self.refresh, self.interval, "DNS discovery")
+        await self._task.start()
 
     async def stop(self) -> None:
         if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await self._task.stop()

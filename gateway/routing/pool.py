@@ -16,6 +16,7 @@ import aiohttp
 
 from gateway.routing.affinity import HashRing
 from gateway.routing.breaker import CircuitBreaker, OutlierDetector
+from gateway.routing.periodic import PeriodicTask
 from gateway.settings import RoutingSettings
 
 log = logging.getLogger("gateway.routing")
@@ -145,7 +146,7 @@ class HealthChecker:
         self.interval = interval
         self.timeout = timeout
         self.unhealthy_after = unhealthy_after
-        self._task: asyncio.Task | None = None
+        self._task: PeriodicTask | None = None
         self._session: aiohttp.ClientSession | None = None
 
     async def probe(self, ep: Endpoint) -> None:
@@ -195,26 +196,14 @@ class HealthChecker:
         if eps:
             await asyncio.gather(*(self.probe(ep) for ep in eps))
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.probe_all()
-            except Exception:  # pragma: no cover - never let the prober die
-                log.exception("health probe round failed")
-            await asyncio.sleep(self.interval)
-
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
-        await self.probe_all()
-        self._task = asyncio.create_task(self._run())
+        self._task = PeriodicTask(self.probe_all, self.interval, "health probe")
+        await self._task.start()
 
     async def stop(self) -> None:
         if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await self._task.stop()
         if self._session:
             await self._session.close()
             self._session = None
