@@ -263,6 +263,13 @@ def create_app(
         if quota is not None:
             admission = quota
             closers.append(quota.close)
+    fair_step = None
+    if settings.fair_queue.enabled:
+        from gateway.fairqueue.admission import FairQueueGate, FairQueueStep
+
+        fair_step = FairQueueStep(settings.fair_queue, pools, metrics.registry)
+        admission = FairQueueGate(admission or NoAdmissionControl(), fair_step)
+        closers.append(fair_step.close)
     state = GatewayState(
         settings=settings,
         auth=auth,
@@ -305,6 +312,8 @@ def create_app(
             # Resolve once before the first probe round so DNS-named replicas are probed with the rest.
             state.discovery = DnsDiscovery(dns_targets, settings.routing.dns_interval, on_added=state.health.probe)
         await state.health.start()
+        if fair_step is not None:
+            await fair_step.start()
         if verifier is not None:
             await verifier.start()
             state.closers.append(verifier.close)

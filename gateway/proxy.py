@@ -194,8 +194,13 @@ class ProxyEndpoint:
                 )
             state.auth.authorize(ctx.principal, model)
             raw = self._prepare_upstream_body(ctx, body, raw, mcfg)
+            ctx.extra["request_headers"] = headers
             ticket = await state.admission.admit(ctx)
             admitted = True
+            prio = ctx.extra.get("engine_priority")
+            if prio is not None and self.route_name != "/v1/embeddings":
+                # The fair queue's class, as vLLM's request priority (engines run --scheduling-policy priority).
+                raw = json.dumps(dict(json.loads(raw), priority=prio), ensure_ascii=False, separators=(",", ":")).encode()
             await self._forward(ctx, state, pool, mcfg, raw, headers, receive, send)
         except ApiError as e:
             await self._send_error(ctx, send, e)

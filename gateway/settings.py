@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from gateway.audit.config import AuditSettings
+from gateway.fairqueue.config import FairQueueSettings
 from gateway.quota.config import QuotaSettings
 
 
@@ -285,6 +286,8 @@ class GatewaySettings(BaseSettings):
     forward_request_id: bool = True
     # Quotas (requests/tokens per minute, concurrency) and overload protection: gateway/quota/config.py.
     quota: QuotaSettings = Field(default_factory=QuotaSettings)
+    # Per-replica slots, weighted fair queuing, priority classes, shedding: gateway/fairqueue/config.py.
+    fair_queue: FairQueueSettings = Field(default_factory=FairQueueSettings)
     # The audit log (gateway/audit/): one record per request, off by default.
     audit: AuditSettings = Field(default_factory=AuditSettings)
     # JWT issuers and role -> model mapping (gateway/auth/tokens.py).
