@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -29,6 +31,9 @@ class EngineSettings(BaseSettings):
     kv_cache_dtype: str | None = None
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool | None = None
+    # vLLM's scheduling policy: "fcfs" (vLLM's default) or "priority" (requests carry a `priority`, lower runs
+    # first; the gateway's fair queue sends its class's priority when fair_queue.engine_priority is on).
+    scheduling_policy: Literal["fcfs", "priority"] | None = None
     # CUDA graphs on by default; eager only as an explicit opt-out (always eager on CPU).
     enforce_eager: bool = False
     # CPU build only: KV cache size (vLLM --kv-cache-memory-bytes), e.g. "64M" or "4G".

@@ -11,7 +11,7 @@ from engine.settings import EngineSettings
 OWNED_FLAGS = {
     "--host", "--port", "--served-model-name", "--dtype", "--max-model-len", "--gpu-memory-utilization",
     "--max-num-seqs", "--max-num-batched-tokens", "--tensor-parallel-size", "--pipeline-parallel-size",
-    "--quantization", "--enforce-eager", "--kv-cache-memory-bytes", "--api-key", "--shutdown-timeout",
+    "--quantization", "--enforce-eager", "--scheduling-policy", "--kv-cache-memory-bytes", "--api-key", "--shutdown-timeout",
 }
 
 
@@ -47,6 +47,8 @@ def build_vllm_command(
     cmd += ["--enable-prefix-caching"] if s.enable_prefix_caching else ["--no-enable-prefix-caching"]
     if s.enable_chunked_prefill is not None:
         cmd += ["--enable-chunked-prefill"] if s.enable_chunked_prefill else ["--no-enable-chunked-prefill"]
+    if s.scheduling_policy:
+        cmd += ["--scheduling-policy", s.scheduling_policy]
     if s.quantization:
         cmd += ["--quantization", s.quantization]
     if s.kv_cache_dtype:
