@@ -182,7 +182,9 @@ class FairQueueStep:
         if not self.settings.slots_per_replica:
             self.adapt()
         for model, pool in self.pools.items():
-            self._resize(model, pool, self.queues[model], now)
+            q = self.queues[model]
+            self._resize(model, pool, q, now)
+            q.prune()
 
     async def _run(self) -> None:
         interval = self.settings.adaptive.interval if not self.settings.slots_per_replica else 0.5

@@ -237,6 +237,20 @@ class FairQueue:
         # Slots turn over at limit / mean_hold per second; we need (ahead - free + 1) of them.
         return (ahead - max(free, 0) + 1) * self.mean_hold / limit
 
+    def prune(self, keep: int = 10_000) -> None:
+        """Forget idle tenants and principals whose clocks carry nothing (at or below the clock), and all idle
+        ones past ``keep`` per class (forgiving their recent use), so bookkeeping stays bounded."""
+        for c in self._order:
+            for name in [n for n, t in c.tenants.items() if not t.queued]:
+                t = c.tenants[name]
+                for p in [p for p, f in t.flows.items() if not f.queue and f.vtime <= t.vclock]:
+                    del t.flows[p]
+                if not t.flows and t.vtime <= c.vclock:
+                    del c.tenants[name]
+            if len(c.tenants) > keep:
+                for name in [n for n, t in c.tenants.items() if not t.queued]:
+                    del c.tenants[name]
+
     # -- internals -------------------------------------------------------------------------------------------
 
     def _flow(self, c: _Class, w: Waiter) -> tuple[_Tenant, _Flow]:

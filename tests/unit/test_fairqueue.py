@@ -204,6 +204,24 @@ def test_unlimited_grants_hold_no_slot():
     assert q.release(w, 1) == [] and q.in_use == 0
 
 
+def test_prune_keeps_bookkeeping_bounded():
+    q = fq(1000)
+    held = [wt(f"t{i}") for i in range(500)]
+    for w in held:
+        assert q.request(w, 0)
+    for w in held:
+        q.release(w, 1)
+    assert sum(len(c.tenants) for c in q._order) == 500  # each used a slot: its clock is ahead
+    q.prune(keep=100)
+    assert sum(len(c.tenants) for c in q._order) == 0
+    # A tenant with requests waiting is never forgotten.
+    q.set_capacity(0)
+    w = wt("waiting")
+    q.request(w, 2)
+    q.prune(keep=0)
+    assert q.set_capacity(1) == [w]
+
+
 # -- prediction -----------------------------------------------------------------------------------------------
 
 
