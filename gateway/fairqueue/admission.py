@@ -158,7 +158,7 @@ class FairQueueStep:
             n += 1
             cap += fixed or self.slots.setdefault(ep.url, self.settings.adaptive.initial)
         extra = {name: c.extra_slots_per_replica * n for name, c in self.classes.items()}
-        return q.set_capacity(cap, extra)
+        return q.set_capacity(cap, extra, self.settings.fair_share_headroom_per_replica * n)
 
     def adapt(self) -> None:
         """Adjust the adaptive per-replica budgets from the engines' last scraped metrics."""
@@ -217,8 +217,6 @@ class FairQueueStep:
         cls = self.resolve_class(principal, self.requested_class(ctx))
         ctx.extra[CLASS_KEY] = cls
         pc = self.classes[cls]
-        if self.settings.engine_priority:
-            ctx.extra["engine_priority"] = pc.engine_priority
         tenant, who = principal.tenant, principal.key_id or principal.subject
         cost = self.cost(ctx)
         now = time.monotonic()
@@ -244,7 +242,7 @@ class FairQueueStep:
         w.notify = wake
         if q.request(w, now):
             self.metrics.observe_wait(model, cls, tenant, 0.0)
-            return SlotTicket(self, model, w)
+            return self._ticket(ctx, model, w)
         self.metrics.queued(model)
         try:
             async with asyncio.timeout(pc.max_wait):
@@ -260,6 +258,12 @@ class FairQueueStep:
         waited = time.monotonic() - now
         ctx.extra["queue_wait"] = waited
         self.metrics.observe_wait(model, cls, tenant, waited)
+        return self._ticket(ctx, model, w)
+
+    def _ticket(self, ctx: RequestContext, model: str, w: Waiter) -> SlotTicket:
+        if self.settings.engine_priority:
+            # A tenant below its fair share is also first in the engine's own queue (within its class).
+            ctx.extra["engine_priority"] = self.classes[w.cls].engine_priority - (1 if w.under_share else 0)
         return SlotTicket(self, model, w)
 
     def release(self, model: str, w: Waiter) -> None:

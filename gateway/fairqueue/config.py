@@ -6,6 +6,7 @@ Only pydantic here, so ``gateway/settings.py`` can nest :class:`FairQueueSetting
 fair_queue:
   enabled: true
   slots_per_replica: 64          # sequences in flight per replica; 0 = adapt to the engine's metrics
+  fair_share_headroom_per_replica: 8   # extra slots for tenants below their fair share
   engine_priority: true          # send vLLM's request `priority` (engine runs --scheduling-policy priority)
   classes:
     interactive: {rank: 0, max_wait: 2.0, engine_priority: 0, extra_slots_per_replica: 8}
@@ -89,6 +90,10 @@ class FairQueueSettings(BaseModel):
     # 0 = adapt between adaptive.min and adaptive.max from the engine's queue and KV-cache metrics.
     slots_per_replica: int = Field(default=0, ge=0)
     adaptive: AdaptiveSlots = Field(default_factory=AdaptiveSlots)
+    # Slots per replica beyond the budget for tenants that hold less than their weighted share of it (a light
+    # tenant then never waits for a heavy tenant's slots to turn over). Its requests are also sent with an
+    # engine priority one better than their class's when engine_priority is on.
+    fair_share_headroom_per_replica: int = Field(default=0, ge=0)
     # Requests waiting at once per model; beyond that: 503 at once.
     max_queued: int = Field(default=4096, ge=0)
     # Service is charged per request ("requests") or by its size, prompt estimate + max_tokens ("tokens").

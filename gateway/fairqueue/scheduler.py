@@ -15,6 +15,10 @@ When a slot frees, the next request is chosen in three steps:
    behind a heavy tenant's backlog.
 3. **Principal** within the tenant: the same rule one level down (API key or subject), then FIFO.
 
+When every slot is taken, a tenant that holds less than its weighted share of the capacity may still take
+one of a few *headroom* slots at once (and waiters of such tenants get the headroom first): slots turn over
+in bursts when many requests of one size started together, and a light tenant should not wait for a burst.
+
 Immediate grants are charged too, so a tenant that used a lot while others were idle is served after
 them once they arrive. The wait a new request would have is predicted from how many requests would be
 served before it and the measured slot hold time (``predict_wait``); the admission step sheds requests
@@ -43,6 +47,8 @@ class Waiter:
     released: bool = False
     # A grant beyond any capacity (no replica available): counted, but never holds anyone back.
     unlimited: bool = False
+    # Granted one of the fair-share headroom slots (its tenant held less than its share).
+    under_share: bool = False
 
 
 @dataclass(eq=False, slots=True)
@@ -90,6 +96,10 @@ class FairQueue:
         self._weight_of = weight_of or (lambda t, p: (1.0, 1.0))
         self.capacity = 0
         self.in_use = 0
+        # Slots beyond capacity for tenants holding less than their weighted share of it.
+        self.headroom = 0
+        # Slots held per tenant (only tenants holding some).
+        self.tenant_in_use: dict[str, int] = {}
         self.hold_ewma = hold_ewma
         # Mean seconds a slot is held (None until the first release).
         self.mean_hold: float | None = None
@@ -99,9 +109,14 @@ class FairQueue:
 
     # -- configuration ---------------------------------------------------------------------------------------
 
-    def set_capacity(self, capacity: int, extra: dict[str, int] | None = None) -> list[Waiter]:
-        """New shared capacity (and per-class extra slots); returns the waiters this lets in."""
+    def set_capacity(
+        self, capacity: int, extra: dict[str, int] | None = None, headroom: int | None = None
+    ) -> list[Waiter]:
+        """New shared capacity (and per-class extra slots, fair-share headroom); returns the waiters this
+        lets in."""
         self.capacity = max(0, capacity)
+        if headroom is not None:
+            self.headroom = max(0, headroom)
         if extra is not None:
             for name, c in self._classes.items():
                 c.extra = max(0, extra.get(name, 0))
@@ -123,6 +138,18 @@ class FairQueue:
     def limit(self, cls: str) -> int:
         return self.capacity + self._classes[cls].extra
 
+    def under_share(self, tenant: str) -> bool:
+        """Would one more slot keep ``tenant`` within its weighted share of the capacity, among the tenants
+        holding or waiting for slots now?"""
+        held = self.tenant_in_use.get(tenant, 0)
+        active = set(self.tenant_in_use)
+        for c in self._order:
+            if c.queued:
+                active.update(n for n, t in c.tenants.items() if t.queued)
+        active.add(tenant)
+        weights = {t: self._weight_of(t, "")[0] for t in active}
+        return held + 1 <= self.capacity * weights[tenant] / sum(weights.values())
+
     # -- the life of a request -------------------------------------------------------------------------------
 
     def request(self, w: Waiter, now: float) -> bool:
@@ -132,6 +159,14 @@ class FairQueue:
         if self.in_use < self.limit(w.cls) and not any(o.queued for o in self._order if o.rank <= c.rank):
             t, f = self._flow(c, w)
             self._charge(c, t, f, w)
+            self._grant(w, now)
+            return True
+        if self.headroom and self.in_use < self.limit(w.cls) + self.headroom and self.under_share(w.tenant):
+            # Full, but this tenant holds less than its share: a headroom slot, so it does not wait for
+            # the heavy tenants' slots to turn over.
+            t, f = self._flow(c, w)
+            self._charge(c, t, f, w)
+            w.under_share = True
             self._grant(w, now)
             return True
         t, f = self._flow(c, w)
@@ -173,6 +208,11 @@ class FairQueue:
         if w.unlimited:
             return []
         self.in_use -= 1
+        n = self.tenant_in_use.get(w.tenant, 0) - 1
+        if n > 0:
+            self.tenant_in_use[w.tenant] = n
+        else:
+            self.tenant_in_use.pop(w.tenant, None)
         if w.granted_at is not None:
             held = max(0.0, now - w.granted_at)
             m = self.mean_hold
@@ -192,10 +232,27 @@ class FairQueue:
         while True:
             c = next((c for c in self._order if c.queued and self.in_use < self.limit(c.name)), None)
             if c is None:
-                return out
+                break
             w = self._pop(c)
             self._grant(w, now if now is not None else w.enqueued)
             out.append(w)
+        # Headroom: waiters of tenants below their share, most urgent class first, least served first.
+        while self.headroom:
+            pick = None
+            for c in self._order:
+                if not c.queued or self.in_use >= self.limit(c.name) + self.headroom:
+                    continue
+                under = [n for n, t in c.tenants.items() if t.queued and self.under_share(n)]
+                if under:
+                    pick = (c, min(under, key=lambda n: c.tenants[n].vtime))
+                    break
+            if pick is None:
+                break
+            w = self._pop(pick[0], pick[1])
+            w.under_share = True
+            self._grant(w, now if now is not None else w.enqueued)
+            out.append(w)
+        return out
 
     # -- prediction ------------------------------------------------------------------------------------------
 
@@ -275,8 +332,11 @@ class FairQueue:
         t.vclock = fstart
         f.vtime = fstart + w.cost / f.weight
 
-    def _pop(self, c: _Class) -> Waiter:
-        t = min((t for t in c.tenants.values() if t.queued), key=lambda t: t.vtime)
+    def _pop(self, c: _Class, tenant: str | None = None) -> Waiter:
+        if tenant is not None:
+            t = c.tenants[tenant]
+        else:
+            t = min((t for t in c.tenants.values() if t.queued), key=lambda t: t.vtime)
         f = min((f for f in t.flows.values() if f.queue), key=lambda f: f.vtime)
         w = f.queue.popleft()
         t.queued -= 1
@@ -298,6 +358,7 @@ class FairQueue:
         w.granted = True
         w.granted_at = now
         self.in_use += 1
+        self.tenant_in_use[w.tenant] = self.tenant_in_use.get(w.tenant, 0) + 1
         self.granted_total += 1
         if w.notify is not None:
             w.notify(w)

@@ -7,7 +7,9 @@
 #
 # MODEL_DIR: config + tokenizer of the model shape (weights are dummy: --load-format dummy); WHEEL_DIR: the
 # gateway's wheels the image lacks (redis, joserfc). Env: SLOTS (64,128), HEAVY (256), ROUNDS (2), DURATION
-# (20), RAMP (5), BUDGET (seconds after which the optional 64-stream pass is skipped; 400), OUT (results).
+# (20), RAMP (5), BUDGET (seconds after which the optional 64-stream pass is skipped; 400), OUT (results),
+# FAIR_EXTRA (more fair_queue settings, e.g. ", fair_share_headroom_per_replica: 8, engine_priority: true"),
+# VLLM_ARGS (more vLLM flags, e.g. "--scheduling-policy priority"), RUN (suffix of the result names).
 set -uo pipefail
 MODEL_DIR="${1:?model dir}"; WHEELS="${2:?wheel dir}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -27,7 +29,7 @@ VOCAB=$(python3 -c "import json;print(json.load(open('$MODEL_DIR/config.json'))[
 VLLM=$(python3 -c "import vllm;print(vllm.__version__)")
 MACHINE="NVIDIA H200 (device tool nvidia-h200), vLLM $VLLM, 7B shape (30 layers, hidden 4096, vocab $VOCAB), dummy bf16 weights, CUDA graphs"
 setsid python3 -m ${VLLM_MODULE:-vllm.entrypoints.cli.main serve} "$MODEL_DIR" --load-format dummy --served-model-name $MODEL \
-  --dtype bfloat16 --max-model-len 2048 --max-num-seqs 256 --port $EP ${VLLM_EXTRA:---gpu-memory-utilization 0.90} \
+  --dtype bfloat16 --max-model-len 2048 --max-num-seqs 256 --port $EP ${VLLM_EXTRA:---gpu-memory-utilization 0.90} ${VLLM_ARGS:-} \
   > "$W/engine.log" 2>&1 < /dev/null &
 PIDS=($!)
 
@@ -53,7 +55,7 @@ gateway $GP "{enabled: false}"
 TARGETS=(--target "direct=http://127.0.0.1:$EP/v1" --target "fair-off=http://127.0.0.1:$GP/v1,$KH,$KL")
 port=$((GP + 1))
 for n in ${SLOTS//,/ }; do
-  gateway $port "{enabled: true, slots_per_replica: $n, classes: {interactive: {rank: 0, max_wait: 120}, batch: {rank: 1, max_wait: 600}}}"
+  gateway $port "{enabled: true, slots_per_replica: $n, classes: {interactive: {rank: 0, max_wait: 120}, batch: {rank: 1, max_wait: 600, engine_priority: 10}}${FAIR_EXTRA:-}}"
   TARGETS+=(--target "fair-on-N$n=http://127.0.0.1:$port/v1,$KH,$KL")
   port=$((port + 1))
 done
@@ -66,14 +68,14 @@ python3 scripts/bench_fairness.py --model $MODEL --vocab "$VOCAB" --target "warm
   --heavy-streams 32 --light-streams 1 --duration 4 --ramp 1 --rounds 1 --out "$W/warm" --name warm > /dev/null 2>&1
 python3 scripts/bench_fairness.py --model $MODEL --vocab "$VOCAB" "${TARGETS[@]}" --heavy-streams "$HEAVY" --light-streams 4 \
   --duration "$DURATION" --ramp "$RAMP" --rounds "$ROUNDS" --engine-metrics http://127.0.0.1:$EP/metrics \
-  --name "h200_fairness_${HEAVY}" --title "Heavy $HEAVY streams + light 4 interactive streams, one engine" \
+  --name "h200_fairness_${HEAVY}${RUN:-}" --title "Heavy $HEAVY streams + light 4 interactive streams, one engine" \
   --machine "$MACHINE" --out "$RES" 2>&1 | grep -v '^{'
 if [ $(( $(date +%s) - T0 )) -lt "$BUDGET" ]; then
   first=${SLOTS%%,*}
   python3 scripts/bench_fairness.py --model $MODEL --vocab "$VOCAB" --target "direct=http://127.0.0.1:$EP/v1" \
     --target "fair-off=http://127.0.0.1:$GP/v1,$KH,$KL" --target "fair-on-N$first=http://127.0.0.1:$((GP + 1))/v1,$KH,$KL" \
     --heavy-streams 64 --light-streams 4 --duration 15 --ramp 4 --rounds 1 --engine-metrics http://127.0.0.1:$EP/metrics \
-    --name h200_fairness_64 --title "Heavy 64 streams + light 4 interactive streams, one engine" \
+    --name "h200_fairness_64${RUN:-}" --title "Heavy 64 streams + light 4 interactive streams, one engine" \
     --machine "$MACHINE" --out "$RES" 2>&1 | grep -v '^{'
 else
   echo "skipped the 64-stream pass (time)"

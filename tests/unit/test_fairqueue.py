@@ -379,3 +379,34 @@ def test_adaptive_budget_follows_engine_metrics():
     assert s.queues["m"].queued == 1  # someone waits and the engine has room: grow
     s.tick()
     assert s.slots[ep.url] > n
+
+
+def test_headroom_lets_a_tenant_below_its_share_in_at_once():
+    q = fq(4)
+    q.set_capacity(4, headroom=2)
+    heavy = [wt("heavy") for _ in range(6)]
+    granted = [q.request(w, 0) for w in heavy]
+    assert granted == [True] * 4 + [False] * 2  # the heavy tenant holds its share (all): no headroom
+    # The light tenant's share is 4 x 1/2 = 2 slots: two requests go in at once, past the full budget.
+    lights = [wt("light") for _ in range(3)]
+    assert [q.request(w, 1) for w in lights] == [True, True, False]
+    assert lights[0].under_share and q.in_use == 6
+    # The headroom is paid back before anyone new gets a slot; then fair queuing as usual: the light tenant
+    # already got two slots (charged), so its third comes after the heavy tenant's next ones, not after all.
+    assert q.release(heavy[0], 2) == []  # 5 in use, budget 4: nobody new yet
+    assert q.release(heavy[1], 2) == []
+    got = q.release(heavy[2], 2) + q.release(heavy[3], 2) + q.release(lights[0], 3)
+    assert got == [heavy[4], heavy[5], lights[2]]
+
+
+def test_headroom_waiters_are_let_in_by_release():
+    q = fq(2)
+    q.set_capacity(2, headroom=1)
+    a = [wt("a") for _ in range(3)]
+    assert [q.request(w, 0) for w in a] == [True, True, False]
+    b = wt("b")
+    assert q.request(b, 0) and b.under_share  # b holds nothing: share 1
+    b2 = wt("b")
+    assert not q.request(b2, 0)  # b at its share now
+    # b's headroom slot ends: b2 (b holds nothing again, share 1) takes the headroom, ahead of a's queue.
+    assert q.release(b, 1) == [b2] and b2.under_share
