@@ -38,6 +38,13 @@ def _run(args: argparse.Namespace) -> int:
         print(f"llm-engine: invalid settings: {e}", file=sys.stderr)
         return 2
     device = detect_device() if s.device == "auto" else s.device
+    from engine.group import GroupError, resolve_plan
+
+    try:
+        plan = resolve_plan(s, os.environ)
+    except GroupError as e:
+        print(f"llm-engine: {e}", file=sys.stderr)
+        return 2
     exporter = None
     if not args.dry_run:
         from engine.metrics import start_exporter
@@ -56,15 +63,27 @@ def _run(args: argparse.Namespace) -> int:
     if not s.served_model_name and s.model.startswith("s3://"):
         s.served_model_name = s.model.rstrip("/").rsplit("/", 1)[-1]
     try:
-        cmd = build_vllm_command(s, model_dir, device=device, python=s.python or sys.executable, lora_dirs=loras)
+        cmd = build_vllm_command(s, model_dir, device=device, python=s.python or sys.executable, lora_dirs=loras,
+                                 plan=plan)
     except EngineArgsError as e:
         print(f"llm-engine: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
-        print(" ".join(cmd))
+        from engine.group_run import commands
+
+        for c in commands(s, plan, cmd, s.python or sys.executable):
+            print(" ".join(c))
         return 0
     env = vllm_environment(device, os.environ)
     host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
+    if plan.is_group:
+        from engine.group_run import run_group
+
+        try:
+            return run_group(s, plan, cmd, env, model_dir, f"http://{host}:{s.port}/health")
+        finally:
+            if exporter is not None:
+                exporter.shutdown()
     sup = Supervisor(cmd, env, f"http://{host}:{s.port}/health", s.startup_timeout, s.drain_timeout)
     try:
         return sup.run()

@@ -1,7 +1,7 @@
 import pytest
 
 from engine.settings import EngineSettings
-from engine.vllm_args import EngineArgsError, build_vllm_command, vllm_environment
+from engine.vllm_args import VLLM_SERVE, EngineArgsError, build_vllm_command, vllm_environment
 
 
 def _flag(cmd: list[str], name: str) -> str | None:
@@ -11,7 +11,7 @@ def _flag(cmd: list[str], name: str) -> str | None:
 def test_gpu_defaults_keep_cuda_graphs_and_prefix_caching():
     s = EngineSettings(model="/m", served_model_name="llama")
     cmd = build_vllm_command(s, "/m", device="cuda", python="py")
-    assert cmd[:5] == ["py", "-m", "vllm.entrypoints.openai.api_server", "--model", "/m"]
+    assert cmd[:5] == ["py", "-c", VLLM_SERVE, "serve", "/m"]
     assert "--enforce-eager" not in cmd
     assert "--enable-prefix-caching" in cmd
     assert _flag(cmd, "--served-model-name") == "llama"
