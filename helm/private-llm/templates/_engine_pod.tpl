@@ -42,14 +42,7 @@ initContainers:
     resources:
       {{- toYaml $u.pullResources | nindent 6 }}
     securityContext:
-      {{- $sc := deepCopy $root.Values.engine.securityContext }}
-      {{- if and (ne $role "single") $g.rdma.resource }}
-      {{- /* RDMA registers (pins) GPU and host memory. */}}
-      {{- $caps := $sc.capabilities | default dict }}
-      {{- $_ := set $caps "add" (concat ($caps.add | default list) (list "IPC_LOCK") | uniq) }}
-      {{- $_ := set $sc "capabilities" $caps }}
-      {{- end }}
-      {{- toYaml $sc | nindent 6 }}
+      {{- toYaml $root.Values.engine.securityContext | nindent 6 }}
     volumeMounts:
       - name: cache
         mountPath: /cache
@@ -201,7 +194,14 @@ containers:
       limits:
         {{- merge (omit ($u.resources.limits | default dict) "nvidia.com/gpu") $gpu | toYaml | nindent 8 }}
     securityContext:
-      {{- toYaml $root.Values.engine.securityContext | nindent 6 }}
+      {{- $sc := deepCopy $root.Values.engine.securityContext }}
+      {{- if and (ne $role "single") $g.rdma.resource }}
+      {{- /* RDMA registers (pins) GPU and host memory. */}}
+      {{- $caps := $sc.capabilities | default dict }}
+      {{- $_ := set $caps "add" (concat ($caps.add | default list) (list "IPC_LOCK") | uniq) }}
+      {{- $_ := set $sc "capabilities" $caps }}
+      {{- end }}
+      {{- toYaml $sc | nindent 6 }}
     volumeMounts:
       - name: cache
         mountPath: /cache
