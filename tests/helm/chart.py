@@ -114,13 +114,21 @@ LWS_WORKER_INDEX = "leaderworkerset.sigs.k8s.io/worker-index"
 def group_pods(lws: dict[str, Any], role: str) -> dict[str, Any]:
     """A LeaderWorkerSet's leader or worker pods in a workload's shape (spec.template), with the labels its
     controller adds to them at run time (set name, worker index: 0 for the leader)."""
-    tpl = copy.deepcopy(lws["spec"]["leaderWorkerTemplate"]["leaderTemplate" if role == "leader" else "workerTemplate"])
+    tpl = copy.deepcopy(
+        lws["spec"]["leaderWorkerTemplate"]["leaderTemplate" if role == "leader" else "workerTemplate"]
+    )
     labels = tpl["metadata"].setdefault("labels", {})
     labels[LWS_NAME] = lws["metadata"]["name"]
     labels[LWS_WORKER_INDEX] = "0" if role == "leader" else "1"
     lwt = lws["spec"]["leaderWorkerTemplate"]
     spec = {"template": tpl, "volumeClaimTemplates": lwt.get("volumeClaimTemplates", [])}
-    return {"kind": "LeaderWorkerSet", "metadata": lws["metadata"], "spec": spec, "role": role, "groupSize": lwt["size"]}
+    return {
+        "kind": "LeaderWorkerSet",
+        "metadata": lws["metadata"],
+        "spec": spec,
+        "role": role,
+        "groupSize": lwt["size"],
+    }
 
 
 def service_name(engine: dict[str, Any]) -> str:

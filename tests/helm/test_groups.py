@@ -9,7 +9,16 @@ import pytest
 from engine.group import resolve_plan
 from engine.settings import EngineSettings
 from engine.vllm_args import build_vllm_command
-from tests.helm.chart import LWS_WORKER_INDEX, NAMESPACE, env_of, example, group_pods, pod_spec, render, selector_matches
+from tests.helm.chart import (
+    LWS_WORKER_INDEX,
+    NAMESPACE,
+    env_of,
+    example,
+    group_pods,
+    pod_spec,
+    render,
+    selector_matches,
+)
 from tests.helm.lws import validate_lws
 from tests.helm.value_sets import GROUPS_RAY_DP
 
@@ -29,9 +38,14 @@ def test_r1_on_two_h100_nodes_is_one_group_of_two_pods() -> None:
     validate_lws(lws)
     lwt = lws["spec"]["leaderWorkerTemplate"]
     assert lwt["size"] == 2 and lwt["restartPolicy"] == "RecreateGroupOnPodRestart"
-    assert lws["spec"]["rolloutStrategy"]["rollingUpdateConfiguration"] == {"maxUnavailable": 0, "maxSurge": 1}
+    assert lws["spec"]["rolloutStrategy"]["rollingUpdateConfiguration"] == {
+        "maxUnavailable": 0,
+        "maxSurge": 1,
+    }
     (claim,) = lwt["volumeClaimTemplates"]
-    assert claim["metadata"]["name"] == "cache" and claim["spec"]["resources"]["requests"]["storage"] == "900Gi"
+    assert (
+        claim["metadata"]["name"] == "cache" and claim["spec"]["resources"]["requests"]["storage"] == "900Gi"
+    )
     for role in ("leader", "worker"):
         spec = pod_spec(group_pods(lws, role))
         main = spec["containers"][0]
@@ -60,7 +74,9 @@ def test_gateway_routes_to_the_leaders_only() -> None:
     lws = objs.get("LeaderWorkerSet", NAME)
     svc = objs.get("Service", f"{NAME}-leaders")
     assert svc["spec"]["selector"][LWS_WORKER_INDEX] == "0"
-    assert selector_matches(svc["spec"]["selector"], group_pods(lws, "leader")["spec"]["template"]["metadata"]["labels"])
+    assert selector_matches(
+        svc["spec"]["selector"], group_pods(lws, "leader")["spec"]["template"]["metadata"]["labels"]
+    )
     assert not selector_matches(
         svc["spec"]["selector"], group_pods(lws, "worker")["spec"]["template"]["metadata"]["labels"]
     )
@@ -87,7 +103,11 @@ def test_rendered_pods_build_the_group_command_line(index: str, role: str) -> No
     lws = render(R1_H100).get("LeaderWorkerSet", NAME)
     container = pod_spec(group_pods(lws, role))["containers"][0]
     s = _engine_settings(container)
-    lws_env = {"LWS_LEADER_ADDRESS": f"{NAME}-0.{NAME}.{NAMESPACE}", "LWS_GROUP_SIZE": "2", "LWS_WORKER_INDEX": index}
+    lws_env = {
+        "LWS_LEADER_ADDRESS": f"{NAME}-0.{NAME}.{NAMESPACE}",
+        "LWS_GROUP_SIZE": "2",
+        "LWS_WORKER_INDEX": index,
+    }
     plan = resolve_plan(s, lws_env)
     assert plan.role == role
     cmd = build_vllm_command(s, "/cache/models/x", device="cuda", plan=plan)
@@ -129,7 +149,11 @@ def test_r1_on_one_h200_node_needs_no_group() -> None:
 @pytest.mark.parametrize(
     ("group", "settings", "needle"),
     [
-        ({"size": 2, "gpusPerPod": 4}, {"tensorParallelSize": 8, "pipelineParallelSize": 2}, "must equal group.size"),
+        (
+            {"size": 2, "gpusPerPod": 4},
+            {"tensorParallelSize": 8, "pipelineParallelSize": 2},
+            "must equal group.size",
+        ),
         ({"size": 2, "launcher": "dp", "dataParallelSize": 3, "gpusPerPod": 2}, {}, "multiple of group.size"),
         ({"size": 2, "launcher": "dp", "dataParallelSize": 4}, {}, "gpusPerPod is required"),
     ],

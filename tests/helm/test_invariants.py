@@ -39,7 +39,11 @@ def test_engines_have_gpus_shm_cache_and_pull_before_vllm(name: str) -> None:
         tp = int(settings["ENGINE_TENSOR_PARALLEL_SIZE"]) * int(settings["ENGINE_PIPELINE_PARALLEL_SIZE"])
         gpus = main["resources"]["limits"]["nvidia.com/gpu"]
         # a group's tensor x pipeline parallelism spans its pods
-        assert isinstance(gpus, int) and gpus * w.get("groupSize", 1) >= tp >= 1, (w["metadata"]["name"], gpus, tp)
+        assert isinstance(gpus, int) and gpus * w.get("groupSize", 1) >= tp >= 1, (
+            w["metadata"]["name"],
+            gpus,
+            tp,
+        )
         assert main["resources"]["requests"]["nvidia.com/gpu"] == gpus
         assert main["command"] == ["llm-engine"] and main["args"] == ["run"]
         # /dev/shm is memory backed and sized

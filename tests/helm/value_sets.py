@@ -124,11 +124,16 @@ GROUPS_RAY_DP: dict[str, Any] = {
         {
             "name": "big-moe",
             "source": "s3://models/big-moe",
-            "group": {"size": 4, "launcher": "dp", "gpusPerPod": 8, "dataParallelSize": 32,
-                      "enableExpertParallel": True},
+            "group": {
+                "size": 4,
+                "launcher": "dp",
+                "gpusPerPod": 8,
+                "dataParallelSize": 32,
+                "enableExpertParallel": True,
+            },
             "cache": {"type": "emptyDir"},
         },
-    ]
+    ],
 }
 
 
