@@ -141,6 +141,22 @@ _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenie
                      "ExpiredToken", "AuthorizationHeaderMalformed", "InvalidSecurity"}
 
 
+def _is_tls_error(e: BaseException) -> bool:
+    return isinstance(e, urllib3.exceptions.SSLError) or isinstance(getattr(e, "reason", None), urllib3.exceptions.SSLError)
+
+
+def is_unreachable(e: BaseException) -> bool:
+    """Whether ``e`` means the S3 service could not be reached or did not answer (connection refused or reset,
+    DNS, timeout, HTTP 5xx), as opposed to an answer (denied, no such key) or a TLS/configuration problem."""
+    if isinstance(e, S3Error):
+        return False
+    if isinstance(e, ServerError):
+        return e.status_code >= 500
+    if _is_tls_error(e):
+        return False
+    return isinstance(e, (urllib3.exceptions.HTTPError, OSError))
+
+
 def describe_error(e: BaseException, cfg: S3Config, what: str, bucket: str | None = None) -> str:
     """One line saying what went wrong with S3 while doing ``what`` (e.g. 'reading s3://b/p/x')."""
     if isinstance(e, S3Error):
@@ -155,7 +171,7 @@ def describe_error(e: BaseException, cfg: S3Config, what: str, bucket: str | Non
         return f"S3 at {cfg.url} answered HTTP {e.status_code} while {what}"
     if isinstance(e, InvalidResponseError):
         return f"S3 at {cfg.url} sent an invalid response while {what} (is this an S3 endpoint?)"
-    if isinstance(e, urllib3.exceptions.SSLError) or isinstance(getattr(e, "reason", None), urllib3.exceptions.SSLError):
+    if _is_tls_error(e):
         return (f"TLS handshake with {cfg.url} failed while {what}: {getattr(e, 'reason', e)} "
                 "(set AWS_CA_BUNDLE to the CA that signed the endpoint's certificate)")
     if isinstance(e, (urllib3.exceptions.HTTPError, OSError)):
