@@ -58,6 +58,7 @@ from engine.s3 import (
     make_client,
     parse_s3_uri,
 )
+from objectstore import CredentialsError
 
 log = logging.getLogger("engine.weights")
 
@@ -661,6 +662,8 @@ class _Downloader:
                     if e.code == "InvalidRange":
                         raise WeightsError(f"{entry.path}: object s3://{self.src.bucket}/{key} is smaller than the "
                                            f"{entry.size} bytes the manifest says") from None
+                    raise WeightsError(describe_error(e, self.cfg, f"downloading {entry.path}")) from None
+                except CredentialsError as e:  # refreshing temporary credentials failed
                     raise WeightsError(describe_error(e, self.cfg, f"downloading {entry.path}")) from None
                 except (urllib3.exceptions.HTTPError, OSError) as e:  # network trouble: resume where it broke
                     failures += 1
