@@ -136,8 +136,19 @@ ENGINE_FIELDS: dict[str, Any] = {
     "priorityClassName": STR,
     "runtimeClassName": STR,
     "timeouts": obj(
-        {k: {"type": "number", "minimum": 0} for k in ("connect", "read", "write", "pool", "total")},
-        description="gateway-side timeouts towards this model's engines (seconds)",
+        {
+            **{
+                k: {"type": "number", "exclusiveMinimum": 0}
+                for k in ("connect", "first_byte", "idle", "write", "pool")
+            },
+            "total": {
+                "type": "number",
+                "minimum": 0,
+                "description": "0: no limit (streams run as long as they last)",
+            },
+        },
+        description="gateway-side timeouts towards this model's engines (seconds): connect, first_byte (to the "
+        "first event; also bounds a non-streamed generation), idle (longest gap between stream chunks), total",
     ),
 }
 
