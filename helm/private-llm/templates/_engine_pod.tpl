@@ -39,6 +39,9 @@ initContainers:
       {{- include "private-llm.engineS3Env" (dict "creds" $creds "endpoint" $endpoint "root" $root) | trim | nindent 6 }}
       - name: ENGINE_PULL_CONCURRENCY
         value: {{ $s.pullConcurrency | quote }}
+      {{- with $u.pullExtraEnv }}
+      {{- toYaml . | nindent 6 }}
+      {{- end }}
     resources:
       {{- toYaml $u.pullResources | nindent 6 }}
     securityContext:
@@ -46,6 +49,12 @@ initContainers:
     volumeMounts:
       - name: cache
         mountPath: /cache
+      {{- with (include "private-llm.s3CaMount" $root | trim) }}
+      {{- . | nindent 6 }}
+      {{- end }}
+      {{- with $u.pullExtraVolumeMounts }}
+      {{- toYaml . | nindent 6 }}
+      {{- end }}
 {{- end }}
 containers:
   - name: engine
@@ -207,6 +216,12 @@ containers:
         mountPath: /cache
       - name: dshm
         mountPath: /dev/shm
+      {{- with (include "private-llm.s3CaMount" $root | trim) }}
+      {{- . | nindent 6 }}
+      {{- end }}
+      {{- with $u.extraVolumeMounts }}
+      {{- toYaml . | nindent 6 }}
+      {{- end }}
 volumes:
   - name: dshm
     emptyDir:
@@ -228,6 +243,12 @@ volumes:
   - name: cache
     persistentVolumeClaim:
       claimName: {{ $u.resName }}-cache
+  {{- end }}
+  {{- with (include "private-llm.s3CaVolume" $root | trim) }}
+  {{- . | nindent 2 }}
+  {{- end }}
+  {{- with $u.extraVolumes }}
+  {{- toYaml . | nindent 2 }}
   {{- end }}
 {{- with $u.nodeSelector }}
 nodeSelector:
