@@ -9,9 +9,21 @@ from engine.settings import EngineSettings
 
 # Flags the typed settings own; the pass-through may not repeat them (it would silently win or clash).
 OWNED_FLAGS = {
-    "--host", "--port", "--served-model-name", "--dtype", "--max-model-len", "--gpu-memory-utilization",
-    "--max-num-seqs", "--max-num-batched-tokens", "--tensor-parallel-size", "--pipeline-parallel-size",
-    "--quantization", "--enforce-eager", "--kv-cache-memory-bytes", "--api-key", "--shutdown-timeout",
+    "--host",
+    "--port",
+    "--served-model-name",
+    "--dtype",
+    "--max-model-len",
+    "--gpu-memory-utilization",
+    "--max-num-seqs",
+    "--max-num-batched-tokens",
+    "--tensor-parallel-size",
+    "--pipeline-parallel-size",
+    "--quantization",
+    "--enforce-eager",
+    "--kv-cache-memory-bytes",
+    "--api-key",
+    "--shutdown-timeout",
 }
 
 
@@ -30,7 +42,8 @@ def build_vllm_command(
     """The argv that starts vLLM's OpenAI server for ``model_dir`` on ``device`` ("cpu" or "cuda")."""
     if device not in ("cpu", "cuda"):
         raise EngineArgsError(f"device must be cpu or cuda, not {device!r}")
-    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir]
+    # `vllm serve MODEL` (the module form of the `vllm` command, so another venv's python can run it).
+    cmd = [python, "-m", "vllm.entrypoints.cli.main", "serve", model_dir]
     cmd += ["--host", s.host, "--port", str(s.port)]
     cmd += ["--served-model-name", s.served_model_name or model_dir.rstrip("/").rsplit("/", 1)[-1]]
     cmd += ["--dtype", s.dtype]
@@ -73,8 +86,6 @@ def build_vllm_command(
             cmd += ["--max-loras", str(s.max_loras)]
         if s.max_lora_rank:
             cmd += ["--max-lora-rank", str(s.max_lora_rank)]
-    if s.api_key:
-        cmd += ["--api-key", s.api_key]
     # On SIGTERM vLLM aborts running requests unless given a drain time; let it finish them, a little
     # before the supervisor's own deadline (which ends in SIGKILL).
     cmd += ["--shutdown-timeout", str(max(1, int(s.drain_timeout) - 5))]
@@ -86,9 +97,12 @@ def build_vllm_command(
     return cmd + extra
 
 
-def vllm_environment(device: str, base: Mapping[str, str]) -> dict[str, str]:
-    """Environment for the vLLM process: CPU-build knobs that make it start fast on small machines."""
-    env = dict(base)
+def vllm_environment(device: str, base: Mapping[str, str], api_key: str | None = None) -> dict[str, str]:
+    """Environment for the vLLM process: CPU-build knobs that make it start fast on small machines, and the
+    API key (VLLM_API_KEY: never on the command line, where ``ps`` shows it to every user)."""
+    env = {k: v for k, v in base.items() if not k.startswith("ENGINE_")}
+    if api_key:
+        env["VLLM_API_KEY"] = api_key
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("DO_NOT_TRACK", "1")
     env.setdefault("HF_HUB_OFFLINE", "1")

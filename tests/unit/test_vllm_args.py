@@ -11,7 +11,7 @@ def _flag(cmd: list[str], name: str) -> str | None:
 def test_gpu_defaults_keep_cuda_graphs_and_prefix_caching():
     s = EngineSettings(model="/m", served_model_name="llama")
     cmd = build_vllm_command(s, "/m", device="cuda", python="py")
-    assert cmd[:5] == ["py", "-m", "vllm.entrypoints.openai.api_server", "--model", "/m"]
+    assert cmd[:5] == ["py", "-m", "vllm.entrypoints.cli.main", "serve", "/m"]
     assert "--enforce-eager" not in cmd
     assert "--enable-prefix-caching" in cmd
     assert _flag(cmd, "--served-model-name") == "llama"
@@ -78,3 +78,12 @@ def test_environment_cpu_knobs_and_nvls_off_on_gpu():
 def test_bad_settings_are_rejected(bad):
     with pytest.raises(ValueError):
         EngineSettings(model="/m", **bad)
+
+
+def test_api_key_reaches_vllm_through_its_environment_never_argv():
+    s = EngineSettings(model="/m", api_key="sk-engine-secret")
+    cmd = build_vllm_command(s, "/m", device="cuda")
+    assert not any("sk-engine-secret" in a for a in cmd) and "--api-key" not in cmd
+    env = vllm_environment("cuda", {"ENGINE_API_KEY": "sk-engine-secret", "PATH": "/bin"}, s.api_key)
+    assert env["VLLM_API_KEY"] == "sk-engine-secret"
+    assert "ENGINE_API_KEY" not in env and env["PATH"] == "/bin"
