@@ -520,7 +520,10 @@ def json_schema(cls: type[BaseModel], *, skip: frozenset[str] = frozenset()) -> 
     props: dict[str, Any] = {}
     for key, name in yaml_keys(cls, skip=skip).items():
         info = cls.model_fields[name]
-        s = _type_schema(info.annotation)
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        # A field whose validator accepts more than its type says (one string for a list) names its input
+        # schema under json_schema_extra["yaml"].
+        s = dict(extra["yaml"]) if "yaml" in extra else _type_schema(info.annotation)  # type: ignore[arg-type]
         for meta in info.metadata:
             for attr, kw in (
                 ("ge", "minimum"),

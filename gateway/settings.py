@@ -160,7 +160,11 @@ class IssuerConfig(StrictModel):
     # The exact ``iss`` value in its tokens, e.g. https://keycloak.example/realms/llm
     issuer: str
     # Tokens must name one of these in ``aud``.
-    audience: list[str]
+    audience: list[str] = Field(
+        json_schema_extra={
+            "yaml": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
+        }
+    )
     # Where its signing keys are; if unset, found through ``discovery_url``.
     jwks_url: str | None = None
     # Defaults to ``<issuer>/.well-known/openid-configuration``.
@@ -336,6 +340,9 @@ class GatewaySettings(BaseSettings):
     drain_timeout: float = 30.0
     # Forward W3C traceparent and X-Request-Id to engines.
     forward_request_id: bool = True
+    # One JSON line per request at INFO (request id, principal, model, status, tokens, TTFT, duration; never
+    # prompt text): gateway/accesslog.py. false turns it off.
+    access_log: bool = True
     # Quotas (requests/tokens per minute, concurrency) and overload protection: gateway/quota/config.py.
     quota: QuotaSettings = Field(default_factory=QuotaSettings)
     # The audit log (gateway/audit/): one record per request, off by default.
