@@ -19,8 +19,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.accesslog import AccessLog
 from gateway.auth import Authenticator
+from gateway.accesslog import AccessLog
 from gateway.auth.apikeys import ApiKeyStore
 from gateway.auth.tokens import JwtVerifier
 from gateway.context import RequestContext, new_request_id
@@ -79,12 +79,7 @@ def _generate_request(body: dict[str, Any], state: GatewayState) -> dict[str, An
         if not state.settings.models:
             raise ApiError(404, "No model is configured.", code="model_not_found")
         model = state.settings.models[0].name
-    out: dict[str, Any] = {
-        "model": model,
-        "prompt": prompt,
-        "max_tokens": body.get("max_tokens", 128),
-        "stream": False,
-    }
+    out: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": body.get("max_tokens", 128), "stream": False}
     for k in ("temperature", "top_p", "stop", "seed"):
         if k in body:
             out[k] = body[k]
@@ -99,14 +94,10 @@ def _generate_response(obj: dict[str, Any]) -> dict[str, Any]:
 def _context(request: Request, route: str) -> RequestContext:
     rid = request.headers.get("x-request-id")
     client = request.scope.get("client")
-    return RequestContext(
-        rid[:128] if rid else new_request_id(), route, request.method, client[0] if client else None
-    )
+    return RequestContext(rid[:128] if rid else new_request_id(), route, request.method, client[0] if client else None)
 
 
-async def _finish(
-    state: GatewayState, ctx: RequestContext, resp: Response, e: ApiError | None = None
-) -> Response:
+async def _finish(state: GatewayState, ctx: RequestContext, resp: Response, e: ApiError | None = None) -> Response:
     """Non-proxied API routes (model listing) go through the observers too: one audit record each."""
     ctx.finished = time.perf_counter()
     ctx.status = resp.status_code
@@ -172,9 +163,7 @@ async def readyz(request: Request) -> Response:
     # readiness uses it, so one model's outage does not take the gateway out of service for all the others.
     require = request.query_params.get("require", "all")
     if require not in ("all", "any"):
-        return error_response(
-            ApiError(400, "'require' must be 'all' or 'any'.", param="require", code="invalid_value")
-        )
+        return error_response(ApiError(400, "'require' must be 'all' or 'any'.", param="require", code="invalid_value"))
     healthy = all(models.values()) if require == "all" else any(models.values())
     ready = not state.draining and bool(models) and healthy
     body = {"status": "ready" if ready else "not_ready", "draining": state.draining, "models": models}
@@ -191,9 +180,7 @@ async def _http_exception(request: Request, exc: HTTPException) -> Response:
     if exc.status_code == 404:
         e = ApiError(404, f"Unknown route {request.method} {request.url.path}.", code="unknown_route")
     elif exc.status_code == 405:
-        e = ApiError(
-            405, f"Method {request.method} not allowed on {request.url.path}.", code="method_not_allowed"
-        )
+        e = ApiError(405, f"Method {request.method} not allowed on {request.url.path}.", code="method_not_allowed")
     else:
         e = ApiError(exc.status_code, str(exc.detail))
     # Recorded too (scanners, wrong paths); a fixed route label keeps metrics' label set bounded.
@@ -215,9 +202,7 @@ def create_app_from_env() -> Starlette:
     logs.configure(settings.log_level)
     if settings.audit.enabled and settings.audit.sink == "file" and "{pid}" not in settings.audit.path:
         # Several processes must never append to one hash-chained segment.
-        raise SystemExit(
-            "llm-gateway: with workers > 1, audit.path must contain {pid} (one audit file per worker)"
-        )
+        raise SystemExit("llm-gateway: with workers > 1, audit.path must contain {pid} (one audit file per worker)")
     return create_app(settings)
 
 
@@ -293,9 +278,7 @@ def create_app(
         from gateway.audit.writer import AuditGate, AuditWriter
 
         if "{pid}" in settings.audit.path:
-            settings.audit = settings.audit.model_copy(
-                update={"path": settings.audit.path.replace("{pid}", str(os.getpid()))}
-            )
+            settings.audit = settings.audit.model_copy(update={"path": settings.audit.path.replace("{pid}", str(os.getpid()))})
 
         state.audit = AuditWriter.from_settings(settings.audit)
         state.observers.append(state.audit)
@@ -317,16 +300,11 @@ def create_app(
             state.closers.append(state.audit.stop)
         state.sessions = {m.name: make_session(m) for m in settings.models}
         state.health = HealthChecker(
-            list(pools.values()),
-            settings.health_interval,
-            settings.health_timeout,
-            settings.routing.unhealthy_after,
+            list(pools.values()), settings.health_interval, settings.health_timeout, settings.routing.unhealthy_after
         )
         if dns_targets:
             # Resolve once before the first probe round so DNS-named replicas are probed with the rest.
-            state.discovery = DnsDiscovery(
-                dns_targets, settings.routing.dns_interval, on_added=state.health.probe
-            )
+            state.discovery = DnsDiscovery(dns_targets, settings.routing.dns_interval, on_added=state.health.probe)
         await state.health.start()
         if verifier is not None:
             await verifier.start()
