@@ -19,8 +19,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.auth import Authenticator
 from gateway.accesslog import AccessLog
+from gateway.auth import Authenticator
 from gateway.auth.apikeys import ApiKeyStore
 from gateway.auth.tokens import JwtVerifier
 from gateway.context import RequestContext, new_request_id
