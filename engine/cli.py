@@ -18,7 +18,10 @@ def _setup_logging() -> None:
 
 def _resolve_model(uri: str, cache_dir: str, concurrency: int) -> str:
     if uri.startswith("s3://"):
+        from engine.phases import PHASES
         from engine.weights import WeightsError, pull
+
+        PHASES.enter(f"pulling {uri}", "(verified, resumable; cached files are checked, not downloaded)")
 
         try:
             return str(pull(uri, cache_dir=os.path.expanduser(cache_dir), concurrency=concurrency))
