@@ -247,12 +247,16 @@ class Setting:
     secret: bool
 
 
-SECRET_WORDS = ("api_key", "password", "secret", "token", "credential")
+# A setting whose name has one of these as a whole word (api_key, upstream_api_key, password, ...) is a secret;
+# tokens_per_minute, max_token_bytes or api_keys_file are not.
+_SECRET_NAME = re.compile(r"(^|_)(api_key|password|passwd|secret|secret_key|token|credentials?)($|_)")
 
 
 def is_secret(name: str) -> bool:
     n = name.lower()
-    return any(w in n for w in SECRET_WORDS) and not n.endswith(("_bytes", "_claim", "_cache_size", "_file"))
+    return bool(_SECRET_NAME.search(n)) and not n.endswith(
+        ("_bytes", "_claim", "_cache_size", "_file", "_size")
+    )
 
 
 def _default_text(info: FieldInfo) -> str:

@@ -273,3 +273,19 @@ def test_chart_schema_for_gateway_config_comes_from_the_models() -> None:
     assert set(cfg["properties"]) == set(GatewaySettings.model_fields) - {"config_file"}
     quota = cfg["properties"]["quota"]
     assert quota["additionalProperties"] is False and "rpm" in quota["properties"]["default"]["properties"]
+
+
+def test_secret_names() -> None:
+    from gateway.configkit import is_secret, mask
+
+    for name in ("api_key", "upstream_api_key", "password", "client_secret", "token", "aws_secret_key"):
+        assert is_secret(name), name
+    for name in (
+        "tokens_per_minute",
+        "max_token_bytes",
+        "verified_token_cache_size",
+        "api_keys_file",
+        "api_keys",
+    ):
+        assert not is_secret(name), name
+    assert mask("redis_url", "rediss://user:pw@redis:6380/0") == "rediss://***@redis:6380/0"
