@@ -52,14 +52,7 @@ def wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float, interv
 
 
 class Supervisor:
-    def __init__(
-        self,
-        cmd: list[str],
-        env: dict[str, str],
-        health_url: str,
-        startup_timeout: float,
-        drain_timeout: float,
-    ):
+    def __init__(self, cmd: list[str], env: dict[str, str], health_url: str, startup_timeout: float, drain_timeout: float):
         self.cmd = cmd
         self.env = env
         self.health_url = health_url
@@ -108,10 +101,7 @@ class Supervisor:
             PHASES.feed(raw.decode("utf-8", "replace"))
 
     def run(self) -> int:
-        shown = [
-            "***" if prev == "--api-key" else a
-            for prev, a in zip(["", *self.cmd[:-1]], self.cmd, strict=True)
-        ]
+        shown = ["***" if prev == "--api-key" else a for prev, a in zip(["", *self.cmd[:-1]], self.cmd, strict=True)]
         log.info("starting vLLM: %s", " ".join(shown))
         PHASES.enter("starting vLLM")
         # vLLM's output goes through us (unchanged, to our stderr) so its start phases can be reported.
