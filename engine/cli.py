@@ -9,11 +9,7 @@ import sys
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(
-        level=os.environ.get("ENGINE_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logging.basicConfig(level=os.environ.get("ENGINE_LOG_LEVEL", "INFO").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
 def _resolve_model(uri: str, cache_dir: str, concurrency: int) -> str:
@@ -39,9 +35,7 @@ def _run(args: argparse.Namespace) -> int:
     from engine.vllm_args import EngineArgsError, build_vllm_command, vllm_environment
     from gateway.configkit import ConfigError
 
-    overrides = {
-        k: v for k, v in {"model": args.model, "port": args.port, "host": args.host}.items() if v is not None
-    }
+    overrides = {k: v for k, v in {"model": args.model, "port": args.port, "host": args.host}.items() if v is not None}
     try:
         s = load_engine_settings(**overrides)
     except ConfigError as e:
@@ -60,18 +54,13 @@ def _run(args: argparse.Namespace) -> int:
         for item in s.lora_modules.split(","):
             name, _, src = item.strip().partition("=")
             if not name or not src:
-                print(
-                    f"llm-engine: ENGINE_LORA_MODULES entries are name=path-or-s3-uri, got {item!r}",
-                    file=sys.stderr,
-                )
+                print(f"llm-engine: ENGINE_LORA_MODULES entries are name=path-or-s3-uri, got {item!r}", file=sys.stderr)
                 return 2
             loras[name] = _resolve_model(src, s.cache_dir, s.pull_concurrency)
     if not s.served_model_name and s.model.startswith("s3://"):
         s.served_model_name = s.model.rstrip("/").rsplit("/", 1)[-1]
     try:
-        cmd = build_vllm_command(
-            s, model_dir, device=device, python=s.python or sys.executable, lora_dirs=loras
-        )
+        cmd = build_vllm_command(s, model_dir, device=device, python=s.python or sys.executable, lora_dirs=loras)
     except EngineArgsError as e:
         print(f"llm-engine: {e}", file=sys.stderr)
         return 2
@@ -92,9 +81,8 @@ def _settings_help() -> str:
     from engine.settings import EngineSettings
     from gateway.configkit import render_reference, settings_reference
 
-    return "settings: environment variable [type] default, meaning.\n" + render_reference(
-        settings_reference(EngineSettings, "ENGINE_", None), yaml=False
-    )
+    rows = settings_reference(EngineSettings, "ENGINE_", None)
+    return "settings: environment variable [type] default, meaning.\n" + render_reference(rows, yaml=False)
 
 
 def _config_check(args: argparse.Namespace) -> int:
@@ -127,9 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     from engine import __version__
 
-    p = argparse.ArgumentParser(
-        prog="llm-engine", description="one model replica: pull verified weights, run vLLM"
-    )
+    p = argparse.ArgumentParser(prog="llm-engine", description="one model replica: pull verified weights, run vLLM")
     p.add_argument("--version", action="version", version=f"llm-engine {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser(
@@ -140,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     r.add_argument("--model", help="overrides ENGINE_MODEL")
-    r.add_argument("--host")
-    r.add_argument("--port", type=int)
+    r.add_argument("--host", help="overrides ENGINE_HOST")
+    r.add_argument("--port", type=int, help="overrides ENGINE_PORT")
     r.add_argument("--dry-run", action="store_true", help="print vLLM's command line and exit")
     r.set_defaults(func=_run)
     c = sub.add_parser("config", help="check the ENGINE_* settings without starting")
@@ -161,9 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("out")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--shape", default="tiny", choices=["tiny", "small", "1b", "7b"])
-    m.add_argument(
-        "--no-weights", action="store_true", help="config + tokenizer only (for --load-format dummy)"
-    )
+    m.add_argument("--no-weights", action="store_true", help="config + tokenizer only (for --load-format dummy)")
     m.set_defaults(func=_make_test_model)
     try:
         from engine import weights_cli
