@@ -62,9 +62,7 @@ class ModelConfig(StrictModel):
     name: str
     # Base URLs of vLLM servers (http://10.0.0.5:8000), or ``dns+http://name:port`` for every A/AAAA record
     # of a name, re-resolved periodically (a Kubernetes headless Service).
-    upstreams: list[str] = Field(
-        default_factory=list, description="Base URLs of vLLM servers, e.g. http://10.0.0.5:8000"
-    )
+    upstreams: list[str] = Field(default_factory=list, description="Base URLs of vLLM servers, e.g. http://10.0.0.5:8000")
     # Name the engine serves the model under, when it differs from the public one.
     upstream_model: str | None = None
     owned_by: str = "private-llm-stack"
