@@ -289,3 +289,14 @@ def test_secret_names() -> None:
     ):
         assert not is_secret(name), name
     assert mask("redis_url", "rediss://user:pw@redis:6380/0") == "rediss://***@redis:6380/0"
+
+
+def test_engine_dry_run_prints_vllms_command_line_without_the_api_key(tmp_path: Path) -> None:
+    env = _clean_env(ENGINE_MODEL=str(tmp_path), ENGINE_API_KEY="sk-engine-zz", ENGINE_DEVICE="cpu")
+    r = _cli("engine", "run", "--dry-run", env=env)
+    assert r.returncode == 0, r.stderr
+    assert (
+        "vllm.entrypoints" in r.stdout
+        and f"--model {tmp_path}" in r.stdout
+        and "sk-engine-zz" not in r.stdout
+    )

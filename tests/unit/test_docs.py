@@ -112,6 +112,31 @@ EXERCISED = {
 }
 
 
+# Commands shown inline in the README's prose (`llm-engine run --dry-run`) -> the test that runs them.
+INLINE_EXERCISED = {
+    r"^llm-(gateway serve|engine run) --help$|^llm-gateway config check|^llm-engine config check$": "tests/unit/test_config_strict.py",
+    r"^llm-engine run --dry-run$": "tests/unit/test_config_strict.py",
+    r"^scripts/quickstart( --help)?$": "tests/e2e/test_quickstart.py",
+    r"^llm-engine (pull|push|run)$": "tests/integration/test_weights.py",
+    r"^llm-gateway audit verify PATH$": "tests/unit/test_audit_chain.py",
+    r"^llm-gateway keys create$": "tests/integration/test_keys_cli.py",
+    r"^llm-gateway serve --config FILE$": "tests/support.py",  # how every gateway of the suite starts
+    r"^scripts/bootstrap$|^scripts/test( tests/unit -q)?$": "tests/unit/test_bootstrap.py",
+    r"^source \.venv/bin/activate$|^\.venv/bin/llm-gateway$": "tests/unit/test_bootstrap.py",
+    r"^scripts/(bench_e2e|bench_overhead)\.py$|^scripts/gpu/h200_stack\.sh$": "docs/benchmarks.md",  # benchmarks, not tests
+    r"^llm-(gateway|engine)$": "pyproject.toml",
+}
+
+
+def test_every_inline_readme_command_is_exercised() -> None:
+    spans = set(re.findall(r"`((?:llm-gateway|llm-engine|scripts/|source |\.venv/)[^`]*)`", README))
+    assert len(spans) >= 15
+    for span in (" ".join(x.split()) for x in spans):
+        hits = [t for pattern, t in INLINE_EXERCISED.items() if re.search(pattern, span)]
+        assert hits, f"README command not exercised by any test: {span!r}"
+        assert (REPO / hits[0]).is_file()
+
+
 def test_every_readme_command_is_exercised() -> None:
     lines = readme_command_lines()
     assert len(lines) >= 10
