@@ -6,13 +6,17 @@ import argparse
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.settings import EngineSettings
 
 
 def _setup_logging() -> None:
     logging.basicConfig(level=os.environ.get("ENGINE_LOG_LEVEL", "INFO").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-def _resolve_model(uri: str, cache_dir: str, concurrency: int) -> str:
+def _resolve_model(uri: str, s: EngineSettings) -> str:
     if uri.startswith("s3://"):
         from engine.phases import PHASES
         from engine.weights import WeightsError, pull
@@ -20,7 +24,8 @@ def _resolve_model(uri: str, cache_dir: str, concurrency: int) -> str:
         PHASES.enter(f"pulling {uri}", "(verified, resumable; cached files are checked, not downloaded)")
 
         try:
-            return str(pull(uri, cache_dir=os.path.expanduser(cache_dir), concurrency=concurrency))
+            return str(pull(uri, cache_dir=os.path.expanduser(s.cache_dir), concurrency=s.pull_concurrency,
+                            verify_cache=s.verify_cache, require_source=s.require_source))
         except WeightsError as e:
             raise SystemExit(f"llm-engine: error: {e}") from None
     path = os.path.expanduser(uri)
@@ -30,10 +35,10 @@ def _resolve_model(uri: str, cache_dir: str, concurrency: int) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from configkit import ConfigError
     from engine.settings import load_engine_settings
     from engine.supervisor import Supervisor, detect_device
     from engine.vllm_args import EngineArgsError, build_vllm_command, vllm_environment
-    from gateway.configkit import ConfigError
 
     overrides = {k: v for k, v in {"model": args.model, "port": args.port, "host": args.host}.items() if v is not None}
     try:
@@ -48,7 +53,7 @@ def _run(args: argparse.Namespace) -> int:
 
         # Started before the pull so pull metrics are visible while it runs.
         exporter = start_exporter(s.metrics_port, s.host)
-    model_dir = _resolve_model(s.model, s.cache_dir, s.pull_concurrency)
+    model_dir = _resolve_model(s.model, s)
     loras = {}
     if s.lora_modules:
         for item in s.lora_modules.split(","):
@@ -56,7 +61,7 @@ def _run(args: argparse.Namespace) -> int:
             if not name or not src:
                 print(f"llm-engine: ENGINE_LORA_MODULES entries are name=path-or-s3-uri, got {item!r}", file=sys.stderr)
                 return 2
-            loras[name] = _resolve_model(src, s.cache_dir, s.pull_concurrency)
+            loras[name] = _resolve_model(src, s)
     if not s.served_model_name and s.model.startswith("s3://"):
         s.served_model_name = s.model.rstrip("/").rsplit("/", 1)[-1]
     try:
@@ -78,16 +83,16 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _settings_help() -> str:
+    from configkit import render_reference, settings_reference
     from engine.settings import EngineSettings
-    from gateway.configkit import render_reference, settings_reference
 
     rows = settings_reference(EngineSettings, "ENGINE_", None)
     return "settings: environment variable [type] default, meaning.\n" + render_reference(rows, yaml=False)
 
 
 def _config_check(args: argparse.Namespace) -> int:
+    from configkit import ConfigError, effective, env_origins, render_effective
     from engine.settings import EngineSettings, load_engine_settings
-    from gateway.configkit import ConfigError, effective, env_origins, render_effective
 
     overrides = {"model": args.model} if args.model else {}
     try:

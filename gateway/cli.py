@@ -10,7 +10,7 @@ from gateway import __version__
 
 
 def _settings_help() -> str:
-    from gateway.configkit import render_reference, settings_reference
+    from configkit import render_reference, settings_reference
     from gateway.settings import _NOT_IN_YAML, GatewaySettings
 
     rows = settings_reference(GatewaySettings, "GATEWAY_", "__", skip=_NOT_IN_YAML)
@@ -23,9 +23,9 @@ def _settings_help() -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from configkit import ConfigError
     from gateway import logs
     from gateway.app import create_app
-    from gateway.configkit import ConfigError
     from gateway.drain import serve
     from gateway.settings import load_settings
 
@@ -34,6 +34,14 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as e:  # one line naming the key and where it came from
         print(f"llm-gateway: invalid configuration: {e}", file=sys.stderr)
         return 2
+    if settings.audit.enabled and settings.audit.archive_bucket:
+        from objectstore import S3ConfigError, config_from_env
+
+        try:
+            config_from_env()
+        except S3ConfigError as e:
+            print(f"llm-gateway: invalid S3 settings for the audit archive: {e}", file=sys.stderr)
+            return 2
     if args.host:
         settings.host = args.host
     if args.port is not None:
@@ -69,8 +77,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _config_check(args: argparse.Namespace) -> int:
+    from configkit import ConfigError, effective, env_origins, register_aliases, render_effective
     from gateway.auth.apikeys import read_key_file
-    from gateway.configkit import ConfigError, effective, env_origins, register_aliases, render_effective
     from gateway.quota.config import Limits, ScopeLimits
     from gateway.settings import GatewaySettings, load_settings, read_config_file
 

@@ -19,7 +19,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from gateway.configkit import json_schema  # noqa: E402
+from configkit import json_schema  # noqa: E402
 from gateway.settings import GatewaySettings, ModelConfig, UpstreamTimeouts  # noqa: E402
 
 OUT = REPO / "helm" / "private-llm" / "values.schema.json"
@@ -142,6 +142,13 @@ ENGINE_FIELDS: dict[str, Any] = {
     ),
     "resources": resources(),
     "pullResources": resources(),
+    "pullExtraEnv": {**ARR, "description": "extra env of the weight-pulling init container"},
+    "pullExtraVolumeMounts": {
+        **ARR,
+        "description": "extra volumeMounts of the weight-pulling init container",
+    },
+    "extraVolumes": {**ARR, "description": "extra pod volumes (mount them with extraVolumeMounts)"},
+    "extraVolumeMounts": {**ARR, "description": "extra volumeMounts of the engine container"},
     "probes": obj({"startup": probe(False), "readiness": probe(False), "liveness": probe(False)}),
     "nodeSelector": MAP_OF_STR,
     "tolerations": ARR,
@@ -154,7 +161,8 @@ ENGINE_FIELDS: dict[str, Any] = {
     # Generated from the gateway's own model (gateway/settings.py), so chart and gateway never disagree.
     "timeouts": {
         **json_schema(UpstreamTimeouts),
-        "description": "gateway-side timeouts towards this model's engines (seconds)",
+        "description": "gateway-side timeouts towards this model's engines (seconds): connect, first_byte (to the "
+        "first event; also bounds a non-streamed generation), idle (longest gap between stream chunks), total",
     },
 }
 
@@ -340,6 +348,21 @@ SCHEMA = obj(
                 "secretAccessKey": STR,
                 "existingSecret": STR,
                 "existingSecretKeys": obj({"accessKeyId": STR, "secretAccessKey": STR}),
+                "caBundle": obj(
+                    {
+                        "secretName": STR,
+                        "configMapName": STR,
+                        "key": {"type": "string", "minLength": 1},
+                    },
+                    description="CA certificates (PEM) that sign the S3 endpoint's certificate, from a Secret "
+                    "or a ConfigMap; mounted into every container that talks to S3 (AWS_CA_BUNDLE)",
+                ),
+                "verifySSL": {**BOOL, "description": "false turns certificate checks off (S3_VERIFY_SSL)"},
+                "extraEnv": {
+                    **ARR,
+                    "description": "env for every container that talks to S3 (engine, pull, gateway with "
+                    "s3Credentials), e.g. AWS_ROLE_ARN",
+                },
             }
         ),
         "networkPolicy": obj(

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from gateway.configkit import one_line
+from configkit import one_line
 from gateway.settings import ApiKeyConfig
 
 

@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import AliasChoices, ConfigDict, Field
 
-from gateway.configkit import StrictModel
+from configkit import StrictModel
 
 
 class Limits(StrictModel):

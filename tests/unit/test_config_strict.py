@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from configkit import ConfigError, field_doc, iter_models, settings_reference
 from engine.settings import EngineSettings
-from gateway.configkit import ConfigError, field_doc, iter_models, settings_reference
 from gateway.settings import _NOT_IN_YAML, GatewaySettings, load_settings
 from tests.support import REPO, free_port
 
@@ -276,7 +276,7 @@ def test_chart_schema_for_gateway_config_comes_from_the_models() -> None:
 
 
 def test_secret_names() -> None:
-    from gateway.configkit import is_secret, mask
+    from configkit import is_secret, mask
 
     for name in ("api_key", "upstream_api_key", "password", "client_secret", "token", "aws_secret_key"):
         assert is_secret(name), name
