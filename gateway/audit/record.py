@@ -147,7 +147,8 @@ def build_record(ctx: RequestContext, content: str = "none", redactor=None) -> d
             "duration": int(duration * 1e9),
             "id": ctx.request_id,
         },
-        "user": {"id": p.subject if p is not None else None},
+        # Namespaced by credential kind and issuer (key:<subject>, jwt:<issuer>#<sub>): never ambiguous.
+        "user": {"id": p.id if p is not None else None},
         "organization": {"id": p.tenant if p is not None else None},
         "client": {"ip": ctx.client_ip},
         "http": {

@@ -96,7 +96,7 @@ class QuotaAdmission:
         p = ctx.principal
         if not self.has_limits or p is None or ctx.model is None:
             return NO_TICKET
-        buckets = self.table.buckets(p.subject, p.key_id, p.tenant, ctx.model)
+        buckets = self.table.buckets(p.id, p.quota_names, p.tenant, ctx.model)
         if not buckets:
             return NO_TICKET
         cost = self.reservation(ctx)
