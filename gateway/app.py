@@ -378,5 +378,8 @@ def create_app(
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_exception, Exception: _server_error},
     )
+    # No trailing-slash redirects: Starlette builds their Location from the client's Host header (an open
+    # redirect to any host); "/v1/models/" and friends are a plain 404 instead.
+    app.router.redirect_slashes = False
     app.state.gateway = state
     return app

@@ -258,3 +258,77 @@ def test_jwt_subject_never_shares_an_api_key_bucket(engine, gateway_factory):
         assert call(token).status_code == 200
     finally:
         issuer.stop()
+
+
+# -- forwarded headers, redirects ----------------------------------------------------------------------------
+
+
+def _audit_records(tmp_path) -> list[dict[str, Any]]:
+    import json
+
+    out = []
+    for f in sorted(tmp_path.glob("audit*.jsonl")):
+        out += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    return [r for r in out if r.get("event", {}).get("kind") == "event"]
+
+
+@pytest.mark.parametrize("trusted", [[], ["127.0.0.0/8"]])
+def test_forwarded_for_believed_only_from_trusted_proxies(gateway_factory, tmp_path, trusted):
+    audit = tmp_path / "audit.jsonl"
+    cfg = dead_config(
+        trusted_proxies=trusted, audit={"enabled": True, "path": str(audit), "fsync_interval": 0.05}
+    )
+    g = gateway_factory(cfg)
+    r = httpx.get(
+        g.url + "/v1/models",
+        headers={
+            "authorization": f"Bearer {KEY_ALL}",
+            "x-forwarded-for": "198.51.100.23",
+            "x-request-id": "xff-1",
+        },
+        timeout=10,
+    )
+    assert r.status_code == 200
+    g.stop()
+    (rec,) = [r for r in _audit_records(tmp_path) if r["url"]["path"] == "/v1/models"]
+    assert rec["client"]["ip"] == ("198.51.100.23" if trusted else "127.0.0.1")
+
+
+def test_trailing_slash_never_redirects_to_the_client_host(limited_gateway):
+    for method, path in (("GET", "/v1/models/"), ("POST", "/v1/chat/completions/"), ("GET", "/healthz/")):
+        r = httpx.request(method, limited_gateway.url + path, headers={"host": "evil.example"}, timeout=10)
+        assert r.status_code in (401, 404), (path, r.status_code)
+        assert "location" not in r.headers
+        openai_error(r.json())
+
+
+# -- a key the identity provider removed stops working, through the gateway ---------------------------------
+
+
+def test_removed_signing_key_stops_cached_token(gateway_factory):
+    issuer = TokenIssuer().start()
+    try:
+        cfg = dead_config(
+            auth={
+                "issuers": [issuer.issuer_config(jwks_ttl=1.0, jwks_min_refresh_interval=0.5)],
+                "role_models": {"llm.all": ["*"]},
+            }
+        )
+        g = gateway_factory(cfg)
+        token = issuer.mint("RS256", sub="cached-user")
+        h = {"authorization": f"Bearer {token}"}
+        assert httpx.get(g.url + "/v1/models", headers=h, timeout=10).status_code == 200
+        fetched = issuer.hits["jwks"]
+        issuer.rotate(keep_old=False)
+        # Only this token's requests (all verified-token cache hits) reach the gateway: within a few TTLs,
+        # the refresh they trigger removes the key and the token is refused.
+        deadline = time.monotonic() + 10
+        status = 200
+        while time.monotonic() < deadline and status == 200:
+            time.sleep(0.2)
+            status = httpx.get(g.url + "/v1/models", headers=h, timeout=10).status_code
+        assert status == 401
+        # Single-flight, rate-limited refreshes: a handful of fetches in that time, not one per request.
+        assert issuer.hits["jwks"] - fetched <= 4
+    finally:
+        issuer.stop()
