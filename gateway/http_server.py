@@ -64,8 +64,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = True
         self._head_bytes = 0
         self._head_count = 0
-        # Bytes of the request line and header lines as parsed (exact, unlike ``_head_bytes``, which counts
-        # whole reads and so may include the start of a body).
+        # Header lines and bytes of the request line and headers as parsed, when a check needed them (exact,
+        # unlike ``_head_bytes``, which counts whole reads and so may include the start of a body).
         self._head_parsed = 0
         self._head_timer: asyncio.TimerHandle | None = None
         self._rejected = False
@@ -94,7 +94,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 self._reject(400, "Invalid HTTP request received.", "invalid_http_request")
             return
         # Still inside a head after feeding everything received: all of it since the head began is head bytes.
-        if self._in_head and self._head_bytes > self.max_header_bytes:
+        if self._in_head and (
+            self._head_bytes > self.max_header_bytes
+            or (self.headers is not None and len(self.headers) > self.max_header_count)
+        ):
             self._reject(431, "The request headers are too large.", "request_header_fields_too_large")
 
     def _reject(self, status: int, message: str, code: str) -> None:
@@ -133,24 +136,19 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             # A pipelined request starting inside the same chunk: its first bytes were not counted.
             self._in_head = True
             self._head_bytes = 0
-        self._head_count = 0
-        self._head_parsed = 0
+        self._head_count = self._head_parsed = 0
         super().on_message_begin()
 
-    def on_url(self, url: bytes) -> None:
-        self._head_parsed += len(url)
-        if self._head_parsed > self.max_header_bytes:
-            raise _HeadTooLarge
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_count += 1
-        self._head_parsed += len(name) + len(value) + 4
-        if self._head_count > self.max_header_count or self._head_parsed > self.max_header_bytes:
-            raise _HeadTooLarge
-        super().on_header(name, value)
-
+    # No per-header callback of ours: the count and, for a head that came in one large read, the exact size
+    # are checked once the head is complete (an unfinished head is bounded in data_received).
     def on_headers_complete(self) -> None:
+        if len(self.headers) > self.max_header_count:
+            self._head_count = len(self.headers)
+            raise _HeadTooLarge
+        if self._head_bytes > self.max_header_bytes:
+            self._head_parsed = len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers)
+            if self._head_parsed > self.max_header_bytes:
+                raise _HeadTooLarge
         self._in_head = False
         self._head_bytes = 0
         self._cancel_head_timer()
