@@ -7,6 +7,7 @@ port; the quota namespace test goes through the real vLLM engine.
 
 from __future__ import annotations
 
+import math
 import socket
 import time
 from typing import Any
@@ -332,3 +333,47 @@ def test_removed_signing_key_stops_cached_token(gateway_factory):
         assert issuer.hits["jwks"] - fetched <= 4
     finally:
         issuer.stop()
+
+
+# -- quota fail-open with Redis down: bounded by the last shared state and the replica's share ----------------
+
+
+def test_fail_open_overshoot_is_bounded(gateway_factory, own_redis):
+    import uuid
+
+    quota = {
+        "backend": "redis",
+        "redis_url": own_redis.url,
+        "key_prefix": f"sec:{uuid.uuid4().hex}:",
+        "on_backend_error": "open",
+        "redis_timeout": 0.5,
+        "redis_retry_interval": 30,
+        "principals": {"all": {"rpm": 20}},
+    }
+    a = gateway_factory(dead_config(quota=quota))
+    b = gateway_factory(dead_config(quota=quota))
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
+    h = {"authorization": f"Bearer {KEY_ALL}"}
+
+    def call(g) -> httpx.Response:
+        return httpx.post(g.url + "/v1/completions", json=body, headers=h, timeout=10)
+
+    # Both replicas have talked to Redis (heartbeat, shared state); most of the 20 requests per minute are spent.
+    assert call(a).status_code != 429 and call(b).status_code != 429
+    time.sleep(6.0)  # one more heartbeat round: each replica has counted the other
+    for _ in range(13):
+        assert call(a).status_code != 429
+    last = call(b)
+    assert last.status_code != 429
+    left = int(last.headers["x-ratelimit-remaining-requests"])  # the shared bucket when Redis goes away
+    own_redis.stop()
+    t0 = time.monotonic()
+    statuses = [call(g).status_code for _ in range(15) for g in (a, b)]
+    elapsed = time.monotonic() - t0
+    admitted = sum(1 for s in statuses if s != 429)
+    # What was left, what 20 rpm adds meanwhile, one request of rounding per replica. Without the bound each
+    # replica starts a fresh bucket of 20 and admits all 15 of its requests (30).
+    bound = left + math.ceil(20 * elapsed / 60) + 2
+    assert 1 <= admitted <= bound, (admitted, bound, statuses)
+    assert admitted < 20
+    assert all(s in (429, 502, 503) for s in statuses), statuses
