@@ -148,14 +148,22 @@ async def run(args: argparse.Namespace, gw_url: str, gw_port: int, gw_pid: int) 
     await task
     rss_rest = rss_mb(gw_pid)
     # Under pressure.
+    # The attackers run in a process of their own, so their event loop does not delay the latency probe's.
     stop = asyncio.Event()
     busy: list[float] = []
-    statuses: Counter = Counter()
-    kinds = ["header", "many-headers", "body", "slow"]
-    attackers = [
-        asyncio.create_task(attacker(kinds[i % 4], gw_port, stop, statuses, args.reconnect_pause))
-        for i in range(args.connections)
-    ]
+    attack = await asyncio.create_subprocess_exec(
+        sys.executable,
+        __file__,
+        "--attack",
+        str(gw_port),
+        "--seconds",
+        str(args.seconds),
+        "--connections",
+        str(args.connections),
+        "--reconnect-pause",
+        str(args.reconnect_pause),
+        stdout=asyncio.subprocess.PIPE,
+    )
     lat = asyncio.create_task(latency_loop(gw_url, stop, busy))
     samples: list[float] = []
     end = time.monotonic() + args.seconds
@@ -164,9 +172,8 @@ async def run(args: argparse.Namespace, gw_url: str, gw_port: int, gw_pid: int) 
         await asyncio.sleep(0.25)
     stop.set()
     await lat
-    for a in attackers:
-        a.cancel()
-    await asyncio.gather(*attackers, return_exceptions=True)
+    out, _ = await attack.communicate()
+    statuses = Counter(json.loads(out.decode().strip().splitlines()[-1]))
     await asyncio.sleep(1)
     rss_after = rss_mb(gw_pid)
 
@@ -196,8 +203,25 @@ async def run(args: argparse.Namespace, gw_url: str, gw_port: int, gw_pid: int) 
     }
 
 
+async def attack_only(port: int, seconds: float, connections: int, pause: float) -> None:
+    stop = asyncio.Event()
+    statuses: Counter = Counter()
+    kinds = ["header", "many-headers", "body", "slow"]
+    tasks = [
+        asyncio.create_task(attacker(kinds[i % 4], port, stop, statuses, pause)) for i in range(connections)
+    ]
+    await asyncio.sleep(seconds)
+    stop.set()
+    await asyncio.sleep(2.5)  # answers already on their way are counted
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    print(json.dumps(dict(statuses)), flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--attack", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--rest-seconds", type=float, default=10)
     ap.add_argument("--connections", type=int, default=200)
@@ -207,6 +231,9 @@ def main() -> int:
     import logging
 
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # writes after the gateway closed: expected here
+    if args.attack:
+        asyncio.run(attack_only(args.attack, args.seconds, args.connections, args.reconnect_pause))
+        return 0
     tmp = Path(tempfile.mkdtemp(prefix="bench-hostile-"))
     up_port, gw_port = free_port(), free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO))
