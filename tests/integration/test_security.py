@@ -377,3 +377,36 @@ def test_fail_open_overshoot_is_bounded(gateway_factory, own_redis):
     assert 1 <= admitted <= bound, (admitted, bound, statuses)
     assert admitted < 20
     assert all(s in (429, 502, 503) for s in statuses), statuses
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX A: b\r\n\r\n",
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n",
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        b"GET /healthz HTTP/1.1\nHost: x\n\n",
+        b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    ],
+    ids=[
+        "cl-and-te",
+        "nul-in-header",
+        "space-in-name",
+        "cl-not-a-number",
+        "cl-twice",
+        "obs-fold",
+        "bad-chunk",
+        "bare-lf",
+        "100k-url",
+    ],
+)
+def test_malformed_http_is_4xx_openai_and_closed(limited_gateway, raw):
+    """Request smuggling shapes and other malformed HTTP: refused by the protocol, connection closed."""
+    out, closed = raw_exchange(limited_gateway.port, [raw])
+    status, _, body = split_response(out)
+    assert status in (400, 431) and closed
+    openai_error(body)
