@@ -252,6 +252,8 @@ GATEWAY = obj(
         "image": image(),
         "replicas": NONNEG,
         "port": PORT,
+        "metricsPort": PORT,
+        "trustedProxies": {"type": "array", "items": {"type": "string", "minLength": 1}},
         "logLevel": {"enum": ["debug", "info", "warning", "error", "critical"]},
         # api_keys belong in apiKeys (a Secret) and models in the top-level models: (false = not allowed here).
         # Generated from GatewaySettings (gateway/settings.py): a typo at any depth fails `helm install`.
