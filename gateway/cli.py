@@ -4,56 +4,40 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import os
+
     from gateway import logs
-    from gateway.app import create_app
-    from gateway.drain import serve
+    from gateway.app import check_workers
+    from gateway.serve import serve
     from gateway.settings import GatewaySettings
 
-    init = {}
+    init: dict[str, Any] = {}
     if args.config:
         init["config_file"] = args.config
+    for name in ("host", "port", "workers"):
+        if getattr(args, name) is not None:
+            init[name] = getattr(args, name)
     try:
         settings = GatewaySettings(**init)
     except Exception as e:  # a clear one-line error for a bad config
         print(f"llm-gateway: invalid configuration: {e}", file=sys.stderr)
         return 2
-    if args.host:
-        settings.host = args.host
-    if args.port is not None:
-        settings.port = args.port
+    problem = check_workers(settings)
+    if problem:
+        print(f"llm-gateway: {problem}", file=sys.stderr)
+        return 2
     logs.configure(settings.log_level)
-    if args.workers is not None:
-        settings.workers = args.workers
-    common = dict(
-        host=settings.host,
-        port=settings.port,
-        loop="auto",
-        http="auto",
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=int(settings.drain_timeout),
-        backlog=4096,
-    )
     if settings.workers > 1:
-        # Each worker re-reads the settings from the environment (config file path included).
-        import os
-
-        import uvicorn
-
+        # Each worker re-reads the settings from the environment: hand it what the command line said.
         if args.config:
             os.environ["GATEWAY_CONFIG"] = args.config
         os.environ["GATEWAY_HOST"], os.environ["GATEWAY_PORT"] = settings.host, str(settings.port)
-        # Several worker processes: uvicorn's supervisor forwards SIGTERM and each worker shuts down
-        # gracefully (in-flight requests finish within drain_timeout); /readyz does not flip first.
-        uvicorn.run("gateway.app:create_app_from_env", factory=True, workers=settings.workers, **common)
-        return 0
-    app = create_app(settings)
-    # Graceful drain on SIGTERM: /readyz turns 503, in-flight streams finish (gateway/drain.py).
-    serve(app, settings.host, settings.port, settings.drain_timeout)
-    return 0
+    # Graceful drain on SIGTERM, with one worker or several: /readyz turns 503, in-flight streams finish.
+    return serve(settings)
 
 
 def _keys_create(args: argparse.Namespace) -> int:
@@ -66,7 +50,10 @@ def _keys_create(args: argparse.Namespace) -> int:
     if args.subject:
         entry["subject"] = args.subject
     print(key)
-    print("# store this under api_keys: in the gateway config (the key itself is not stored anywhere):", file=sys.stderr)
+    print(
+        "# store this under api_keys: in the gateway config (the key itself is not stored anywhere):",
+        file=sys.stderr,
+    )
     print(yaml.safe_dump([entry], sort_keys=False).rstrip(), file=sys.stderr if args.quiet else sys.stdout)
     return 0
 
@@ -86,7 +73,9 @@ def _audit_verify(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="llm-gateway", description="OpenAI-compatible gateway in front of vLLM engines")
+    p = argparse.ArgumentParser(
+        prog="llm-gateway", description="OpenAI-compatible gateway in front of vLLM engines"
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="run the gateway")
     s.add_argument("--config", help="YAML config file (or GATEWAY_CONFIG)")
@@ -96,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(func=_serve)
     k = sub.add_parser("keys", help="manage API keys")
     ksub = k.add_subparsers(dest="keys_cmd", required=True)
-    kc = ksub.add_parser("create", help="print a new API key once, and the config entry that stores its digest")
+    kc = ksub.add_parser(
+        "create", help="print a new API key once, and the config entry that stores its digest"
+    )
     kc.add_argument("--id", required=True, help="key id (safe to log)")
     kc.add_argument("--tenant", default="default")
     kc.add_argument("--subject")

@@ -25,7 +25,6 @@ class UpstreamTimeouts(BaseModel):
     connect: float = 5.0
     # Time to first byte of the response (headers), and the longest gap between two chunks.
     read: float = 300.0
-    write: float = 30.0
     # Waiting for a free connection from the pool.
     pool: float = 30.0
     # Whole request, 0 = no limit beyond the per-phase ones.
@@ -52,7 +51,9 @@ class ModelConfig(BaseModel):
     name: str
     # Base URLs of vLLM servers (http://10.0.0.5:8000), or ``dns+http://name:port`` for every A/AAAA record
     # of a name, re-resolved periodically (a Kubernetes headless Service).
-    upstreams: list[str] = Field(default_factory=list, description="Base URLs of vLLM servers, e.g. http://10.0.0.5:8000")
+    upstreams: list[str] = Field(
+        default_factory=list, description="Base URLs of vLLM servers, e.g. http://10.0.0.5:8000"
+    )
     # Name the engine serves the model under, when it differs from the public one.
     upstream_model: str | None = None
     owned_by: str = "private-llm-stack"
@@ -281,8 +282,6 @@ class GatewaySettings(BaseSettings):
     max_retries: int = 2
     # Drain: seconds in-flight requests get to finish after SIGTERM.
     drain_timeout: float = 30.0
-    # Forward W3C traceparent and X-Request-Id to engines.
-    forward_request_id: bool = True
     # Quotas (requests/tokens per minute, concurrency) and overload protection: gateway/quota/config.py.
     quota: QuotaSettings = Field(default_factory=QuotaSettings)
     # The audit log (gateway/audit/): one record per request, off by default.
@@ -304,7 +303,11 @@ class GatewaySettings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         path = None
         if isinstance(init_settings, PydanticBaseSettingsSource):
-            path = init_settings.init_kwargs.get("config_file") if hasattr(init_settings, "init_kwargs") else None
+            path = (
+                init_settings.init_kwargs.get("config_file")
+                if hasattr(init_settings, "init_kwargs")
+                else None
+            )
         path = path or os.environ.get("GATEWAY_CONFIG")
         return (init_settings, env_settings, _YamlSource(settings_cls, path), file_secret_settings)
 

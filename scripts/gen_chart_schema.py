@@ -136,7 +136,7 @@ ENGINE_FIELDS: dict[str, Any] = {
     "priorityClassName": STR,
     "runtimeClassName": STR,
     "timeouts": obj(
-        {k: {"type": "number", "minimum": 0} for k in ("connect", "read", "write", "pool", "total")},
+        {k: {"type": "number", "minimum": 0} for k in ("connect", "read", "pool", "total")},
         description="gateway-side timeouts towards this model's engines (seconds)",
     ),
 }
