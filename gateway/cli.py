@@ -18,9 +18,8 @@ def _serve(args: argparse.Namespace) -> int:
     init: dict[str, Any] = {}
     if args.config:
         init["config_file"] = args.config
-    for name in ("host", "port", "workers"):
-        if getattr(args, name) is not None:
-            init[name] = getattr(args, name)
+    given = {"host": args.host, "port": args.port, "workers": args.workers}
+    init.update({k: v for k, v in given.items() if v is not None})
     try:
         settings = GatewaySettings(**init)
     except Exception as e:  # a clear one-line error for a bad config

@@ -46,7 +46,8 @@ def request_context(headers: Headers, route: str, method: str, client: Any) -> R
 
 async def observe(observers: list[Observer], ctx: RequestContext) -> None:
     """Classify how the request ended, then hand it to every observer once (one failing never stops the rest)."""
-    ctx.finished = time.perf_counter()
+    if ctx.finished is None:
+        ctx.finished = time.perf_counter()
     ctx.classify()
     for obs in observers:
         try:
@@ -88,9 +89,11 @@ class ProxyEndpoint:
         ticket: Ticket = NO_TICKET
         state.in_flight += 1
         try:
-            req = await self._parse(ctx, headers, receive)  # parse + authenticate
-            ticket = await state.admission.admit(ctx)  # authorize -> size -> quota -> ... -> overload
-            await self._forward(ctx, req, receive, send)  # route -> forward
+            raw = await self._read(ctx, headers, receive)  # parse: method, draining, body size
+            ctx.principal = await state.auth.authenticate(headers)  # authenticate
+            req = self._parse(ctx, raw, headers)  # parse: the JSON into a ProxyRequest
+            ticket = await state.admission.admit(ctx)  # authorize -> quota -> audit back-pressure -> overload
+            await self._forward(ctx, req, receive, send)  # route -> forward -> relay
         except ApiError as e:
             await send_error(ctx, send, e)
         except ClientLeft:
@@ -111,6 +114,7 @@ class ProxyEndpoint:
             )
         finally:
             state.in_flight -= 1
+            ctx.finished = time.perf_counter()
             await settle(ticket, ctx)
             await observe(state.observers, ctx)
 
@@ -120,8 +124,8 @@ class ProxyEndpoint:
         ctx.status = ctx.status or 499
         ctx.end(CLIENT_GONE)
 
-    async def _parse(self, ctx: RequestContext, headers: Headers, receive: Receive) -> ProxyRequest:
-        """Method and drain checks, the body (size-limited), the caller's identity, then the JSON."""
+    async def _read(self, ctx: RequestContext, headers: Headers, receive: Receive) -> bytes:
+        """Method and drain checks, then the body (refused with 413 past ``max_body_bytes``)."""
         state = self.state
         if ctx.method != "POST":
             raise ApiError(405, f"Method {ctx.method} not allowed; use POST.", code="method_not_allowed")
@@ -131,13 +135,17 @@ class ProxyEndpoint:
             )
         raw = await read_body(receive, state.settings.max_body_bytes, header(headers, b"content-length"))
         ctx.bytes_in = len(raw)
-        ctx.principal = await state.auth.authenticate(headers)
-        body, raw = read_json(self.spec, raw, state.settings)
+        return raw
+
+    def _parse(self, ctx: RequestContext, raw: bytes, headers: Headers) -> ProxyRequest:
+        """The JSON body, validated into the immutable ProxyRequest (400/404)."""
+        settings = self.state.settings
+        body, raw = read_json(self.spec, raw, settings)
         ctx.body = body
         model = body.get("model")
         if isinstance(model, str) and model:
             ctx.model = model
-        req = parse_request(self.spec, body, raw, headers, ctx.request_id, state.settings)
+        req = parse_request(self.spec, body, raw, headers, ctx.request_id, settings)
         _describe(ctx, req)
         return req
 

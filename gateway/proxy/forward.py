@@ -60,26 +60,15 @@ class UpstreamFault(Exception):
         return "http_5xx" if self.kind is Fault.HTTP_5XX else self.kind.value
 
     def api_error(self, model: str | None) -> ApiError:
-        if self.kind is Fault.TIMEOUT:
-            return ApiError(
-                504,
-                f"The model server for '{model}' did not answer in time.",
-                code="upstream_timeout",
-                reason="upstream_error",
-            )
-        if self.kind is Fault.CONNECT:
-            return ApiError(
-                502,
-                f"The model server for '{model}' is unreachable.",
-                code="upstream_unreachable",
-                reason="upstream_error",
-            )
-        return ApiError(
-            502,
-            f"The model server for '{model}' failed: {self.message}.",
-            code="upstream_error",
-            reason="upstream_error",
-        )
+        """The client's error when no attempt is left after this fault (and no engine answer to pass on)."""
+        status, what, code = _GIVE_UP.get(self.kind, (502, f"failed: {self.message}", "upstream_error"))
+        return ApiError(status, f"The model server for '{model}' {what}.", code=code, reason="upstream_error")
+
+
+_GIVE_UP = {
+    Fault.TIMEOUT: (504, "did not answer in time", "upstream_timeout"),
+    Fault.CONNECT: (502, "is unreachable", "upstream_unreachable"),
+}
 
 
 @dataclass(slots=True)

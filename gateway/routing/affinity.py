@@ -20,7 +20,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from gateway.prompt import content_text
+from gateway.prompt import CHARS_PER_TOKEN_ID, content_text
 
 
 class _Loaded(Protocol):
@@ -60,10 +60,10 @@ def prompt_prefix(body: dict[str, Any] | None, limit: int) -> str | None:
         if isinstance(p, str):
             parts.append(p)
             n = len(p)
-        elif isinstance(p, list) and p and all(isinstance(t, int) for t in p[: limit // 4 + 1]):
-            # Token ids: count ~4 characters per token.
-            toks = p[: limit // 4]
-            if len(toks) * 4 < limit:
+        elif isinstance(p, list) and p and all(isinstance(t, int) for t in p[: limit // CHARS_PER_TOKEN_ID + 1]):
+            # Token ids: each counts as CHARS_PER_TOKEN_ID characters.
+            toks = p[: limit // CHARS_PER_TOKEN_ID]
+            if len(toks) * CHARS_PER_TOKEN_ID < limit:
                 return None
             return ",".join(map(str, toks))
     if n < limit:
