@@ -83,29 +83,35 @@ def _usage_event(event: bytes) -> tuple[Usage | None, bool]:
     return usage_of(obj), isinstance(obj, dict) and obj.get("choices") == []
 
 
+def _read_event(event: bytes, hide: bool) -> tuple[Usage | None, bool]:
+    """(usage in this event, drop the event)."""
+    if _USAGE_KEY not in event or _USAGE_OBJECT.search(event) is None:
+        return None, False
+    found, usage_only = _usage_event(event)
+    return found, found is not None and hide and usage_only
+
+
 def take_usage(events: bytes, hide: bool) -> tuple[bytes, Usage | None]:
     """Read the usage out of complete events; drop the usage-only chunk (``"choices":[]``) when ``hide``.
 
     Returns the events to relay (byte-identical when nothing is dropped) and the last usage seen."""
     if not may_hold_usage(events):
         return events, None
-    out: list[bytes] = []
+    kept: list[bytes] = []
     usage: Usage | None = None
     dropped = False
     for ev in events.split(_SEP):
         if not ev:
             continue
-        if _USAGE_KEY in ev and _USAGE_OBJECT.search(ev):
-            found, usage_only = _usage_event(ev)
-            if found is not None:
-                usage = found
-                if hide and usage_only:
-                    dropped = True
-                    continue
-        out.append(ev)
+        found, drop = _read_event(ev, hide)
+        usage = found or usage
+        if drop:
+            dropped = True
+        else:
+            kept.append(ev)
     if not dropped:
         return events, usage
-    return b"".join(e + _SEP for e in out), usage
+    return b"".join(e + _SEP for e in kept), usage
 
 
 def ends_with_done(data: bytes) -> bool:
