@@ -60,7 +60,11 @@ def prompt_prefix(body: dict[str, Any] | None, limit: int) -> str | None:
         if isinstance(p, str):
             parts.append(p)
             n = len(p)
-        elif isinstance(p, list) and p and all(isinstance(t, int) for t in p[: limit // CHARS_PER_TOKEN_ID + 1]):
+        elif (
+            isinstance(p, list)
+            and p
+            and all(isinstance(t, int) for t in p[: limit // CHARS_PER_TOKEN_ID + 1])
+        ):
             # Token ids: each counts as CHARS_PER_TOKEN_ID characters.
             toks = p[: limit // CHARS_PER_TOKEN_ID]
             if len(toks) * CHARS_PER_TOKEN_ID < limit:
