@@ -162,6 +162,6 @@ class ProxyEndpoint:
             pool=state.pools[req.model.name],
             session=state.sessions[req.model.name],
             router=state.router,
-            drain_expired=lambda: state.drain_expired,
+            drain=state,
         )
         await forward(job, receive, send)

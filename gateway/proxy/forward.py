@@ -26,7 +26,7 @@ from gateway.context import RequestContext
 from gateway.errors import ApiError
 from gateway.hooks import Router
 from gateway.outcome import CLIENT_GONE
-from gateway.proxy.relay import FAULT_OF, StreamLimits, relay_stream
+from gateway.proxy.relay import FAULT_OF, DrainFlag, StreamLimits, relay_stream
 from gateway.proxy.request import ProxyRequest
 from gateway.proxy.respond import Send, send_whole
 from gateway.proxy.sse import has_complete_event, is_event_stream
@@ -82,7 +82,7 @@ class Forward:
     pool: EndpointPool
     session: aiohttp.ClientSession
     router: Router
-    drain_expired: Callable[[], bool]
+    drain: DrainFlag
     total_at: float | None = None
     last_fault: UpstreamFault | None = None
 
@@ -175,7 +175,7 @@ async def _attempt(job: Forward, ep: Endpoint, send: Send) -> bool:
             return True
         verdict = "ok"
         if streamed:
-            limits = StreamLimits(job.req.model.timeouts.idle_s, job.total_at, job.drain_expired)
+            limits = StreamLimits(job.req.model.timeouts.idle_s, job.total_at, job.drain)
             end = await relay_stream(ctx, resp, first, send, limits)
             verdict = FAULT_OF.get(end, "ok") if end is not None else "ok"
         else:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 
@@ -19,18 +19,24 @@ from gateway.context import RequestContext
 from gateway.errors import sse_error_event
 from gateway.outcome import StreamEnd
 from gateway.proxy.respond import Send, start_stream
-from gateway.proxy.sse import DONE_EVENT, ends_with_done, split_complete, take_usage
+from gateway.proxy.sse import DONE_EVENT, USAGE_KEY, ends_with_done, split_complete, take_usage
 
 
 class _DrainDeadline(Exception):
     """The gateway's drain deadline passed while this stream was still running."""
 
 
+class DrainFlag(Protocol):
+    """Whatever says that the gateway's drain deadline passed (the GatewayState)."""
+
+    drain_expired: bool
+
+
 @dataclass(frozen=True, slots=True)
 class StreamLimits:
     idle: float
     total_at: float | None
-    drain_expired: Callable[[], bool]
+    drain: DrainFlag
 
 
 _TAILS = {
@@ -96,9 +102,10 @@ class _Relay:
         return events
 
     async def events(self, events: bytes) -> None:
-        events = self.usage(events)
-        if not events:
-            return
+        if USAGE_KEY in events:  # the cheap test first: most events hold no usage
+            events = self.usage(events)
+            if not events:
+                return
         ctx = self.ctx
         now = time.perf_counter()
         if ctx.first_token_at is None:
@@ -126,19 +133,20 @@ class _Relay:
 async def _pump(relay: _Relay, content: aiohttp.StreamReader, buf: bytes, limits: StreamLimits) -> bytes:
     """Relay complete events until the engine ends the stream; returns the unterminated rest."""
     loop = asyncio.get_running_loop()
+    idle, total_at, drain = limits.idle, limits.total_at, limits.drain
     async with asyncio.timeout(None) as to:
         while True:
             events, buf = split_complete(buf)
             if events:
                 await relay.events(events)
-            wake = loop.time() + limits.idle
-            to.reschedule(wake if limits.total_at is None or wake < limits.total_at else limits.total_at)
+            wake = loop.time() + idle
+            to.reschedule(wake if total_at is None or wake < total_at else total_at)
             chunk = await content.readany()
             to.reschedule(None)
             if not chunk:
                 return buf
             buf += chunk
-            if limits.drain_expired():
+            if drain.drain_expired:
                 raise _DrainDeadline()
 
 

@@ -16,7 +16,7 @@ from typing import Any
 DONE = b"data: [DONE]"
 DONE_EVENT = b"data: [DONE]\n\n"
 _SEP = b"\n\n"
-_USAGE_KEY = b'"usage"'
+USAGE_KEY = b'"usage"'
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 
 
@@ -58,7 +58,7 @@ def has_complete_event(buf: bytes) -> bool:
 
 def may_hold_usage(events: bytes) -> bool:
     """A cheap test: could these events hold a usage object? (``"usage":null`` does not count.)"""
-    return _USAGE_KEY in events and _USAGE_OBJECT.search(events) is not None
+    return USAGE_KEY in events and _USAGE_OBJECT.search(events) is not None
 
 
 def _data_of(event: bytes) -> bytes | None:
@@ -85,7 +85,7 @@ def _usage_event(event: bytes) -> tuple[Usage | None, bool]:
 
 def _read_event(event: bytes, hide: bool) -> tuple[Usage | None, bool]:
     """(usage in this event, drop the event)."""
-    if _USAGE_KEY not in event or _USAGE_OBJECT.search(event) is None:
+    if USAGE_KEY not in event or _USAGE_OBJECT.search(event) is None:
         return None, False
     found, usage_only = _usage_event(event)
     return found, found is not None and hide and usage_only
