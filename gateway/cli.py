@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     av.add_argument("paths", nargs="+", help="segment files or directories (all *.jsonl in them)")
     av.set_defaults(func=_audit_verify)
     args = p.parse_args(argv)
-    return args.func(args)
+    rc: int = args.func(args)
+    return rc
 
 
 if __name__ == "__main__":

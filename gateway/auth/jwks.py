@@ -80,7 +80,7 @@ class JwksCache:
         self._attempts = 0
         self.fetches = 0  # HTTP fetches of the JWKS (tests and metrics look at it)
         self._lock = asyncio.Lock()
-        self._background: asyncio.Task | None = None
+        self._background: asyncio.Task[None] | None = None
         self._jwks_url = cfg.jwks_url
         self.discovery_url = cfg.discovery_url or cfg.issuer.rstrip("/") + "/.well-known/openid-configuration"
         # Bumped whenever the key set changes, so callers can drop anything derived from old keys.

@@ -21,7 +21,14 @@ from gateway.context import RequestContext
 from gateway.errors import ApiError
 from gateway.hooks import NO_TICKET, Ticket
 from gateway.quota.config import QuotaSettings
-from gateway.quota.limits import Bucket, LimitTable, estimate_prompt_tokens, format_reset, rate_limit_headers
+from gateway.quota.limits import (
+    Bucket,
+    Decision,
+    LimitTable,
+    estimate_prompt_tokens,
+    format_reset,
+    rate_limit_headers,
+)
 from gateway.quota.memory import MemoryLimiter
 from gateway.quota.metrics import QuotaMetrics
 from gateway.quota.redis_backend import RedisLimiter
@@ -40,7 +47,12 @@ class QuotaTicket:
     __slots__ = ("admission", "limiter", "buckets", "cost", "lease")
 
     def __init__(
-        self, admission: QuotaAdmission, limiter, buckets: tuple[Bucket, ...], cost: int, lease: str
+        self,
+        admission: QuotaAdmission,
+        limiter: MemoryLimiter | RedisLimiter,
+        buckets: tuple[Bucket, ...],
+        cost: int,
+        lease: str,
     ) -> None:
         self.admission = admission
         self.limiter = limiter
@@ -58,7 +70,7 @@ class QuotaTicket:
             delta = 0  # a stream cut short without usage: keep the reservation
         ctx.extra["quota_settled_tokens"] = self.cost + delta
         limiter = self.limiter
-        if limiter.backend == "memory":
+        if isinstance(limiter, MemoryLimiter):
             limiter.release(self.buckets, self.lease, delta)
             return
         try:
@@ -96,7 +108,7 @@ class QuotaAdmission:
         self._down = False
         self._last_log = 0.0
         self._deferred: deque[tuple[tuple[Bucket, ...], str, int]] = deque(maxlen=_MAX_DEFERRED)
-        self._replay: asyncio.Task | None = None
+        self._replay: asyncio.Task[None] | None = None
 
     # -- the hook -------------------------------------------------------------------------------------------
 
@@ -158,7 +170,9 @@ class QuotaAdmission:
 
     # -- backends -------------------------------------------------------------------------------------------
 
-    async def _acquire(self, buckets: tuple[Bucket, ...], cost: int, lease: str):
+    async def _acquire(
+        self, buckets: tuple[Bucket, ...], cost: int, lease: str
+    ) -> tuple[MemoryLimiter | RedisLimiter, Decision]:
         remote = self.remote
         if remote is None:
             return self.local, self.local.acquire(buckets, cost, lease)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 from gateway.prompt import CHARS_PER_TOKEN_ID, content_text
@@ -94,7 +94,7 @@ class HashRing:
         self._keys = [p for p, _ in points]
         self._urls = [u for _, u in points]
 
-    def walk(self, key: int):
+    def walk(self, key: int) -> Iterator[str]:
         """Distinct URLs in ring order starting at ``key``."""
         if not self._keys:
             return
