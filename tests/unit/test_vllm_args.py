@@ -118,14 +118,15 @@ def _every_command() -> list[list[str]]:
 
 
 def _server_args(cmd: list[str]) -> list[str]:
-    """The arguments of the OpenAI server from ``python -m vllm.entrypoints.openai.api_server --model M ...`` or
-    ``python -m vllm.entrypoints.cli.main serve M ...`` (the model as ``--model M`` for make_arg_parser)."""
-    assert cmd[1] == "-m", cmd
-    if cmd[2] == "vllm.entrypoints.cli.main":
-        assert cmd[3] == "serve", cmd
-        return ["--model", cmd[4], *cmd[5:]]
-    assert cmd[2] == "vllm.entrypoints.openai.api_server", cmd
-    return cmd[3:]
+    """The OpenAI server's arguments, from ``python -m vllm.entrypoints.openai.api_server --model M ...`` or from a
+    ``vllm serve M ...`` launch (``-m vllm.entrypoints.cli.main serve M`` or ``-c <launcher> serve M``), with the
+    model as ``--model M`` (what make_arg_parser takes)."""
+    first_flag = next((i for i, a in enumerate(cmd) if a.startswith("--")), len(cmd))
+    head = cmd[:first_flag]
+    if "vllm.entrypoints.openai.api_server" in head:
+        return cmd[first_flag:]
+    assert "serve" in head and head.index("serve") == len(head) - 2, f"unknown vLLM launch: {head}"
+    return ["--model", head[-1], *cmd[first_flag:]]
 
 
 def _flag_literals() -> set[str]:
