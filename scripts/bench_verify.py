@@ -100,7 +100,9 @@ def cpu_model() -> str:
 
 def run_cli(args: list[str], env: dict[str, str]) -> tuple[float, dict]:
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "engine", *args], env=env, capture_output=True, text=True, cwd=str(REPO))
+    r = subprocess.run(
+        [sys.executable, "-m", "engine", *args], env=env, capture_output=True, text=True, cwd=str(REPO)
+    )
     secs = time.perf_counter() - t
     if r.returncode != 0:
         raise SystemExit(f"llm-engine {args[0]} failed:\n{r.stderr}")
@@ -141,9 +143,16 @@ def main() -> int:
                     secs, nbytes = check_once(final, key, manifest, "full", conc)
                     assert nbytes == total
                     runs.append(total / MB / secs)
-                rows.append({"mode": "full", "concurrency": conc, "page_cache": state,
-                             "median_mb_per_s": round(statistics.median(runs), 1), "best_mb_per_s": round(max(runs), 1),
-                             "runs_mb_per_s": [round(r, 1) for r in runs]})
+                rows.append(
+                    {
+                        "mode": "full",
+                        "concurrency": conc,
+                        "page_cache": state,
+                        "median_mb_per_s": round(statistics.median(runs), 1),
+                        "best_mb_per_s": round(max(runs), 1),
+                        "runs_mb_per_s": [round(r, 1) for r in runs],
+                    }
+                )
         size_runs = [check_once(final, key, manifest, "size", 1)[0] for _ in range(a.repeat)]
 
         if not a.no_s3:
@@ -160,12 +169,28 @@ def main() -> int:
                 for mode in ("none", "size", "full"):
                     times = []
                     for _ in range(a.repeat):
-                        secs, out = run_cli(["pull", uri, "--cache-dir", str(cli_cache), "--json", "--no-progress",
-                                             "--verify-cache", mode], env)
+                        secs, out = run_cli(
+                            [
+                                "pull",
+                                uri,
+                                "--cache-dir",
+                                str(cli_cache),
+                                "--json",
+                                "--no-progress",
+                                "--verify-cache",
+                                mode,
+                            ],
+                            env,
+                        )
                         assert out["cache_hit"] and out["rehashed_bytes"] == (total if mode == "full" else 0)
                         times.append(secs)
-                    cli_rows.append({"mode": mode, "median_wall_s": round(statistics.median(times), 3),
-                                     "runs_s": [round(t, 3) for t in times]})
+                    cli_rows.append(
+                        {
+                            "mode": mode,
+                            "median_wall_s": round(statistics.median(times), 3),
+                            "runs_s": [round(t, 3) for t in times],
+                        }
+                    )
             finally:
                 s3.stop()
     finally:
@@ -203,13 +228,23 @@ def main() -> int:
         "|---:|---|---:|---:|---|",
     ]
     for r in rows:
-        md.append(f"| {r['concurrency']} | {r['page_cache']} | {r['median_mb_per_s']} | {r['best_mb_per_s']} "
-                  f"| {', '.join(map(str, r['runs_mb_per_s']))} |")
-    md += ["", f"`--verify-cache size` (stat + fingerprint, no hashing): {result['size_check_median_s'] * 1000:.1f} ms.",
-           ""]
+        md.append(
+            f"| {r['concurrency']} | {r['page_cache']} | {r['median_mb_per_s']} | {r['best_mb_per_s']} "
+            f"| {', '.join(map(str, r['runs_mb_per_s']))} |"
+        )
+    md += [
+        "",
+        f"`--verify-cache size` (stat + fingerprint, no hashing): {result['size_check_median_s'] * 1000:.1f} ms.",
+        "",
+    ]
     if cli_rows:
-        md += ["`llm-engine pull --verify-cache MODE` on a cache hit, as a start runs it (process start + manifest GET "
-               "from nanio on 127.0.0.1 included):", "", "| mode | median wall s | runs |", "|---|---:|---|"]
+        md += [
+            "`llm-engine pull --verify-cache MODE` on a cache hit, as a start runs it (process start + manifest GET "
+            "from nanio on 127.0.0.1 included):",
+            "",
+            "| mode | median wall s | runs |",
+            "|---|---:|---|",
+        ]
         for r in cli_rows:
             md.append(f"| {r['mode']} | {r['median_wall_s']} | {', '.join(map(str, r['runs_s']))} |")
         md.append("")
