@@ -243,3 +243,36 @@ def test_audit_archive_reads_the_same_settings_tls_ca_bundle_and_session_token(
     finally:
         creds.close()
         proxy.close()
+
+
+def test_gateway_refuses_to_start_with_wrong_archive_s3_settings(tmp_path):
+    """A wrong S3 setting for the audit archive stops `llm-gateway serve` with one line naming the variable."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import gateway_config
+    from tests.support import REPO
+
+    cfg = gateway_config(
+        ["http://127.0.0.1:9"],
+        audit={"enabled": True, "path": str(tmp_path / "audit.jsonl"), "archive_bucket": "audit"},
+    )
+    (tmp_path / "gw.yaml").write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "GATEWAY_"))}
+    env.update(PYTHONPATH=str(REPO), S3_ENDPOINT_URL="http://127.0.0.1:9", AWS_WEB_IDENTITY_TOKEN_FILE="/t")
+    r = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(tmp_path / "gw.yaml"), "--port", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=str(REPO),
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert (
+        r.stderr.strip().splitlines()[-1].startswith("llm-gateway: invalid S3 settings for the audit archive")
+    )
+    assert "AWS_ROLE_ARN" in r.stderr
