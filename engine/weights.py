@@ -410,6 +410,15 @@ def _source_record(cache: Path, uri: str) -> Path:
 
 
 def _write_json_atomic(path: Path, doc: dict) -> None:
+    """Write ``doc`` by rename. Bookkeeping only: on a read-only or full cache a warning, never a failed pull
+    (a missing record costs a re-hash or no fallback later, nothing wrong is served)."""
+    try:
+        _write_json_atomic_or_raise(path, doc)
+    except OSError as e:
+        log.warning("cannot record %s in the cache: %s", path, e.strerror or e)
+
+
+def _write_json_atomic_or_raise(path: Path, doc: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "w") as f:
