@@ -91,6 +91,15 @@ def test_bad_settings_are_rejected(bad):
         EngineSettings(model="/m", **bad)
 
 
+def test_api_key_reaches_vllm_through_its_environment_never_argv():
+    s = EngineSettings(model="/m", api_key="sk-engine-secret")
+    cmd = build_vllm_command(s, "/m", device="cuda")
+    assert not any("sk-engine-secret" in a for a in cmd) and "--api-key" not in cmd
+    env = vllm_environment("cuda", {"ENGINE_API_KEY": "sk-engine-secret", "PATH": "/bin"}, s.api_key)
+    assert env["VLLM_API_KEY"] == "sk-engine-secret"
+    assert "ENGINE_API_KEY" not in env and env["PATH"] == "/bin"
+
+
 # ------------------------------------------------- the flags we emit exist in the vLLM releases we run
 
 
