@@ -11,8 +11,6 @@ import aiohttp
 
 from gateway.settings import ModelConfig, UpstreamTimeouts
 
-UpstreamConnectError = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, ConnectionResetError)
-
 
 def client_timeout(t: UpstreamTimeouts) -> aiohttp.ClientTimeout:
     # aiohttp owns the connection phases: `connect` covers waiting for a pooled connection plus
@@ -37,8 +35,11 @@ def make_session(cfg: ModelConfig) -> aiohttp.ClientSession:
         enable_cleanup_closed=True,
         ttl_dns_cache=10,
     )
+    basic = cfg.upstream_basic_auth
     return aiohttp.ClientSession(
         connector=connector,
+        # From user:password in the upstream URLs, which keep only host and port (settings.ModelConfig).
+        auth=aiohttp.BasicAuth(*basic) if basic else None,
         timeout=client_timeout(cfg.timeouts),
         auto_decompress=False,
         skip_auto_headers=("User-Agent", "Accept-Encoding"),

@@ -151,7 +151,18 @@ class Gateway:
         with os.fdopen(fd, "w") as f:
             yaml.safe_dump(config, f)
         self.config_path = path
-        full_env = {"GATEWAY_CONFIG": path, "GATEWAY_PORT": str(self.port), "GATEWAY_HOST": "127.0.0.1"}
+        # /metrics has its own port (gateway/metrics_server.py); a config's metrics_port: 0 overrides it.
+        self.metrics_port = free_port()
+        if config.get("metrics_port") == 0:
+            self.metrics_url = self.url + "/metrics"
+        else:
+            self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        full_env = {
+            "GATEWAY_CONFIG": path,
+            "GATEWAY_PORT": str(self.port),
+            "GATEWAY_HOST": "127.0.0.1",
+            "GATEWAY_METRICS_PORT": str(self.metrics_port if config.get("metrics_port") != 0 else 0),
+        }
         full_env.update(env or {})
         self.proc = Proc([PY, "-m", "gateway", "serve"], env=full_env, name=name)
 
@@ -177,10 +188,11 @@ class S3Server:
     secret_key = "test-secret-key-0123456789"
     region = "us-east-1"
 
-    def __init__(self) -> None:
-        self.port = free_port()
+    def __init__(self, port: int | None = None, data_dir: str | None = None) -> None:
+        """A new server; with ``port`` and ``data_dir`` of a stopped one, that server again (same objects)."""
+        self.port = port or free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.data_dir = tempfile.mkdtemp(prefix="nanio-")
+        self.data_dir = data_dir or tempfile.mkdtemp(prefix="nanio-")
         env = {"NANIO_ACCESS_KEY": self.access_key, "NANIO_SECRET_KEY": self.secret_key}
         self.proc = Proc(
             [PY, "-m", "nanio", "serve", "--host", "127.0.0.1", "--port", str(self.port), "--data-dir", self.data_dir,

@@ -17,6 +17,8 @@ import logging
 import math
 import time
 
+from prometheus_client import CollectorRegistry
+
 from gateway.auth.principal import Principal
 from gateway.context import RequestContext
 from gateway.errors import ApiError
@@ -50,7 +52,12 @@ class FairQueueStep:
 
     name = "fair_queue"
 
-    def __init__(self, settings: FairQueueSettings, pools: dict[str, EndpointPool], registry=None) -> None:
+    def __init__(
+        self,
+        settings: FairQueueSettings,
+        pools: dict[str, EndpointPool],
+        registry: CollectorRegistry | None = None,
+    ) -> None:
         self.settings = settings
         self.pools = pools
         self.classes = settings.classes
@@ -59,7 +66,7 @@ class FairQueueStep:
         # Adaptive budget: slots per replica URL (when slots_per_replica == 0).
         self.slots: dict[str, int] = {}
         self.metrics = FairQueueMetrics(self, registry, settings)
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         for model, pool in pools.items():
             q = self.queues[model] = FairQueue(
                 {n: (c.rank, 0) for n, c in self.classes.items()}, self._weights, settings.hold_ewma
@@ -207,6 +214,8 @@ class FairQueueStep:
     # -- the step --------------------------------------------------------------------------------------------
 
     async def admit(self, ctx: RequestContext) -> SlotTicket | None:
+        if self._task is None:
+            await self.start()  # the budget/prune tick, started with the first request (inside the loop)
         model = ctx.model
         q = self.queues.get(model or "")
         if q is None or model is None:
@@ -243,7 +252,6 @@ class FairQueueStep:
         if q.request(w, now):
             self.metrics.observe_wait(model, cls, tenant, 0.0)
             return self._ticket(ctx, model, w)
-        self.metrics.queued(model)
         try:
             async with asyncio.timeout(pc.max_wait):
                 await fut
@@ -253,7 +261,7 @@ class FairQueueStep:
                 raise self._shed(model, cls, tenant, "wait_timeout", pc.max_wait) from None
         except BaseException:
             # Cancelled (client gone, shutdown): leave the queue, or give back a slot granted meanwhile.
-            self._dispatched(model, q.cancel(w, time.monotonic()))
+            q.cancel(w, time.monotonic())
             raise
         waited = time.monotonic() - now
         ctx.extra["queue_wait"] = waited
@@ -267,13 +275,10 @@ class FairQueueStep:
         return SlotTicket(self, model, w)
 
     def release(self, model: str, w: Waiter) -> None:
+        """Free ``w``'s slot; the waiters it lets in are woken by their ``notify`` callbacks."""
         q = self.queues.get(model)
         if q is not None:
-            self._dispatched(model, q.release(w, time.monotonic()))
-
-    def _dispatched(self, model: str, granted: list[Waiter]) -> None:
-        """Waiters let in by a release were woken by their notify callbacks; nothing else to do."""
-        return None
+            q.release(w, time.monotonic())
 
     def _shed(self, model: str, cls: str, tenant: str, why: str, wait: float | None) -> ApiError:
         s = self.settings
@@ -292,34 +297,3 @@ class FairQueueStep:
         return ApiError(
             503, msg, code="engine_overloaded", headers={"retry-after": str(retry)}, reason="overloaded"
         )
-
-
-class FairQueueGate:
-    """Runs ``inner`` admission (quotas, overload wait) first, then the fair queue; one ticket settles both."""
-
-    def __init__(self, inner, step: FairQueueStep) -> None:
-        self.inner = inner
-        self.step = step
-
-    async def admit(self, ctx: RequestContext):
-        ticket = await self.inner.admit(ctx)
-        try:
-            slot = await self.step.admit(ctx)
-        except BaseException:
-            await ticket.settle(ctx)
-            raise
-        return ticket if slot is None else _BothTickets(slot, ticket)
-
-
-class _BothTickets:
-    __slots__ = ("first", "second")
-
-    def __init__(self, first, second) -> None:
-        self.first = first
-        self.second = second
-
-    async def settle(self, ctx: RequestContext) -> None:
-        try:
-            await self.first.settle(ctx)
-        finally:
-            await self.second.settle(ctx)

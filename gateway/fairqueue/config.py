@@ -25,14 +25,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from configkit import StrictModel
 
 
-class PriorityClass(BaseModel):
+class PriorityClass(StrictModel):
     """A priority class: lower ``rank`` is served first; a request queued past ``max_wait`` gets a 503."""
 
-    model_config = ConfigDict(extra="forbid")
-
+    # Order between classes: lower is served first (strict priority).
     rank: int = Field(default=0, ge=0)
     # Longest queue wait (seconds) before a 503; a request predicted to wait longer is shed at once.
     max_wait: float = Field(default=5.0, gt=0)
@@ -43,11 +44,10 @@ class PriorityClass(BaseModel):
     extra_slots_per_replica: int = Field(default=0, ge=0)
 
 
-class FairShare(BaseModel):
+class FairShare(StrictModel):
     """A tenant's or principal's share of the slots and the classes it may use."""
 
-    model_config = ConfigDict(extra="forbid")
-
+    # Share of the slots relative to the others while they compete (2 = twice a weight-1 share).
     weight: float = Field(default=1.0, gt=0)
     # Classes it may ask for (header / JWT scope); None = inherit (principal -> tenant -> default).
     classes: list[str] | None = None
@@ -55,13 +55,14 @@ class FairShare(BaseModel):
     default_class: str | None = None
 
 
-class AdaptiveSlots(BaseModel):
+class AdaptiveSlots(StrictModel):
     """Slots per replica derived from the engine's metrics (``slots_per_replica: 0``)."""
 
-    model_config = ConfigDict(extra="forbid")
-
+    # Slots per replica to start with.
     initial: int = Field(default=32, ge=1)
+    # Never fewer slots per replica than this.
     min: int = Field(default=4, ge=1)
+    # Never more slots per replica than this.
     max: int = Field(default=256, ge=1)
     # Grow only while the engine's KV cache use is below this fraction.
     kv_high: float = Field(default=0.9, gt=0, le=1)
@@ -75,16 +76,15 @@ class AdaptiveSlots(BaseModel):
         return self
 
 
-def _default_classes() -> dict[str, PriorityClass]:
+def _default_classes() -> dict[str, dict[str, float]]:
     return {
-        "interactive": PriorityClass(rank=0, max_wait=5.0, engine_priority=0),
-        "batch": PriorityClass(rank=1, max_wait=300.0, engine_priority=10),
+        "interactive": {"rank": 0, "max_wait": 5.0, "engine_priority": 0},
+        "batch": {"rank": 1, "max_wait": 300.0, "engine_priority": 10},
     }
 
 
-class FairQueueSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class FairQueueSettings(StrictModel):
+    # Hold requests beyond a per-replica budget in the gateway and grant slots fairly (off by default).
     enabled: bool = False
     # Sequences in flight per replica (this gateway process); the rest wait in the gateway's queue.
     # 0 = adapt between adaptive.min and adaptive.max from the engine's queue and KV-cache metrics.
@@ -111,7 +111,7 @@ class FairQueueSettings(BaseModel):
     retry_after_max: int = Field(default=60, ge=1)
     # Slot hold times averaged for the wait prediction: weight of the newest sample.
     hold_ewma: float = Field(default=0.05, gt=0, le=1)
-    classes: dict[str, PriorityClass] = Field(default_factory=_default_classes)
+    classes: dict[str, PriorityClass] = Field(default_factory=_default_classes, validate_default=True)
     default: FairShare = Field(default_factory=FairShare)
     tenants: dict[str, FairShare] = Field(default_factory=dict)
     # By API key id or subject.

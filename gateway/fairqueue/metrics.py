@@ -12,9 +12,9 @@ plus the first 20 others seen (the rest fold into "other").
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -28,7 +28,9 @@ WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 
 
 
 class FairQueueMetrics(Collector):
-    def __init__(self, step: FairQueueStep, registry: Any, settings: FairQueueSettings) -> None:
+    def __init__(
+        self, step: FairQueueStep, registry: CollectorRegistry | None, settings: FairQueueSettings
+    ) -> None:
         self.step = step
         self.tenant = BoundedLabel(list(settings.tenants), 20)
         self.enabled = registry is not None
@@ -56,9 +58,6 @@ class FairQueueMetrics(Collector):
     def shed(self, model: str, cls: str, tenant: str, reason: str) -> None:
         if self.enabled:
             self.shed_total.labels(model, cls, self.tenant(tenant), reason).inc()
-
-    def queued(self, model: str) -> None:
-        return None
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         depth = GaugeMetricFamily(

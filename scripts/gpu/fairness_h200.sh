@@ -45,6 +45,7 @@ api_keys:
   - {id: heavy, sha256: $DH, tenant: heavy, models: ["*"]}
   - {id: light, sha256: $DL, tenant: light, models: ["*"]}
 health_interval: 1.0
+metrics_port: 0
 fair_queue: $2
 YAML
   GATEWAY_CONFIG="$W/gw-$1.yaml" GATEWAY_PORT=$1 GATEWAY_LOG_LEVEL=warning setsid python3 -m gateway serve \

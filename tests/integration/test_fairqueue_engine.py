@@ -61,7 +61,7 @@ def auth(key: str, cls: str | None = None) -> dict[str, str]:
 
 
 def metric(url: str, name: str, labels: dict[str, str] | None = None) -> float:
-    text = httpx.get(url + "/metrics", timeout=10).text
+    text = httpx.get(url, timeout=10).text
     want = {f'{k}="{v}"' for k, v in (labels or {}).items()}
     total = 0.0
     for line in text.splitlines():
@@ -125,9 +125,9 @@ def test_budget_holds_and_light_tenant_skips_the_heavy_backlog(engine, gateway_f
                 for i in range(10)
             ]
             # Wait until the heavy backlog is queued in the gateway, then the light tenant asks once.
-            while metric(gw.url, "llm_gateway_fair_queue_depth", {"tenant": "heavy"}) < 5:
+            while metric(gw.metrics_url, "llm_gateway_fair_queue_depth", {"tenant": "heavy"}) < 5:
                 await asyncio.sleep(0.05)
-            queued_then = metric(gw.url, "llm_gateway_fair_queue_depth", {"tenant": "heavy"})
+            queued_then = metric(gw.metrics_url, "llm_gateway_fair_queue_depth", {"tenant": "heavy"})
             light = await stream_first_token(c, gw.url, KEY_LIGHT, 8, order, "light")
             return list(await asyncio.gather(*heavy)), light, queued_then
 
@@ -144,12 +144,14 @@ def test_budget_holds_and_light_tenant_skips_the_heavy_backlog(engine, gateway_f
     # The engine never held more than the budget (2 slots, one replica): the rest waited in the gateway.
     assert 1 <= peak["engine"] <= 2
     # Every slot came back; the waits were recorded per tenant.
-    assert metric(gw.url, "llm_gateway_fair_slots_in_use") == 0
-    assert metric(gw.url, "llm_gateway_fair_slots") == 2
-    assert metric(gw.url, "llm_gateway_fair_queue_wait_seconds_count", {"tenant": "heavy"}) == 10
+    assert metric(gw.metrics_url, "llm_gateway_fair_slots_in_use") == 0
+    assert metric(gw.metrics_url, "llm_gateway_fair_slots") == 2
+    assert metric(gw.metrics_url, "llm_gateway_fair_queue_wait_seconds_count", {"tenant": "heavy"}) == 10
     assert (
         metric(
-            gw.url, "llm_gateway_fair_queue_wait_seconds_count", {"tenant": "light", "class": "interactive"}
+            gw.metrics_url,
+            "llm_gateway_fair_queue_wait_seconds_count",
+            {"tenant": "light", "class": "interactive"},
         )
         == 1
     )
@@ -173,7 +175,7 @@ def test_saturated_requests_are_shed_at_once_with_retry_after(engine, gateway_fa
     # One request measures how long a slot is held.
     r = httpx.post(url, json=body(16, stream=False), headers=auth(KEY_LIGHT), timeout=120)
     assert r.status_code == 200
-    assert metric(gw.url, "llm_gateway_fair_slot_hold_seconds") > 0
+    assert metric(gw.metrics_url, "llm_gateway_fair_slot_hold_seconds") > 0
     # A batch stream holds the only slot; an interactive request now predicts a wait of about one slot
     # hold, past its 10 ms budget: 503 with Retry-After at once, not a late answer.
     with httpx.stream("POST", url, json=hold_body(), headers=auth(KEY_BATCH_ONLY), timeout=300) as held:
@@ -186,10 +188,16 @@ def test_saturated_requests_are_shed_at_once_with_retry_after(engine, gateway_fa
         assert err["code"] == "engine_overloaded" and "predicted wait" in err["message"]
         assert int(r.headers["retry-after"]) >= 1
     assert (
-        metric(gw.url, "llm_gateway_fair_shed_total", {"reason": "predicted_wait", "class": "interactive"})
+        metric(
+            gw.metrics_url,
+            "llm_gateway_fair_shed_total",
+            {"reason": "predicted_wait", "class": "interactive"},
+        )
         == 1
     )
-    wait_for(lambda: metric(gw.url, "llm_gateway_fair_slots_in_use") == 0, what="the slot to come back")
+    wait_for(
+        lambda: metric(gw.metrics_url, "llm_gateway_fair_slots_in_use") == 0, what="the slot to come back"
+    )
 
 
 @pytest.mark.engine
@@ -198,7 +206,7 @@ def test_no_slot_leaks_on_disconnect_errors_or_leaving_the_queue(engine, gateway
     url = gw.url + COMPLETIONS
 
     def in_use() -> float:
-        return metric(gw.url, "llm_gateway_fair_slots_in_use")
+        return metric(gw.metrics_url, "llm_gateway_fair_slots_in_use")
 
     # 1. The client goes away mid-stream.
     with httpx.stream("POST", url, json=hold_body(), headers=auth(KEY_HEAVY), timeout=300) as r:
@@ -207,7 +215,7 @@ def test_no_slot_leaks_on_disconnect_errors_or_leaving_the_queue(engine, gateway
         next(lines)
         assert in_use() == 1
     wait_for(lambda: in_use() == 0, what="the slot of a client that left mid-stream")
-    ended = metric(gw.url, "llm_gateway_requests_total", {"decision": "client_closed"})
+    ended = metric(gw.metrics_url, "llm_gateway_requests_total", {"decision": "client_closed"})
     assert ended == 1  # it really left mid-stream
     # 2. The engine refuses the request (prompt + max_tokens beyond its context): the 400 is passed on.
     r = httpx.post(url, json=body(5000, stream=False), headers=auth(KEY_HEAVY), timeout=60)
@@ -221,9 +229,9 @@ def test_no_slot_leaks_on_disconnect_errors_or_leaving_the_queue(engine, gateway
             httpx.post(
                 url, json=body(4, stream=False), headers=auth(KEY_LIGHT), timeout=httpx.Timeout(60, read=0.5)
             )
-        assert metric(gw.url, "llm_gateway_fair_queue_depth") <= 1
+        assert metric(gw.metrics_url, "llm_gateway_fair_queue_depth") <= 1
     wait_for(
-        lambda: in_use() == 0 and metric(gw.url, "llm_gateway_fair_queue_depth") == 0,
+        lambda: in_use() == 0 and metric(gw.metrics_url, "llm_gateway_fair_queue_depth") == 0,
         what="queue and slots to empty",
     )
     # The single slot is free for the next request, and the engine ended everything it was sent.
@@ -247,4 +255,4 @@ def test_class_priority_reaches_vllm(engine, gateway_factory):
     assert r.status_code == 200
     r = httpx.post(url, json=body(2, stream=False), headers=auth(KEY_LIGHT, "batch"), timeout=60)
     assert r.status_code == 400 and "priority" in r.json()["error"]["message"].lower()
-    assert metric(gw.url, "llm_gateway_fair_slots_in_use") == 0
+    assert metric(gw.metrics_url, "llm_gateway_fair_slots_in_use") == 0

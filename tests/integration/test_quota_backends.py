@@ -55,7 +55,7 @@ def backend_url(request):
 
 async def test_rpm_exact_under_concurrency(backend_url):
     backend, url = backend_url
-    adm = QuotaAdmission(settings(backend, url, rpm=10), {}, CollectorRegistry())
+    adm = QuotaAdmission(settings(backend, url, rpm=10), CollectorRegistry())
     try:
         results = await asyncio.gather(*(try_admit(adm, request()) for _ in range(30)))
         refused = [r for r in results if isinstance(r, ApiError)]
@@ -68,7 +68,7 @@ async def test_rpm_exact_under_concurrency(backend_url):
 
 async def test_concurrency_limit_exact_and_released(backend_url):
     backend, url = backend_url
-    adm = QuotaAdmission(settings(backend, url, max_concurrent=3), {}, CollectorRegistry())
+    adm = QuotaAdmission(settings(backend, url, max_concurrent=3), CollectorRegistry())
     try:
         results = await asyncio.gather(*(try_admit(adm, request()) for _ in range(12)))
         tickets = [r for r in results if not isinstance(r, ApiError)]
@@ -82,8 +82,8 @@ async def test_concurrency_limit_exact_and_released(backend_url):
 
 async def test_two_limiter_instances_share_one_redis_limit(redis_server):
     s = settings("redis", redis_server.url, rpm=10)
-    a = QuotaAdmission(s, {}, CollectorRegistry())
-    b = QuotaAdmission(s, {}, CollectorRegistry())
+    a = QuotaAdmission(s, CollectorRegistry())
+    b = QuotaAdmission(s, CollectorRegistry())
     try:
         results = await asyncio.gather(*(try_admit(a if i % 2 else b, request()) for i in range(24)))
         assert sum(not isinstance(r, ApiError) for r in results) == 10
@@ -96,9 +96,9 @@ async def test_two_limiter_instances_share_one_redis_limit(redis_server):
 
 async def test_redis_settlement_moves_the_counter_by_real_usage(redis_server):
     s = settings("redis", redis_server.url, tpm=120)  # 0.5 s of TAT per token
-    adm = QuotaAdmission(s, {}, CollectorRegistry())
+    adm = QuotaAdmission(s, CollectorRegistry())
     r = redis_server.client()
-    key = s.key_prefix + "p:alice:t"
+    key = s.key_prefix + "p:key:alice:t"
     try:
         prime = request(max_tokens=40)
         t = await adm.admit(prime)  # TAT now ~ 22 s ahead: stays ahead of the clock below
@@ -129,7 +129,7 @@ async def test_redis_settlement_moves_the_counter_by_real_usage(redis_server):
 async def test_concurrency_lease_expires_when_a_replica_dies(redis_server):
     s = settings("redis", redis_server.url, max_concurrent=1)
     s.concurrency_lease = 0.3
-    adm = QuotaAdmission(s, {}, CollectorRegistry())
+    adm = QuotaAdmission(s, CollectorRegistry())
     try:
         assert not isinstance(await try_admit(adm, request()), ApiError)  # never settled
         assert isinstance(await try_admit(adm, request()), ApiError)
@@ -147,14 +147,14 @@ async def test_redis_down_fail_open_uses_local_limits(own_redis, caplog):
     s = settings("redis", own_redis.url, rpm=3)
     s.redis_retry_interval = 0.0
     reg = CollectorRegistry()
-    adm = QuotaAdmission(s, {}, reg)
+    adm = QuotaAdmission(s, reg)
     try:
         assert not isinstance(await try_admit(adm, request()), ApiError)
         own_redis.stop()
         with caplog.at_level(logging.ERROR, logger="gateway.quota"):
             results = [await try_admit(adm, request()) for _ in range(5)]
-        # Local limits: a fresh in-process bucket of 3, then 429s.
-        assert [isinstance(r, ApiError) for r in results] == [False, False, False, True, True]
+        # Local limits that start from the last shared state (1 of 3 used), not from a fresh bucket of 3.
+        assert [isinstance(r, ApiError) for r in results] == [False, False, True, True, True]
         assert _metric(reg, "llm_gateway_quota_backend_errors_total", {"backend": "redis", "mode": "open"}) == 5
         assert _metric(reg, "llm_gateway_quota_backend_up", {"backend": "redis"}) == 0
         assert any("fail open" in r.getMessage() for r in caplog.records)
@@ -174,7 +174,7 @@ async def test_redis_down_fail_closed_answers_503(own_redis, caplog):
     s = settings("redis", own_redis.url, rpm=100, tpm=10_000)
     s.on_backend_error = "closed"
     reg = CollectorRegistry()
-    adm = QuotaAdmission(s, {}, reg)
+    adm = QuotaAdmission(s, reg)
     try:
         ticket = await adm.admit(request())
         own_redis.stop()
@@ -199,12 +199,12 @@ async def test_settlement_missed_during_outage_is_replayed(own_redis):
     s.redis_retry_interval = 0.0
     s.redis_timeout = 0.5
     reg = CollectorRegistry()
-    adm = QuotaAdmission(s, {}, reg)
+    adm = QuotaAdmission(s, reg)
     r = own_redis.client()
     try:
         ctx = request(max_tokens=50)
         ticket = await adm.admit(ctx)
-        tat_reserved = int(r.get(s.key_prefix + "p:alice:t"))
+        tat_reserved = int(r.get(s.key_prefix + "p:key:alice:t"))
         own_redis.proc.signal(signal.SIGSTOP)  # state survives, but nothing answers
         try:
             ctx.first_token_at, ctx.prompt_tokens, ctx.completion_tokens = 1.0, 3, 7
@@ -218,7 +218,7 @@ async def test_settlement_missed_during_outage_is_replayed(own_redis):
         assert adm._replay is not None
         await adm._replay
         # The token correction was replayed too: reserved 3 + 50, used 10, so 43 tokens (43 s of TAT) refunded.
-        assert tat_reserved - int(r.get(s.key_prefix + "p:alice:t")) == pytest.approx(43 * 1e6, abs=2)
+        assert tat_reserved - int(r.get(s.key_prefix + "p:key:alice:t")) == pytest.approx(43 * 1e6, abs=2)
         assert not isinstance(await try_admit(adm, request()), ApiError)
     finally:
         r.close()
