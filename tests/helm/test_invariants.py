@@ -578,3 +578,12 @@ def test_names_and_labels_are_valid_for_kubernetes(name: str) -> None:
             labels.update(o["spec"]["template"]["metadata"]["labels"])
         for k, v in labels.items():
             assert len(str(v)) <= 63 and LABEL_VALUE.match(str(v)), (n, k, v)
+
+
+def test_scheduling_policy_reaches_the_engine_only_when_set() -> None:
+    values = copy.deepcopy(TP2_PVC)
+    values["models"][0]["settings"]["schedulingPolicy"] = "priority"
+    (w,) = render(values).engines()
+    assert env_of(pod_spec(w)["containers"][0])["ENGINE_SCHEDULING_POLICY"] == "priority"
+    (w,) = render(TP2_PVC).engines()
+    assert "ENGINE_SCHEDULING_POLICY" not in env_of(pod_spec(w)["containers"][0])

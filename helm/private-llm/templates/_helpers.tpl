@@ -182,7 +182,7 @@ engine.defaults (and the pool over the model), plus computed names. Returned as 
 {{- else if lt (int $gpus) (int $minGpus) -}}
 {{- fail (printf "models[%d] (%s): gpus=%d is less than tensorParallelSize x pipelineParallelSize = %d" $i $m.name $gpus $minGpus) -}}
 {{- end -}}
-{{- range $flag := list "--host" "--port" "--served-model-name" "--dtype" "--max-model-len" "--gpu-memory-utilization" "--max-num-seqs" "--max-num-batched-tokens" "--tensor-parallel-size" "--pipeline-parallel-size" "--quantization" "--enforce-eager" "--kv-cache-memory-bytes" "--api-key" "--shutdown-timeout" "--distributed-executor-backend" "--nnodes" "--node-rank" "--master-addr" "--master-port" "--headless" "--data-parallel-size" "--data-parallel-size-local" "--data-parallel-address" "--data-parallel-rpc-port" "--data-parallel-start-rank" "--enable-expert-parallel" -}}
+{{- range $flag := list "--host" "--port" "--served-model-name" "--dtype" "--max-model-len" "--gpu-memory-utilization" "--max-num-seqs" "--max-num-batched-tokens" "--tensor-parallel-size" "--pipeline-parallel-size" "--quantization" "--enforce-eager" "--scheduling-policy" "--kv-cache-memory-bytes" "--api-key" "--shutdown-timeout" "--distributed-executor-backend" "--nnodes" "--node-rank" "--master-addr" "--master-port" "--headless" "--data-parallel-size" "--data-parallel-size-local" "--data-parallel-address" "--data-parallel-rpc-port" "--data-parallel-start-rank" "--enable-expert-parallel" -}}
 {{- if regexMatch (printf "(^|\\s)%s(=|\\s|$)" $flag) ($s.extraArgs | default "") -}}
 {{- fail (printf "models[%d] (%s): settings.extraArgs may not set %s: it has its own setting (settings.* / ENGINE_*)" $i $m.name $flag) -}}
 {{- end -}}
