@@ -39,6 +39,8 @@ def keys() -> list[dict[str, Any]]:
 
 def fair_gateway(engine, gateway_factory, **fair: Any):
     cfg = gateway_config([engine.url], api_keys=keys(), fair_queue={"enabled": True, **fair})
+    # The long streams below start slowly on a busy 2-core box: generous upstream timeouts.
+    cfg["models"][0]["timeouts"] = {"first_byte": 300, "idle": 300}
     return gateway_factory(cfg)
 
 
