@@ -98,7 +98,7 @@ _IDENT_CACHE: dict[str, str] = {}
 _default_redactor: list[Any] = []
 
 
-def redact_identifier(value: str | None, redactor=None) -> str | None:
+def redact_identifier(value: str | None, redactor: Any = None) -> str | None:
     """An identifier (URL path, model name, user id, client request id) with personal data and secrets
     redacted, under every content policy: such values are chosen by callers and can carry a phone number or a
     pasted key. Results are cached (identifiers repeat)."""
