@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.accesslog import AccessLog
 from gateway.auth import Authenticator
 from gateway.auth.apikeys import ApiKeyStore
 from gateway.auth.tokens import JwtVerifier
@@ -291,7 +292,7 @@ def create_app(
         router=router,
         admission=admission or NoAdmissionControl(),
         metrics=metrics,
-        observers=[metrics, *(observers or [])],
+        observers=[metrics, *([AccessLog()] if settings.access_log else []), *(observers or [])],
         closers=closers,
     )
     worker_files = None
