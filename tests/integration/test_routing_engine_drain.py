@@ -83,6 +83,7 @@ def test_sigterm_to_an_engine_finishes_its_stream_and_the_pool_goes_on(
         leaving.stop()
 
 
+@pytest.mark.timeout(900)  # two engines start on a busy 2-core machine
 def test_rolling_replacement_under_load_drops_no_request(engine, tiny_model_dir, routing_gateway):
     """The documented roll (docs/deploy.md): the new replica (here the session's engine) is ready before the
     old one gets SIGTERM. Under continuous streamed and non-streamed load across the switch, every request
