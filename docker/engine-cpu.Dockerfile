@@ -33,9 +33,8 @@ RUN python3 -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb')
       > /tmp/requirements.txt \
  && PIP_CERT="${PIP_CERT}" /opt/venv/bin/pip install --no-cache-dir -q -r /tmp/requirements.txt nanio==0.1.7 \
  && find /opt/venv -name __pycache__ -prune -exec rm -rf {} +
-COPY README.md* ./
-COPY gateway ./gateway
-COPY engine ./engine
+# Our packages (gateway/, engine/, objectstore/, ...: whatever .dockerignore lets through).
+COPY . ./
 RUN PIP_CERT="${PIP_CERT}" /opt/venv/bin/pip install --no-cache-dir -q --no-deps . \
  && rm -rf /opt/private-llm/build \
  && find /opt/venv -name __pycache__ -prune -exec rm -rf {} + \

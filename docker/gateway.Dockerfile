@@ -18,9 +18,8 @@ COPY pyproject.toml ./
 RUN python3 -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
       > /tmp/requirements.txt \
  && PIP_CERT="${PIP_CERT}" /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check -r /tmp/requirements.txt
-COPY README.md* ./
-COPY gateway ./gateway
-COPY engine ./engine
+# Our packages (gateway/, engine/, objectstore/, ...: whatever .dockerignore lets through).
+COPY . ./
 RUN PIP_CERT="${PIP_CERT}" /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps . \
  && find /opt/venv -name __pycache__ -prune -exec rm -rf {} +
 

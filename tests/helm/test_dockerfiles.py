@@ -86,3 +86,22 @@ def test_cpu_engine_image_matches_the_cpu_extra_and_the_gpu_image() -> None:
     assert _last(instr, "USER") == _last(gpu, "USER") and _last(instr, "EXPOSE") == _last(gpu, "EXPOSE")
     env = " ".join(r for o, r in instr if o == "ENV")
     assert "ENGINE_DEVICE=cpu" in env and "ENGINE_CACHE_DIR=/cache" in env and "HF_HUB_OFFLINE=1" in env
+
+
+def test_build_context_admits_every_installed_package() -> None:
+    """The images COPY the whole (filtered) context: .dockerignore must let through pyproject.toml and every
+    package setuptools installs, and nothing else of size."""
+    lines = [x.strip() for x in (REPO / ".dockerignore").read_text().splitlines()]
+    rules = [x for x in lines if x and not x.startswith("#")]
+    assert rules[0] == "*", "an allowlist: everything else stays out of the build context"
+    allowed = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
+    assert {"pyproject.toml", "README.md"} <= allowed
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"][
+        "include"
+    ]
+    for pattern in include:
+        pkgs = [p.name for p in REPO.glob(pattern) if (p / "__init__.py").exists()]
+        assert pkgs, pattern
+        assert all(p in allowed for p in pkgs), f"{pkgs} not all admitted by .dockerignore"
+    for name in ("gateway.Dockerfile", "engine-cpu.Dockerfile", "engine.Dockerfile"):
+        assert ("COPY", ". ./") in _instructions(name)
