@@ -49,15 +49,17 @@ def _serve(args: argparse.Namespace) -> int:
     logs.configure(settings.log_level)
     if args.workers is not None:
         settings.workers = args.workers
+    from gateway.http_server import uvicorn_options
+
     common = dict(
         host=settings.host,
         port=settings.port,
         loop="auto",
-        http="auto",
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=int(settings.drain_timeout),
         backlog=4096,
+        **uvicorn_options(settings),
     )
     if settings.workers > 1:
         # Each worker re-reads the settings from the environment (config file path included).
@@ -72,7 +74,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
     app = create_app(settings)
     # Graceful drain on SIGTERM: /readyz turns 503, in-flight streams finish (gateway/drain.py).
-    serve(app, settings.host, settings.port, settings.drain_timeout)
+    serve(app, settings)
     return 0
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from configkit import (
@@ -25,6 +26,27 @@ from configkit import (
 )
 from gateway.audit.config import AuditSettings
 from gateway.quota.config import QuotaSettings
+
+
+def strip_userinfo(url: str) -> tuple[str, tuple[str, str] | None]:
+    """``url`` without ``user:password@`` (also after a ``dns+`` prefix), and the (decoded) credential if any."""
+    prefix = ""
+    if url.startswith("dns+"):
+        prefix, url = "dns+", url[4:]
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return prefix + url, None
+    authority, slash, path = rest.partition("/")
+    if "@" not in authority:
+        return prefix + url, None
+    userinfo, _, host = authority.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    return f"{prefix}{scheme}://{host}{slash}{path}", (unquote(user), unquote(password))
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any ``user:password@`` removed, for logs and error messages."""
+    return strip_userinfo(url)[0]
 
 
 class UpstreamTimeouts(StrictModel):
@@ -89,11 +111,37 @@ class ModelConfig(StrictModel):
     # Bearer key the engines expect (vLLM --api-key), if any. From the environment/secret, never logged.
     upstream_api_key: str | None = None
     timeouts: UpstreamTimeouts = Field(default_factory=UpstreamTimeouts)
+    _basic_auth: tuple[str, str] | None = PrivateAttr(default=None)
 
     @field_validator("upstreams")
     @classmethod
     def _strip_slash(cls, v: list[str]) -> list[str]:
         return [u.rstrip("/") for u in v]
+
+    @model_validator(mode="after")
+    def _userinfo(self) -> ModelConfig:
+        """``http://user:pass@host`` upstreams: the credential moves to ``upstream_basic_auth`` (sent by the
+        model's client session) and the URL keeps only scheme, host, port and path, so no password reaches
+        metrics labels, logs or audit records."""
+        creds: set[tuple[str, str]] = set()
+        clean: list[str] = []
+        for u in self.upstreams:
+            url, cred = strip_userinfo(u)
+            clean.append(url)
+            if cred is not None:
+                creds.add(cred)
+        if len(creds) > 1:
+            raise ValueError(f"model {self.name!r}: its upstreams carry different user:password credentials; use one")
+        if creds:
+            if self.upstream_api_key:
+                raise ValueError(f"model {self.name!r}: set either upstream_api_key or user:password in the URLs")
+            self._basic_auth = next(iter(creds))
+        self.upstreams = clean
+        return self
+
+    @property
+    def upstream_basic_auth(self) -> tuple[str, str] | None:
+        return self._basic_auth
 
 
 class RoutingSettings(StrictModel):
@@ -271,6 +319,23 @@ class TracingSettings(StrictModel):
     export_interval: float = Field(default=2.0, gt=0)
 
 
+class LimitSettings(StrictModel):
+    """What one request may cost the gateway before it is authenticated, and how long it may take to arrive.
+    Every limit answers with an OpenAI-shaped error and closes the connection where the request is cut short."""
+
+    # Request line plus all header lines, bytes (431 above); number of header lines (431 above).
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)
+    max_header_count: int = Field(default=100, ge=8)
+    # Seconds from a request head's first byte until it is complete (408 and close after).
+    header_timeout: float = Field(default=10.0, gt=0)
+    # Seconds to receive the whole body once the head is in (408 and close after).
+    body_timeout: float = Field(default=30.0, gt=0)
+    # Deepest nesting of arrays/objects accepted in a JSON body (400 above).
+    max_json_depth: int = Field(default=64, ge=4)
+    # Length of a client's X-Request-Id kept (longer or with other characters than [A-Za-z0-9._:-]: dropped).
+    max_request_id_chars: int = Field(default=128, ge=8)
+
+
 # Settings that only the file/CLI give, never the YAML file itself.
 _NOT_IN_YAML = frozenset({"config_file"})
 # Variables with the GATEWAY_ prefix that are not fields of GatewaySettings.
@@ -336,6 +401,16 @@ class GatewaySettings(BaseSettings):
     workers: int = Field(default=1, ge=1)
     # Largest request body accepted, bytes (413 above).
     max_body_bytes: int = 10 * 1024 * 1024
+    # Header, body-time and JSON limits (docs/security.md).
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    # Proxies (IPs or CIDRs, e.g. the ingress controller's Pod range) whose X-Forwarded-For/-Proto is believed.
+    # Empty (default): forwarded headers are ignored and the audited client IP is the TCP peer.
+    trusted_proxies: list[str] = Field(default_factory=list)
+    # /metrics is served on its own port (bind ``metrics_host``), not on the API port. 0 = on the API port,
+    # where it then needs ``Authorization: Bearer <metrics_token>`` (from the environment).
+    metrics_port: int = Field(default=9091, ge=0, le=65535)
+    metrics_host: str | None = None
+    metrics_token: str | None = None
     # Set false only for local experiments: every /v1 route then runs as an anonymous principal.
     auth_enabled: bool = True
     # API keys (sha256 digests only; `llm-gateway keys create` makes one).

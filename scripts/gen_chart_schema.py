@@ -123,6 +123,22 @@ ENGINE_FIELDS: dict[str, Any] = {
         {"maxUnavailable": {"type": ["integer", "string"]}, "maxSurge": {"type": ["integer", "string"]}}
     ),
     "settings": ENGINE_SETTINGS,
+    "group": obj(
+        {
+            "size": {**POS, "description": "pods per replica; > 1 renders a LeaderWorkerSet"},
+            "launcher": {"enum": ["mp", "ray", "dp"]},
+            "gpusPerPod": {**NONNEG, "description": "0 = tensorParallelSize x pipelineParallelSize / size"},
+            "dataParallelSize": NONNEG,
+            "enableExpertParallel": BOOL,
+            "port": PORT,
+            "restartPolicy": {"enum": ["RecreateGroupOnPodRestart", "None"]},
+            "startupPolicy": {"enum": ["LeaderCreated", "LeaderReady"]},
+            "nvlinkMulticast": BOOL,
+            "ncclEnv": MAP_OF_STR,
+            "rdma": obj({"resource": STR, "count": POS}),
+        },
+        description="one replica over several pods (LeaderWorkerSet)",
+    ),
     "drainSeconds": NONNEG,
     "preStopSleepSeconds": NONNEG,
     "shmSize": QUANTITY,
@@ -236,6 +252,8 @@ GATEWAY = obj(
         "image": image(),
         "replicas": NONNEG,
         "port": PORT,
+        "metricsPort": PORT,
+        "trustedProxies": {"type": "array", "items": {"type": "string", "minLength": 1}},
         "logLevel": {"enum": ["debug", "info", "warning", "error", "critical"]},
         # api_keys belong in apiKeys (a Secret) and models in the top-level models: (false = not allowed here).
         # Generated from GatewaySettings (gateway/settings.py): a typo at any depth fails `helm install`.

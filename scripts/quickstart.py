@@ -325,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
             "    tenant: local\n"
             "    models: [\"*\"]\n"
         )
-        gw, gw_log = stack.start("gateway", [py, "-m", "gateway", "serve"], {"GATEWAY_CONFIG": str(cfg), "GATEWAY_PORT": str(gw_port)})
+        metrics_port = pick_port(9091)
+        gw_env = {"GATEWAY_CONFIG": str(cfg), "GATEWAY_PORT": str(gw_port), "GATEWAY_METRICS_PORT": str(metrics_port)}
+        gw, gw_log = stack.start("gateway", [py, "-m", "gateway", "serve"], gw_env)
         wait_ok(f"http://127.0.0.1:{gw_port}/readyz", gw, 60, "gateway", gw_log)
         base = f"http://127.0.0.1:{gw_port}/v1"
         stack.record["base_url"] = base
@@ -335,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"\n# try it:\ncurl -s {base}/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n"
             f"  -d '{{\"model\": \"{MODEL_NAME}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}], \"max_tokens\": 32}}'\n"
-            f"# logs: {STATE / 'logs'}   stop: Ctrl-C",
+            f"# metrics: http://127.0.0.1:{metrics_port}/metrics   logs: {STATE / 'logs'}   stop: Ctrl-C",
             file=sys.stderr,
             flush=True,
         )
