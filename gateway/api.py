@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from gateway.context import RequestContext
+from gateway.context import RequestContext, response_request_id
 from gateway.errors import ApiError
 from gateway.metrics_server import render, token_ok
 from gateway.proxy.endpoint import observe, request_context
@@ -43,7 +43,7 @@ class GatewayApi:
         if e is not None:
             ctx.end(e)
             ctx.error_message = e.message
-        resp.headers["x-request-id"] = ctx.request_id
+        resp.headers["x-request-id"] = response_request_id(ctx).decode()
         await observe(self.state.observers, ctx)
         return resp
 

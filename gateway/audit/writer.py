@@ -272,7 +272,7 @@ def _minimal_record(ctx: RequestContext) -> dict[str, Any]:
     return {
         "@timestamp": iso_utc(ctx.started_wall),
         "event": {"kind": "event", "action": ctx.route, "id": ctx.request_id},
-        "http": {"request": {"id": ctx.request_id}, "response": {"status_code": ctx.status}},
+        "http": {"request": {"id": ctx.client_request_id or ctx.request_id}, "response": {"status_code": ctx.status}},
         "llm": {"decision": ctx.decision, "reason": ctx.reason, "model": ctx.model},
     }
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
-from gateway.context import RequestContext, new_request_id
+from gateway.context import RequestContext, client_request_id, new_request_id
 from gateway.errors import ApiError
 from gateway.hooks import NO_TICKET, Headers, Observer, Ticket
 from gateway.outcome import CLIENT_GONE
@@ -22,6 +22,8 @@ from gateway.proxy.request import (
     ClientLeft,
     ProxyRequest,
     RouteSpec,
+    check_declared_length,
+    closing,
     header,
     parse_request,
     read_body,
@@ -37,11 +39,14 @@ Receive = Callable[[], Awaitable[Mapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
-def request_context(headers: Headers, route: str, method: str, client: Any) -> RequestContext:
-    """The request context: the client's ``X-Request-Id`` (bounded) or a new one; start time; address."""
-    rid = header(headers, b"x-request-id")
-    request_id = rid.decode("latin-1")[:128] if rid else new_request_id()
-    return RequestContext(request_id, route, method, client[0] if client else None)
+def request_context(
+    headers: Headers, route: str, method: str, client: Any, max_id_chars: int = 128
+) -> RequestContext:
+    """The request context: a new request id of ours (the audit event id), the client's ``X-Request-Id`` kept
+    apart when well formed; start time; address."""
+    ctx = RequestContext(new_request_id(), route, method, client[0] if client else None)
+    ctx.client_request_id = client_request_id(header(headers, b"x-request-id"), max_id_chars)
+    return ctx
 
 
 async def observe(observers: list[Observer], ctx: RequestContext) -> None:
@@ -83,14 +88,20 @@ class ProxyEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = self.state
         headers: Headers = scope["headers"]
-        ctx = request_context(headers, self.spec.route_name, scope.get("method", "POST"), scope.get("client"))
+        ctx = request_context(
+            headers,
+            self.spec.route_name,
+            scope.get("method", "POST"),
+            scope.get("client"),
+            state.settings.limits.max_request_id_chars,
+        )
         if state.tracing is not None:
             state.tracing.on_request_start(ctx, headers)
         ticket: Ticket = NO_TICKET
         state.in_flight += 1
         try:
-            raw = await self._read(ctx, headers, receive)  # parse: method, draining, body size
-            ctx.principal = await state.auth.authenticate(headers)  # authenticate
+            # authenticate from the headers, then read the body (size- and time-limited)
+            raw = await self._read(ctx, headers, receive)
             req = self._parse(ctx, raw, headers)  # parse: the JSON into a ProxyRequest
             ticket = await state.admission.admit(ctx)  # authorize -> quota -> audit back-pressure -> overload
             await self._forward(ctx, req, receive, send)  # route -> forward -> relay
@@ -125,15 +136,39 @@ class ProxyEndpoint:
         ctx.end(CLIENT_GONE)
 
     async def _read(self, ctx: RequestContext, headers: Headers, receive: Receive) -> bytes:
-        """Method and drain checks, then the body (refused with 413 past ``max_body_bytes``)."""
+        """Method and drain checks, the caller's identity from the headers, then the body (size- and
+        time-limited).
+
+        Nothing of the body is read before the caller is authenticated: a request without a valid credential
+        is answered 401 at once (no ``100 Continue``), and the connection is closed when a body was coming,
+        so it costs the gateway no body buffering. The same for a declared ``Content-Length`` over the limit
+        (413) and a body that does not arrive within ``limits.body_timeout`` (408)."""
         state = self.state
+        limits = state.settings.limits
         if ctx.method != "POST":
             raise ApiError(405, f"Method {ctx.method} not allowed; use POST.", code="method_not_allowed")
         if state.draining:
             raise ApiError(
                 503, "The gateway is shutting down; retry.", code="draining", headers={"retry-after": "1"}
             )
-        raw = await read_body(receive, state.settings.max_body_bytes, header(headers, b"content-length"))
+        content_length = header(headers, b"content-length")
+        try:
+            ctx.principal = await state.auth.authenticate(headers)
+            check_declared_length(content_length, state.settings.max_body_bytes)
+        except ApiError as e:
+            raise closing(e) from None
+        try:
+            async with asyncio.timeout(limits.body_timeout):
+                raw = await read_body(receive, state.settings.max_body_bytes, content_length)
+        except TimeoutError:
+            raise ApiError(
+                408,
+                f"The request body was not received within {limits.body_timeout:g} s.",
+                code="request_timeout",
+                headers={"connection": "close"},
+            ) from None
+        except ApiError as e:
+            raise closing(e) from None
         ctx.bytes_in = len(raw)
         return raw
 

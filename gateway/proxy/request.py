@@ -72,15 +72,26 @@ def _too_large(limit: int) -> ApiError:
     return ApiError(413, f"Request body is larger than the limit of {limit} bytes.", code="request_too_large")
 
 
+def closing(e: ApiError) -> ApiError:
+    """``e``, answered with ``connection: close``: sent before the request's body was read, so the
+    connection cannot carry another request (and the unread body is never read)."""
+    e.headers.setdefault("connection", "close")
+    return e
+
+
+def check_declared_length(content_length: bytes | None, limit: int) -> None:
+    """A declared ``Content-Length`` that is not a number (400) or above ``limit`` (413), before any read."""
+    if content_length is None:
+        return
+    if not content_length.isdigit() or len(content_length) > 18:
+        raise ApiError(400, "Invalid Content-Length header.", code="invalid_content_length")
+    if int(content_length) > limit:
+        raise _too_large(limit)
+
+
 async def read_body(receive: Receive, limit: int, content_length: bytes | None) -> bytes:
     """The whole request body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
-    if content_length is not None:
-        try:
-            declared = int(content_length)
-        except ValueError:
-            raise ApiError(400, "Invalid Content-Length header.") from None
-        if declared > limit:
-            raise _too_large(limit)
+    check_declared_length(content_length, limit)
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -98,15 +109,46 @@ async def read_body(receive: Receive, limit: int, content_length: bytes | None) 
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def parse_json_object(raw: bytes) -> dict[str, Any]:
+def _too_deep(limit: int) -> ApiError:
+    return ApiError(
+        400, f"The request body nests arrays/objects deeper than {limit} levels.", code="invalid_json"
+    )
+
+
+def check_depth(obj: Any, limit: int) -> None:
+    """400 when ``obj`` nests lists/dicts deeper than ``limit`` (iterative: no recursion of our own)."""
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            raise _too_deep(limit)
+        children = node.values() if isinstance(node, dict) else node
+        for child in children:
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+
+
+def parse_json_object(raw: bytes, max_depth: int = 64) -> dict[str, Any]:
+    """The body as a JSON object; any malformed body (bad syntax, bad encoding, too deep, not an object)
+    is a 400 ``invalid_request_error``, never a 500."""
     if not raw:
         raise ApiError(400, "The request body is empty; expected a JSON object.", code="invalid_json")
+    if json.detect_encoding(raw) != "utf-8":
+        # RFC 8259: JSON between systems is UTF-8 (json.loads would also take UTF-16/32 and a BOM).
+        raise ApiError(400, "The request body must be UTF-8 encoded JSON.", code="invalid_json")
     try:
         body = json.loads(raw)
+    except RecursionError:
+        raise _too_deep(max_depth) from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"The request body is not valid JSON: {e}", code="invalid_json") from None
+        raise ApiError(
+            400, f"The request body is not valid JSON: {str(e)[:200]}", code="invalid_json"
+        ) from None
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
+    # Fewer brackets than the limit cannot nest deeper than it: the walk is only for bodies that might.
+    if raw.count(b"[") + raw.count(b"{") > max_depth:
+        check_depth(body, max_depth)
     return body
 
 
@@ -192,7 +234,7 @@ def _session_id(headers: Headers, session_header: bytes | None) -> str | None:
 def read_json(route: RouteSpec, raw: bytes, settings: GatewaySettings) -> tuple[dict[str, Any], bytes]:
     """The body as a JSON object (after the route's transform), and the raw bytes still valid for it
     (empty when the transform changed the body)."""
-    body = parse_json_object(raw)
+    body = parse_json_object(raw, settings.limits.max_json_depth)
     if route.request_transform is not None:
         return route.request_transform(body, settings), b""
     return body, raw

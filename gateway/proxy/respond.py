@@ -11,7 +11,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from gateway.context import RequestContext
+from gateway.context import RequestContext, response_request_id
 from gateway.errors import ApiError, error_body
 from gateway.outcome import CLIENT_GONE, UpstreamStatus
 from gateway.proxy.request import ResponseTransform
@@ -79,7 +79,7 @@ async def send_whole(
         ctx.end(UpstreamStatus(status))
         data = normalize_error(data, status)
         headers[0] = JSON_CT
-    headers.append((b"x-request-id", ctx.request_id.encode()))
+    headers.append((b"x-request-id", response_request_id(ctx)))
     headers.extend(ctx.response_headers)
     ctx.first_token_at = time.perf_counter()
     ctx.ttft = ctx.first_token_at - ctx.started
@@ -91,7 +91,7 @@ async def send_whole(
 
 async def start_stream(ctx: RequestContext, status: int, send: Send) -> None:
     ctx.status = status
-    headers = [_SSE_HEADERS[0], (b"x-request-id", ctx.request_id.encode())]
+    headers = [_SSE_HEADERS[0], (b"x-request-id", response_request_id(ctx))]
     headers.extend(ctx.response_headers)
     headers.extend(_SSE_HEADERS[1:])
     ctx.extra["response_started"] = True
@@ -107,7 +107,11 @@ async def send_error(ctx: RequestContext, send: Send, e: ApiError) -> None:
         return
     body = e.body()
     ctx.bytes_out = len(body)
-    headers = [JSON_CT, (b"x-request-id", ctx.request_id.encode())]
+    headers = [
+        JSON_CT,
+        (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", response_request_id(ctx)),
+    ]
     headers.extend((k.encode(), v.encode()) for k, v in e.headers.items())
     headers.extend(ctx.response_headers)
     try:
