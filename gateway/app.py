@@ -25,13 +25,13 @@ from gateway.auth.tokens import JwtVerifier
 from gateway.context import RequestContext, new_request_id
 from gateway.errors import ApiError
 from gateway.hooks import Admission, NoAdmissionControl, Observer
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import GatewayMetrics, TelemetrySources
 from gateway.proxy import ProxyEndpoint
 from gateway.quota.admission import build_admission
+from gateway.quota.metrics import QuotaMetrics
 from gateway.routing.discovery import DnsDiscovery, parse_upstreams
 from gateway.routing.pool import EndpointPool, HealthChecker
 from gateway.routing.router import Router
-from gateway.routing.telemetry import RoutingCollector
 from gateway.settings import GatewaySettings
 from gateway.upstream import make_session
 
@@ -171,7 +171,6 @@ async def readyz(request: Request) -> Response:
 
 async def metrics_endpoint(request: Request) -> Response:
     state: GatewayState = request.app.state.gateway
-    state.metrics.in_flight.set(state.in_flight)
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -256,11 +255,14 @@ def create_app(
             dns_targets[m.name] = (pools[m.name], static, dns)
     metrics = GatewayMetrics.from_settings(settings)
     router = Router(settings.routing, settings.max_retries)
-    metrics.registry.register(RoutingCollector(pools, router))
     closers = []
+    quota_stats: QuotaMetrics | None = None
     if admission is None:
-        quota = build_admission(settings.quota, pools, metrics.registry)
-        if quota is not None:
+        quota_stats = QuotaMetrics()
+        quota = build_admission(settings.quota, pools, quota_stats)
+        if quota is None:
+            quota_stats = None
+        else:
             admission = quota
             closers.append(quota.close)
     state = GatewayState(
@@ -283,7 +285,11 @@ def create_app(
         state.observers.append(state.audit)
         # Back-pressure: while the audit queue is full, new requests wait or get 503 (see gateway/audit/writer.py).
         state.admission = AuditGate(state.admission, state.audit)
-    metrics.bind_state(state)
+    metrics.bind(
+        TelemetrySources(
+            pools=pools, router=router, quota=quota_stats, audit=state.audit, in_flight=lambda: state.in_flight
+        )
+    )
     if settings.tracing.enabled:
         from gateway.tracing import RequestTracer
 

@@ -1,36 +1,69 @@
-"""Prometheus metrics of the gateway, on a registry per app (never the global one).
+"""Prometheus metrics of the gateway, on a registry per app (never the global one). This module is the one
+owner of every ``llm_gateway_*`` name: subsystems count in plain numbers and expose a typed snapshot.
 
 Two halves:
 
 * ``GatewayMetrics.on_request_end`` (an observer, once per request): request counts, latency / TTFT /
-  inter-token / overhead histograms, token counters, upstream errors by kind, retries, quota rejections.
-* ``StateCollector`` (read at scrape time, nothing on the hot path): per-replica health, load and circuit
-  breaker state from ``state.pools``, the in-flight gauge, and the audit queue depth when an audit writer
-  with ``queue_depth()`` is on ``state.audit``.
+  inter-token / overhead histograms, token counters, upstream errors by kind.
+* ``StateCollector`` (read at scrape time, nothing on the request path): the snapshots of routing (per
+  replica health, load, breaker state, attempts and faults; retries per model), admission (quota and
+  overload refusals, backend state, the overload wait queue), the audit writer (queue depth, records,
+  write errors, back-pressure), and the in-flight count.
 
 Every label value is bounded: models are the configured ones (anything else is ``"none"``), tenants come
-from an allow-list or the first N seen (the rest fold into ``"other"``), routes and kinds are fixed sets.
+from an allow-list or the first N seen (the rest fold into ``"other"``), routes, kinds and reasons are fixed
+sets, endpoints are the configured or discovered replicas.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from gateway.context import RequestContext
+from gateway.quota.metrics import QuotaMetrics
+from gateway.routing.pool import EndpointPool
+from gateway.routing.router import Router
+from gateway.routing.telemetry import routing_snapshot
+from gateway.settings import GatewaySettings
+
+if TYPE_CHECKING:
+    from gateway.audit.writer import AuditSnapshot
 
 log = logging.getLogger("gateway.metrics")
 
 # End-to-end latency and TTFT: tens of milliseconds (the 500 ms p99 objective sits on a bucket edge)
 # up to the ten minutes a long generation may take.
 LATENCY_BUCKETS = (
-    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.35, 0.5, 0.75, 1, 1.5, 2.5, 5, 10, 20, 30, 60, 120, 300, 600,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.35,
+    0.5,
+    0.75,
+    1,
+    1.5,
+    2.5,
+    5,
+    10,
+    20,
+    30,
+    60,
+    120,
+    300,
+    600,
 )
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
@@ -79,8 +112,26 @@ class BoundedLabel:
         return frozenset(self._known)
 
 
+class AuditStats(Protocol):
+    """What the audit writer exposes to telemetry."""
+
+    def stats(self) -> AuditSnapshot: ...
+
+
+@dataclass
+class TelemetrySources:
+    """Where the scrape-time collector reads from. ``quota`` / ``audit`` are None when that part is off
+    (then its metrics are absent, not zero)."""
+
+    pools: Mapping[str, EndpointPool]
+    router: Router | None = None
+    quota: QuotaMetrics | None = None
+    audit: AuditStats | None = None
+    in_flight: Callable[[], int] = lambda: 0
+
+
 class GatewayMetrics:
-    """The observer that turns each finished request into metric updates."""
+    """The observer that turns each finished request into metric updates, and the owner of the registry."""
 
     def __init__(
         self,
@@ -97,29 +148,44 @@ class GatewayMetrics:
         self.tenant_label_of = BoundedLabel(
             tenants, 0 if tenant_allow_list_only else tenant_top_n, reserved=(UNAUTHENTICATED,)
         )
-        self.reason_label_of = BoundedLabel((), 16)
         r = self.registry
         self.requests = Counter(
-            "llm_gateway_requests", "Requests by model, route, status class, decision and tenant",
-            ["model", "route", "status_class", "decision", "tenant"], registry=r,
+            "llm_gateway_requests",
+            "Requests by model, route, status class, decision and tenant",
+            ["model", "route", "status_class", "decision", "tenant"],
+            registry=r,
         )
         self.latency = Histogram(
-            "llm_gateway_request_duration_seconds", "End-to-end request latency", ["model", "route"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "llm_gateway_request_duration_seconds",
+            "End-to-end request latency",
+            ["model", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.ttft = Histogram(
-            "llm_gateway_time_to_first_token_seconds", "Time to first token of streamed responses (first content chunk)", ["model"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "llm_gateway_time_to_first_token_seconds",
+            "Time to first token of streamed responses (first content chunk)",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.itl = Histogram(
-            "llm_gateway_inter_token_latency_seconds", "Gap between streamed chunks", ["model"],
-            buckets=ITL_BUCKETS, registry=r,
+            "llm_gateway_inter_token_latency_seconds",
+            "Gap between streamed chunks",
+            ["model"],
+            buckets=ITL_BUCKETS,
+            registry=r,
         )
         self.overhead = Histogram(
-            "llm_gateway_overhead_seconds", "Time spent inside the gateway before forwarding", ["route"],
-            buckets=OVERHEAD_BUCKETS, registry=r,
+            "llm_gateway_overhead_seconds",
+            "Time spent inside the gateway before forwarding",
+            ["route"],
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
         )
-        self.prompt_tokens = Counter("llm_gateway_prompt_tokens", "Prompt tokens (from usage)", ["model", "tenant"], registry=r)
+        self.prompt_tokens = Counter(
+            "llm_gateway_prompt_tokens", "Prompt tokens (from usage)", ["model", "tenant"], registry=r
+        )
         self.completion_tokens = Counter(
             "llm_gateway_completion_tokens", "Completion tokens (from usage)", ["model", "tenant"], registry=r
         )
@@ -127,40 +193,33 @@ class GatewayMetrics:
             "llm_gateway_upstream_errors",
             "Upstream faults by kind (connect, timeout, http_5xx, stream_broken, stream_idle_timeout, broken, "
             "no_healthy_replica), counting every failed attempt, retried or not",
-            ["model", "kind"], registry=r,
+            ["model", "kind"],
+            registry=r,
         )
-        self.retries = Counter(
-            "llm_gateway_upstream_retries", "Extra attempts on another replica (attempts - 1)", ["model"], registry=r
-        )
-        self.quota_rejections = Counter(
-            "llm_gateway_quota_rejections", "Requests refused by admission (429 rate_limited)",
-            ["model", "tenant", "reason"], registry=r,
-        )
-        self.in_flight = Gauge("llm_gateway_in_flight_requests", "Requests being handled now", registry=r)
         self._state_collector: StateCollector | None = None
 
     @classmethod
-    def from_settings(cls, settings: Any, registry: CollectorRegistry | None = None) -> GatewayMetrics:
+    def from_settings(
+        cls, settings: GatewaySettings, registry: CollectorRegistry | None = None
+    ) -> GatewayMetrics:
         """Models from the config; tenants from ``metrics.tenants`` or, if empty, from the API keys."""
-        ms = getattr(settings, "metrics", None)
-        explicit = list(getattr(ms, "tenants", []) or [])
-        tenants = explicit or [k.tenant for k in getattr(settings, "api_keys", [])]
+        explicit = list(settings.metrics.tenants)
+        tenants = explicit or [k.tenant for k in settings.api_keys]
         return cls(
             registry,
             models=[m.name for m in settings.models],
             tenants=tenants,
-            tenant_top_n=getattr(ms, "tenant_top_n", 20),
+            tenant_top_n=settings.metrics.tenant_top_n,
             tenant_allow_list_only=bool(explicit),
         )
 
-    def bind_state(self, state: Any) -> None:
-        """Read replica health, breaker state and the audit queue from ``state`` at scrape time."""
+    def bind(self, sources: TelemetrySources) -> None:
+        """Export the subsystems' snapshots (routing, admission, audit, in-flight) at scrape time."""
         if self._state_collector is None:
-            self._state_collector = StateCollector(state, self)
+            self._state_collector = StateCollector(sources)
             self.registry.register(self._state_collector)
         else:
-            self._state_collector.state = state
-        self.in_flight.set_function(lambda: float(getattr(state, "in_flight", 0)))
+            self._state_collector.sources = sources
 
     # -- labels ---------------------------------------------------------------------------------------------
 
@@ -198,65 +257,188 @@ class GatewayMetrics:
             self.prompt_tokens.labels(model, tenant).inc(ctx.prompt_tokens)
         if ctx.completion_tokens:
             self.completion_tokens.labels(model, tenant).inc(ctx.completion_tokens)
-        if ctx.attempts > 1:
-            self.retries.labels(model).inc(ctx.attempts - 1)
-        for kind in getattr(ctx, "upstream_errors", None) or ():
+        for kind in ctx.upstream_errors:
             self.upstream_errors.labels(model, kind if kind in UPSTREAM_ERROR_KINDS else OTHER).inc()
-        if ctx.decision == "rate_limited":
-            self.quota_rejections.labels(model, tenant, self.reason_label_of(ctx.reason or "unspecified")).inc()
+
+
+def _gauge(name: str, doc: str, labels: Iterable[str] = ()) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, labels=list(labels))
+
+
+def _counter(name: str, doc: str, labels: Iterable[str] = ()) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, labels=list(labels))
+
+
+def _filled(fam: Metric, values: Mapping[tuple[str, ...], float]) -> Metric:
+    for lv, v in values.items():
+        fam.add_metric(list(lv), v)  # type: ignore[attr-defined]
+    return fam
 
 
 class StateCollector(Collector):
-    """Gauges read from the gateway's shared state when Prometheus scrapes (never on the request path)."""
+    """Every scrape-time metric, from the subsystems' snapshots (never on the request path)."""
 
-    def __init__(self, state: Any, metrics: GatewayMetrics) -> None:
-        self.state = state
-        self.metrics = metrics
+    def __init__(self, sources: TelemetrySources) -> None:
+        self.sources = sources
 
-    def describe(self) -> list[GaugeMetricFamily]:
-        return list(self._families())
+    def describe(self) -> list[Metric]:
+        return []  # families depend on what is wired; collected at scrape time only
+
+    def collect(self) -> Iterator[Metric]:
+        src = self.sources
+        in_flight = _gauge("llm_gateway_in_flight_requests", "Requests being handled now")
+        in_flight.add_metric([], float(src.in_flight()))
+        yield in_flight
+        yield from self._routing(src)
+        if src.quota is not None:
+            yield from self._quota(src.quota)
+        if src.audit is not None:
+            try:
+                audit = src.audit.stats()
+            except Exception:  # a broken audit writer must not break the scrape
+                log.exception("audit stats() failed")
+            else:
+                yield from self._audit(audit)
 
     @staticmethod
-    def _families() -> tuple[GaugeMetricFamily, ...]:
-        lbl = ["model", "endpoint"]
-        return (
-            GaugeMetricFamily("llm_gateway_replica_healthy", "1 if the replica passes health checks, else 0", labels=lbl),
-            GaugeMetricFamily("llm_gateway_replica_in_flight", "Requests the gateway has open to the replica", labels=lbl),
-            GaugeMetricFamily("llm_gateway_replica_engine_waiting", "Requests queued in the engine (its /metrics)", labels=lbl),
-            GaugeMetricFamily("llm_gateway_replica_engine_running", "Requests running in the engine (its /metrics)", labels=lbl),
-            GaugeMetricFamily("llm_gateway_replica_kv_cache_usage_ratio", "Engine KV-cache use, 0..1 (its /metrics)", labels=lbl),
-            GaugeMetricFamily(
-                "llm_gateway_breaker_state", "Circuit breaker state per replica: 1 for the current state",
-                labels=[*lbl, "state"],
+    def _routing(src: TelemetrySources) -> Iterator[Metric]:
+        me = ("model", "endpoint")
+        replicas = _gauge(
+            "llm_gateway_replicas", "Replicas known to the pool (configured or discovered)", ["model"]
+        )
+        healthy = _gauge(
+            "llm_gateway_replica_healthy", "1 if the replica passes its /health probes, else 0", me
+        )
+        available = _gauge(
+            "llm_gateway_replica_available",
+            "1 if the replica takes traffic now (healthy, breaker not open, not ejected)",
+            me,
+        )
+        in_flight = _gauge(
+            "llm_gateway_replica_in_flight", "Requests the gateway has open to the replica", me
+        )
+        waiting = _gauge(
+            "llm_gateway_replica_engine_waiting",
+            "Requests queued in the engine (vllm:num_requests_waiting)",
+            me,
+        )
+        running = _gauge(
+            "llm_gateway_replica_engine_running",
+            "Requests running in the engine (vllm:num_requests_running)",
+            me,
+        )
+        kv = _gauge(
+            "llm_gateway_replica_kv_cache_usage_ratio",
+            "Engine KV-cache use, 0..1 (vllm:kv_cache_usage_perc)",
+            me,
+        )
+        breaker = _gauge(
+            "llm_gateway_breaker_state",
+            "Circuit breaker state per replica: 1 for the current state",
+            [*me, "state"],
+        )
+        attempts = _counter("llm_gateway_replica_attempts", "Attempts the router sent to the replica", me)
+        faults = _counter(
+            "llm_gateway_replica_faults",
+            "Upstream faults of the replica (connect, 5xx, timeout, broken stream)",
+            me,
+        )
+        opened = _counter(
+            "llm_gateway_breaker_opened", "Times the replica's circuit breaker opened (or re-opened)", me
+        )
+        ejections = _counter(
+            "llm_gateway_outlier_ejections", "Times the replica was ejected as an outlier", me
+        )
+        retries = _counter(
+            "llm_gateway_retries",
+            "Retries on another replica (before any byte reached the client)",
+            ["model"],
+        )
+        refused = _counter("llm_gateway_retries_refused", "Retries refused by the retry budget", ["model"])
+        for pool in routing_snapshot(dict(src.pools), src.router):
+            m = pool.model
+            replicas.add_metric([m], len(pool.replicas))
+            retries.add_metric([m], pool.retries)
+            refused.add_metric([m], pool.retries_refused)
+            for r in pool.replicas:
+                lv = [m, r.url]
+                healthy.add_metric(lv, 1.0 if r.healthy else 0.0)
+                available.add_metric(lv, 1.0 if r.available else 0.0)
+                in_flight.add_metric(lv, r.in_flight)
+                waiting.add_metric(lv, r.engine_waiting)
+                running.add_metric(lv, r.engine_running)
+                kv.add_metric(lv, r.kv_cache_usage)
+                for state in BREAKER_STATES:
+                    breaker.add_metric([*lv, state], 1.0 if state == r.breaker_state else 0.0)
+                attempts.add_metric(lv, r.attempts)
+                faults.add_metric(lv, r.faults)
+                opened.add_metric(lv, r.breaker_opened)
+                ejections.add_metric(lv, r.ejections)
+        yield from (replicas, healthy, available, in_flight, waiting, running, kv, breaker)
+        yield from (attempts, faults, opened, ejections, retries, refused)
+
+    @staticmethod
+    def _quota(quota: QuotaMetrics) -> Iterator[Metric]:
+        q = quota.snapshot()
+        yield _filled(
+            _counter(
+                "llm_gateway_quota_rejected",
+                "Requests refused by admission, by reason (requests, tokens, concurrency, request_too_large, "
+                "backend_unavailable, queue_full, overloaded)",
+                ["reason"],
             ),
+            q.rejected,
+        )
+        yield _filled(
+            _counter(
+                "llm_gateway_quota_backend_errors",
+                "Requests admitted or refused without the quota backend (mode: open = local limits, closed = 503)",
+                ["backend", "mode"],
+            ),
+            q.backend_errors,
+        )
+        yield _filled(
+            _counter(
+                "llm_gateway_quota_settle_errors",
+                "Settlements that could not reach the quota backend",
+                ["backend"],
+            ),
+            q.settle_errors,
+        )
+        yield _filled(
+            _gauge("llm_gateway_quota_backend_up", "1 while the quota backend answers", ["backend"]),
+            q.backend_up,
+        )
+        yield _filled(
+            _gauge(
+                "llm_gateway_admission_queue_depth", "Requests waiting for an overloaded model", ["model"]
+            ),
+            q.queue_depth,
+        )
+        yield _filled(
+            _counter(
+                "llm_gateway_admission_queued",
+                "Requests that waited for an overloaded model, by outcome",
+                ["outcome"],
+            ),
+            q.queued,
         )
 
-    def collect(self):
-        healthy, in_flight, waiting, running, kv, breaker = self._families()
-        pools = getattr(self.state, "pools", None) or {}
-        for model, pool in pools.items():
-            for ep in pool.endpoints:
-                lv = [model, ep.url]
-                healthy.add_metric(lv, 1.0 if ep.healthy else 0.0)
-                in_flight.add_metric(lv, float(ep.in_flight))
-                waiting.add_metric(lv, float(ep.engine_waiting))
-                running.add_metric(lv, float(ep.engine_running))
-                kv.add_metric(lv, float(ep.kv_cache_usage))
-                current = str(getattr(ep, "breaker_state", "closed") or "closed")
-                for s in BREAKER_STATES:
-                    breaker.add_metric([*lv, s], 1.0 if s == current else 0.0)
-        yield from (healthy, in_flight, waiting, running, kv, breaker)
-
-        audit = getattr(self.state, "audit", None)
-        depth_fn = getattr(audit, "queue_depth", None) if audit is not None else None
-        if callable(depth_fn):
-            try:
-                depth = float(depth_fn())
-            except Exception:  # a broken audit writer must not break the scrape
-                log.exception("audit queue_depth() failed")
-            else:
-                fam = GaugeMetricFamily(
-                    "llm_gateway_audit_queue_depth", "Audit records accepted but not yet written durably"
-                )
-                fam.add_metric([], depth)
-                yield fam
+    @staticmethod
+    def _audit(a: AuditSnapshot) -> Iterator[Metric]:
+        depth = _gauge("llm_gateway_audit_queue_depth", "Audit records accepted but not yet written durably")
+        depth.add_metric([], a.queue_depth)
+        capacity = _gauge("llm_gateway_audit_queue_capacity", "Size of the audit queue (audit.queue_size)")
+        capacity.add_metric([], a.queue_capacity)
+        written = _counter("llm_gateway_audit_records_written", "Audit records written to the sink")
+        written.add_metric([], a.records_written)
+        errors = _counter(
+            "llm_gateway_audit_write_errors", "Failed audit writes and fsyncs (retried; nothing dropped)"
+        )
+        errors.add_metric([], a.write_errors)
+        held = _counter(
+            "llm_gateway_audit_backpressure",
+            "New requests held or refused (503) because the audit queue was full",
+        )
+        held.add_metric([], a.backpressure)
+        yield from (depth, capacity, written, errors, held)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from gateway.audit.archive import Archiver
@@ -45,6 +46,19 @@ log = logging.getLogger("gateway.audit")
 
 _STOP = object()
 _MAX_BATCH = 512
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSnapshot:
+    """The writer's state for telemetry (gateway/metrics.py exports it)."""
+
+    queue_depth: int  # records accepted, not yet written
+    queue_capacity: int
+    records_written: int
+    write_errors: int  # failed writes and fsyncs (retried; records are kept)
+    backpressure: int  # new requests held or refused by the gate while the queue was full
+    full_waits: int  # observer calls that found the queue full and waited for room
+    fsyncs: int
 
 
 class AuditWriter:
@@ -97,6 +111,17 @@ class AuditWriter:
 
     def queue_depth(self) -> int:
         return self.queue.qsize()
+
+    def stats(self) -> AuditSnapshot:
+        return AuditSnapshot(
+            queue_depth=self.queue.qsize(),
+            queue_capacity=self.queue.maxsize,
+            records_written=self.records_written,
+            write_errors=self.write_errors,
+            backpressure=self.rejected,
+            full_waits=self.full_waits,
+            fsyncs=self.fsyncs,
+        )
 
     def is_full(self) -> bool:
         return self.queue.full()

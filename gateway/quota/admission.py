@@ -68,10 +68,10 @@ class QuotaTicket:
 
 
 class QuotaAdmission:
-    def __init__(self, settings: QuotaSettings, pools: dict, registry) -> None:
+    def __init__(self, settings: QuotaSettings, pools: dict, stats: QuotaMetrics) -> None:
         self.settings = settings
         self.table = LimitTable(settings)
-        self.metrics = QuotaMetrics(registry)
+        self.metrics = stats
         self.local = MemoryLimiter()
         self.remote: RedisLimiter | None = None
         if settings.backend == "redis":
@@ -219,8 +219,9 @@ class QuotaAdmission:
             await self.remote.close()
 
 
-def build_admission(settings: QuotaSettings, pools: dict, registry) -> QuotaAdmission | None:
-    """The admission hook for these settings, or None when quotas and overload protection are both off."""
+def build_admission(settings: QuotaSettings, pools: dict, stats: QuotaMetrics) -> QuotaAdmission | None:
+    """The admission hook for these settings, or None when quotas and overload protection are both off.
+    Its counts go to ``stats`` (exported by gateway/metrics.py)."""
     if not settings.active:
         return None
-    return QuotaAdmission(settings, pools, registry)
+    return QuotaAdmission(settings, pools, stats)

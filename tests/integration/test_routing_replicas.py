@@ -107,7 +107,7 @@ def test_load_spreads_by_outstanding_requests(engine, engine_b, routing_gateway)
         t.start()
     try:
         wait_until(
-            lambda: gateway_metric(gw, "llm_gateway_upstream_engine_running", endpoint=engine_b.url) >= 3
+            lambda: gateway_metric(gw, "llm_gateway_replica_engine_running", endpoint=engine_b.url) >= 3
         )
         a0 = engine.metric("vllm:request_success_total")
         for i in range(3):
@@ -171,7 +171,7 @@ def test_killing_a_replica_under_load_loses_no_request_that_had_not_started_stre
         stream_f = [ex.submit(streamed, i) for i in range(3)]
         # Kill B while the gateway has several requests in flight there.
         wait_until(
-            lambda: gateway_metric(gw, "llm_gateway_upstream_in_flight", endpoint=engine_b.url) >= 4, 120
+            lambda: gateway_metric(gw, "llm_gateway_replica_in_flight", endpoint=engine_b.url) >= 4, 120
         )
         kill_engine_hard(engine_b)  # the whole replica dies at once
         plain_r = [f.result() for f in plain_f]
