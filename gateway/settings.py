@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from gateway.audit.config import AuditSettings
@@ -73,10 +73,25 @@ class ModelConfig(BaseModel):
 class RoutingSettings(BaseModel):
     """How the gateway chooses among a model's replicas and reacts to their faults (gateway/routing/)."""
 
-    # Prefix affinity: requests whose prompt shares its first ``prefix_chars`` characters (a system prompt,
-    # a conversation's start) go to the same replica (vLLM's prefix cache) via a consistent-hash ring.
-    prefix_affinity: bool = True
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "prefix_affinity" in data:
+            raise ValueError(
+                "routing.prefix_affinity was replaced by routing.policy: write 'policy: prefix_affinity' "
+                "(for true) or 'policy: least_outstanding' (for false)"
+            )
+        return data
+
+    # How a replica is chosen (gateway/routing/pipeline.py): prefix_affinity (requests whose prompt shares
+    # its first ``prefix_chars`` characters, a system prompt or a conversation's start, go to the same
+    # replica, for vLLM's prefix cache, via a consistent-hash ring; others to the least outstanding),
+    # least_outstanding, power_of_two (the less outstanding of two drawn at random) or kv_cache_aware
+    # (outstanding load plus the engine's KV-cache use x ``kv_cache_weight``). A session header is an
+    # affinity key under every policy.
+    policy: Literal["prefix_affinity", "least_outstanding", "power_of_two", "kv_cache_aware"] = "prefix_affinity"
     prefix_chars: int = Field(default=1024, ge=16)
+    kv_cache_weight: float = Field(default=1.0, ge=0)
     # Bounded load: a replica takes an affinity request only while its load stays under
     # ceil(load_factor * mean load); a hot prefix spills over to the next replica on the ring.
     load_factor: float = Field(default=1.25, ge=1.0)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from gateway.context import RequestContext
 from gateway.routing.affinity import affinity_key
-from gateway.routing.pipeline import RouteRequest, choose
+from gateway.routing.pipeline import POLICIES, PickContext, RouteRequest, choose
 from gateway.routing.pool import Endpoint, EndpointPool
 from gateway.routing.retry import RetryBudget
 from gateway.settings import RoutingSettings
@@ -40,6 +40,8 @@ class Router:
         self.settings = settings or RoutingSettings()
         self.max_retries = max_retries
         self.rng = rng or random.Random()
+        self.policy = POLICIES[self.settings.policy]
+        self._pick = PickContext(self.rng, self.settings.kv_cache_weight)
         self._budgets: dict[str, RetryBudget] = {}
         # Telemetry: retries taken / refused by the budget, per model. Breaker openings and ejections are
         # counted on each replica's breaker and outlier detector.
@@ -61,9 +63,10 @@ class Router:
     def key_for(self, ctx: RequestContext) -> int | None:
         s = self.settings
         session = ctx.extra.get("session_id")
-        if session is None and not s.prefix_affinity:
+        prefix = self.policy.prefix_keys
+        if session is None and not prefix:
             return None
-        return affinity_key(ctx.body if s.prefix_affinity else None, s.prefix_chars, session)
+        return affinity_key(ctx.body if prefix else None, s.prefix_chars, session)
 
     def pick(
         self, pool: EndpointPool, ctx: RequestContext, exclude: set[str] | frozenset[str] = frozenset()
@@ -77,9 +80,10 @@ class Router:
             pool.endpoints,
             RouteRequest(exclude, key),
             now,
+            self.policy,
+            self._pick,
             pool.ring if key is not None else None,
             self.settings.load_factor,
-            self.rng,
         )
         if ep is not None:
             ep.breaker.acquire(now)

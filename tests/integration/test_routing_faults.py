@@ -22,7 +22,7 @@ AUTH = {"Authorization": f"Bearer {KEY_ALL}"}
 
 
 def config(upstreams: list[str], timeouts: dict[str, float] | None = None, **routing: Any) -> dict[str, Any]:
-    routing = {"prefix_affinity": False, "retry_min": 100, **routing}
+    routing = {"policy": "least_outstanding", "retry_min": 100, **routing}
     cfg = gateway_config(upstreams, routing=routing, health_interval=0.5, max_retries=2)
     if timeouts:
         cfg["models"][0]["timeouts"] = timeouts
