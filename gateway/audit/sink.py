@@ -1,4 +1,9 @@
-"""Where sealed audit lines go: stdout, or a rotating segment file (with torn-line recovery at start).
+"""Where sealed audit lines go: the ``AuditSink`` interface, and its two implementations chosen by
+``audit.sink`` (``SINKS``): stdout, or a rotating segment file (with torn-line recovery at start).
+
+``write`` is a coroutine so that a sink that talks to a network (a log service, object storage) awaits its
+I/O instead of blocking the event loop. The built-in sinks write to the kernel (page cache) inline, which
+does not wait for a disk, and fsync in a thread.
 
 File layout (``path = /var/log/llm-gateway/audit.jsonl``)::
 
@@ -23,9 +28,10 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.audit.chain import FOOTER, GENESIS, HEADER, RECOVERY, Chain, line_hash, new_segment_id
+from gateway.audit.config import AuditSettings
 from gateway.audit.record import ECS_VERSION, iso_utc
 
 log = logging.getLogger("gateway.audit")
@@ -47,6 +53,34 @@ def _control_record(action: str, message: str, **audit: Any) -> dict[str, Any]:
     return rec
 
 
+class AuditSink(Protocol):
+    """Where the audit writer puts records: it seals them into the hash chain and makes them durable."""
+
+    # Called with each closed segment file (to archive it); a sink without segment files never calls it.
+    on_closed: Callable[[str], None] | None
+
+    async def open(self) -> None:
+        """Start (or continue, after a restart) the chain; called once before the first write."""
+
+    async def write(self, recs: list[dict[str, Any]]) -> None:
+        """Seal and write records, in order. Raises OSError on failure (the writer keeps them and retries)."""
+
+    async def sync(self) -> None:
+        """Make everything written so far durable."""
+
+    def rotate_due_in(self) -> float | None:
+        """Seconds until a time-based rotation is due (None: never)."""
+
+    async def maybe_rotate(self) -> None:
+        """Rotate when a size or age limit is reached."""
+
+    def closed_segments(self) -> list[str]:
+        """Closed segment files left from earlier runs, not yet archived (oldest first)."""
+
+    async def close(self) -> None:
+        """At shutdown, after the last write: close the chain's current segment."""
+
+
 class StdoutSink:
     """Records on standard output (a log shipper picks them up). One chained segment per process."""
 
@@ -54,12 +88,13 @@ class StdoutSink:
         self.fd = fd
         self.chain = Chain(new_segment_id())
         self.bytes_written = 0
+        self.on_closed: Callable[[str], None] | None = None
 
     async def open(self) -> None:
         rec = _control_record(HEADER, "audit segment start")
         self._write([self.chain.seal(_with_header(rec, None))])
 
-    def write(self, recs: list[dict[str, Any]]) -> None:
+    async def write(self, recs: list[dict[str, Any]]) -> None:
         self._write([self.chain.seal(r) for r in recs])
 
     def _write(self, lines: list[bytes]) -> None:
@@ -73,6 +108,9 @@ class StdoutSink:
 
     def rotate_due_in(self) -> float | None:
         return None
+
+    def closed_segments(self) -> list[str]:
+        return []
 
     async def close(self) -> None:
         return None
@@ -238,7 +276,7 @@ class FileSink:
 
     # -- writing --------------------------------------------------------------------------------------------
 
-    def write(self, recs: list[dict[str, Any]]) -> None:
+    async def write(self, recs: list[dict[str, Any]]) -> None:
         assert self.chain is not None
         self._write_lines([self.chain.seal(r) for r in recs])
 
@@ -310,3 +348,19 @@ def _chain_state(last: bytes) -> tuple[str, int, str, str | None] | None:
         return a["segment"], int(a["seq"]) + 1, line_hash(last), (obj.get("event") or {}).get("action")
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def _file_sink(settings: AuditSettings) -> AuditSink:
+    return FileSink(settings.path, settings.rotate_bytes, settings.rotate_seconds)
+
+
+def _stdout_sink(settings: AuditSettings) -> AuditSink:
+    return StdoutSink()
+
+
+# The sinks ``audit.sink`` may name.
+SINKS: dict[str, Callable[[AuditSettings], AuditSink]] = {"file": _file_sink, "stdout": _stdout_sink}
+
+
+def build_sink(settings: AuditSettings) -> AuditSink:
+    return SINKS[settings.sink](settings)

@@ -37,7 +37,7 @@ from gateway.audit.archive import Archiver
 from gateway.audit.config import AuditSettings
 from gateway.audit.record import build_record
 from gateway.audit.redact import Redactor
-from gateway.audit.sink import FileSink, StdoutSink
+from gateway.audit.sink import AuditSink, build_sink
 from gateway.context import RequestContext
 from gateway.errors import ApiError
 from gateway.hooks import Admission, Ticket
@@ -65,23 +65,16 @@ class AuditWriter:
     """Observer: one record per request via a bounded queue and a writer task (start()/stop() in lifespan)."""
 
     def __init__(
-        self, settings: AuditSettings, *, sink: Any = None, archiver: Archiver | None = None
+        self, settings: AuditSettings, *, sink: AuditSink | None = None, archiver: Archiver | None = None
     ) -> None:
         self.settings = settings
         self.redactor = (
             Redactor.from_settings(settings.redaction_patterns) if settings.content == "redacted" else None
         )
         self.archiver = archiver
-        if sink is None:
-            if settings.sink == "stdout":
-                sink = StdoutSink()
-            else:
-                sink = FileSink(
-                    settings.path, settings.rotate_bytes, settings.rotate_seconds, on_closed=self._closed
-                )
-        elif isinstance(sink, FileSink) and sink.on_closed is None:
-            sink.on_closed = self._closed
-        self.sink = sink
+        self.sink = sink if sink is not None else build_sink(settings)
+        if self.sink.on_closed is None:
+            self.sink.on_closed = self._closed
         self.queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=settings.queue_size)
         self._room = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -149,7 +142,7 @@ class AuditWriter:
                 self._archive_loop(), name="audit-archive"
             )
         await self.sink.open()
-        if self.archiver is not None and isinstance(self.sink, FileSink):
+        if self.archiver is not None:
             for p in self.sink.closed_segments():
                 self._closed(p)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="audit-writer")
@@ -244,7 +237,7 @@ class AuditWriter:
         delay = 0.1
         while True:
             try:
-                self.sink.write(recs)
+                await self.sink.write(recs)
                 self.records_written += len(recs)
                 return
             except OSError as e:  # disk full, EIO: keep the records, retry; the queue applies back-pressure
