@@ -112,7 +112,7 @@ def test_replica_dropping_mid_stream_gives_an_error_event_and_a_clean_end(
     status, lines = stream_lines(gw, 8)
     events, done = sse_events(lines)
     assert status == 200 and done
-    assert [e["choices"][0]["text"] for e in events[:2]] == ["t0 ", "t1 "]
+    assert [e["choices"][0]["text"] for e in events[:2]] == [" t0", " t1"]
     assert (
         events[-1]["error"]["type"] == "upstream_error"
         and events[-1]["error"]["code"] == "upstream_disconnected"
