@@ -40,7 +40,7 @@ from tests.monitoring import (
     scrape_samples,
     timeline,
 )
-from tests.support import Gateway
+from tests.support import Gateway, free_port
 
 pytestmark = pytest.mark.skipif(
     shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)"
@@ -100,6 +100,7 @@ SCENARIOS: dict[str, set[str]] = {
     "audit": {"LlmAuditQueueFilling"},
     "engine": {"LlmKvCacheNearlyFull", "LlmEngineQueueBacklog"},
     "gpu": {"LlmGpuUtilizationHigh"},
+    "weights": {"LlmEngineWeightsSourceUnreachable"},
 }
 
 
@@ -333,6 +334,46 @@ def test_a_busy_gpu_fires_the_scale_out_alert(tmp_path):
         *rounds,
         firing={"LlmGpuUtilizationHigh": {"instance": "engine-0:9400"}},
         active_minutes=35,
+    )
+
+
+def test_an_engine_started_from_its_cache_while_s3_is_down_fires_the_weights_alert(tmp_path):
+    # The real pull path (engine/weights.py) against a real S3 that is then stopped; the engine exporter over
+    # HTTP. Its registry is process-wide: a source URI of this test's own keeps other pulls out.
+    from engine.s3 import config_from_env
+    from engine.weights import pull_model, push_model
+    from tests.support import S3Server
+
+    s3 = S3Server().wait_ready()
+    port = free_port()
+    exporter = engine_metrics.start_exporter(port, "127.0.0.1")
+    assert exporter is not None
+    target = {"job": "llm-engine", "instance": f"127.0.0.1:{port}"}
+    uri = f"s3://models/alerts-{port}"
+    try:
+        s3.client().make_bucket("models")
+        model = tmp_path / "model"
+        model.mkdir()
+        (model / "config.json").write_text("{}")
+        cfg = config_from_env(s3.env())
+        push_model(model, uri, cfg=cfg)
+        pull_model(uri, tmp_path / "cache", cfg=cfg, live_progress=False)
+        quiet = scrape_round(None, [], lambda s: s.add_url(f"http://127.0.0.1:{port}/metrics", target))
+        s3.stop()
+        assert pull_model(uri, tmp_path / "cache", cfg=cfg, live_progress=False).stats.source_unreachable
+        rounds = [
+            scrape_round(None, [], lambda s: s.add_url(f"http://127.0.0.1:{port}/metrics", target))
+            for _ in range(2)
+        ]
+    finally:
+        exporter.shutdown()
+        s3.stop()
+    prove(
+        tmp_path,
+        "weights",
+        quiet,
+        *rounds,
+        firing={"LlmEngineWeightsSourceUnreachable": {"instance": target["instance"], "source": uri}},
     )
 
 
