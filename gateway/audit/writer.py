@@ -77,10 +77,10 @@ class AuditWriter:
             self.sink.on_closed = self._closed
         self.queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=settings.queue_size)
         self._room = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._archive_q: asyncio.Queue[str | None] = asyncio.Queue()
-        self._archive_task: asyncio.Task | None = None
-        # Counters (the metrics observer may read them).
+        self._archive_task: asyncio.Task[None] | None = None
+        # Counters (exported through stats()).
         self.records_written = 0
         self.full_waits = 0  # observer calls that found the queue full and waited
         self.rejected = 0  # requests refused/held by the gate
@@ -278,7 +278,7 @@ class AuditWriter:
                     delay *= 2
 
 
-def _log_crash(task: asyncio.Task) -> None:
+def _log_crash(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         # Records stay queued; the full queue then holds/refuses new requests (never a silent drop).
         log.error("audit: the writer task died", exc_info=task.exception())
