@@ -50,7 +50,7 @@ _MAX_BATCH = 512
 
 @dataclass(frozen=True, slots=True)
 class AuditSnapshot:
-    """The writer's state for telemetry (gateway/metrics.py exports it)."""
+    """The writer's state for telemetry (gateway/metrics/ exports it)."""
 
     queue_depth: int  # records accepted, not yet written
     queue_capacity: int

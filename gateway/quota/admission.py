@@ -221,7 +221,7 @@ class QuotaAdmission:
 
 def build_admission(settings: QuotaSettings, pools: dict, stats: QuotaMetrics) -> QuotaAdmission | None:
     """The admission hook for these settings, or None when quotas and overload protection are both off.
-    Its counts go to ``stats`` (exported by gateway/metrics.py)."""
+    Its counts go to ``stats`` (exported by gateway/metrics/)."""
     if not settings.active:
         return None
     return QuotaAdmission(settings, pools, stats)

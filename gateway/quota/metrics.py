@@ -1,4 +1,4 @@
-"""What admission counts, as plain numbers with a typed snapshot; gateway/metrics.py names and exports them.
+"""What admission counts, as plain numbers with a typed snapshot; gateway/metrics/ names and exports them.
 
 The counting sites read like Prometheus client calls (``stats.rejected.labels("tokens").inc()``) but hold
 no registry: one collector owns every metric name. Label values are bounded (fixed reasons, the configured

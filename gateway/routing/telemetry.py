@@ -1,6 +1,6 @@
 """Routing state as a typed snapshot, taken at scrape time (no work on the request path).
 
-The metric names live in gateway/metrics.py (the one owner of every name); this module only says what the
+The metric names live in gateway/metrics/ (the one owner of every name); this module only says what the
 routing subsystem knows: per model, its replicas with health, load and fault state, and the retries the
 router granted or refused.
 """

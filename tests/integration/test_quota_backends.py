@@ -140,7 +140,7 @@ async def test_concurrency_lease_expires_when_a_replica_dies(redis_server):
 
 
 def _metric(stats: QuotaMetrics, name: str, labels: dict[str, str]) -> float:
-    """A count from admission's snapshot, by the name gateway/metrics.py exports it under."""
+    """A count from admission's snapshot, by the name gateway/metrics/ exports it under."""
     snap = stats.snapshot()
     series = {
         "llm_gateway_quota_backend_errors_total": snap.backend_errors,
