@@ -82,7 +82,7 @@ def scrape_round(
 ) -> Scrapes:
     s = Scrapes()
     if gw is not None:
-        s.add_url(gw.url + "/metrics", GATEWAY)
+        s.add_url(gw.metrics_url, GATEWAY)
     for url in engines:
         s.add_url(url + "/metrics", _target("vllm", url))
     if extra is not None:
