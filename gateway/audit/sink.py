@@ -1,5 +1,6 @@
-"""Where sealed audit lines go: the ``AuditSink`` interface, and its two implementations chosen by
-``audit.sink`` (``SINKS``): stdout, or a rotating segment file (with torn-line recovery at start).
+"""Where sealed audit lines go: the two implementations of ``AuditSink`` (declared in gateway/hooks.py),
+chosen by ``audit.sink`` through ``SINKS``: stdout, or a rotating segment file (with torn-line recovery at
+start).
 
 ``write`` is a coroutine so that a sink that talks to a network (a log service, object storage) awaits its
 I/O instead of blocking the event loop. The built-in sinks write to the kernel (page cache) inline, which
@@ -27,12 +28,13 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from gateway.audit.chain import FOOTER, GENESIS, HEADER, RECOVERY, Chain, line_hash, new_segment_id
 from gateway.audit.config import AuditSettings
 from gateway.audit.record import ECS_VERSION, iso_utc
+from gateway.hooks import AuditSink
 
 log = logging.getLogger("gateway.audit")
 
@@ -53,34 +55,6 @@ def _control_record(action: str, message: str, **audit: Any) -> dict[str, Any]:
     return rec
 
 
-class AuditSink(Protocol):
-    """Where the audit writer puts records: it seals them into the hash chain and makes them durable."""
-
-    # Called with each closed segment file (to archive it); a sink without segment files never calls it.
-    on_closed: Callable[[str], None] | None
-
-    async def open(self) -> None:
-        """Start (or continue, after a restart) the chain; called once before the first write."""
-
-    async def write(self, recs: list[dict[str, Any]]) -> None:
-        """Seal and write records, in order. Raises OSError on failure (the writer keeps them and retries)."""
-
-    async def sync(self) -> None:
-        """Make everything written so far durable."""
-
-    def rotate_due_in(self) -> float | None:
-        """Seconds until a time-based rotation is due (None: never)."""
-
-    async def maybe_rotate(self) -> None:
-        """Rotate when a size or age limit is reached."""
-
-    def closed_segments(self) -> list[str]:
-        """Closed segment files left from earlier runs, not yet archived (oldest first)."""
-
-    async def close(self) -> None:
-        """At shutdown, after the last write: close the chain's current segment."""
-
-
 class StdoutSink:
     """Records on standard output (a log shipper picks them up). One chained segment per process."""
 
@@ -94,8 +68,8 @@ class StdoutSink:
         rec = _control_record(HEADER, "audit segment start")
         self._write([self.chain.seal(_with_header(rec, None))])
 
-    async def write(self, recs: list[dict[str, Any]]) -> None:
-        self._write([self.chain.seal(r) for r in recs])
+    async def write(self, records: Sequence[dict[str, Any]]) -> None:
+        self._write([self.chain.seal(r) for r in records])
 
     def _write(self, lines: list[bytes]) -> None:
         _write_all(self.fd, b"".join(line + b"\n" for line in lines))
@@ -276,9 +250,9 @@ class FileSink:
 
     # -- writing --------------------------------------------------------------------------------------------
 
-    async def write(self, recs: list[dict[str, Any]]) -> None:
+    async def write(self, records: Sequence[dict[str, Any]]) -> None:
         assert self.chain is not None
-        self._write_lines([self.chain.seal(r) for r in recs])
+        self._write_lines([self.chain.seal(r) for r in records])
 
     def _write_lines(self, lines: list[bytes]) -> None:
         buf = b"".join(line + b"\n" for line in lines)
