@@ -102,6 +102,24 @@ def _write_all(fd: int, buf: bytes) -> None:
         view = view[n:]
 
 
+def set_torn_aside(path: str, torn: bytes, keep: int, what: str, **extra: Any) -> str:
+    """Move a torn last line (a write cut short by a crash) out of segment ``path``: its bytes are kept in
+    ``<path>.torn-<time>`` (fsynced, for forensics) and the file is cut to its first ``keep`` bytes.
+    Returns the torn file's path."""
+    torn_path = f"{path}.torn-{_stamp(time.time())}"
+    with open(torn_path, "wb") as tf:
+        tf.write(torn)
+        tf.flush()
+        os.fsync(tf.fileno())
+    os.truncate(path, keep)
+    log.warning(
+        "audit: torn last line cut off %s",
+        what,
+        extra={"torn_bytes": len(torn), "torn_file": torn_path, **extra},
+    )
+    return torn_path
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
     try:
@@ -183,16 +201,7 @@ class FileSink:
         head = self._read_header()
         state = _chain_state(last)
         if torn:
-            torn_path = f"{self.path}.torn-{_stamp(time.time())}"
-            with open(torn_path, "wb") as tf:
-                tf.write(torn)
-                tf.flush()
-                os.fsync(tf.fileno())
-            os.truncate(self.path, good_end)
-            log.warning(
-                "audit: torn last line cut off the active segment",
-                extra={"torn_bytes": len(torn), "torn_file": torn_path},
-            )
+            torn_path = set_torn_aside(self.path, torn, good_end, "the active segment")
         if head is None and good_end == 0:
             os.remove(self.path)  # nothing but a torn line: start over (the torn bytes are kept aside)
             self._start_segment(None, GENESIS)
