@@ -22,14 +22,14 @@ from gateway.auth import Authenticator
 from gateway.auth.apikeys import ApiKeyStore
 from gateway.auth.tokens import JwtVerifier
 from gateway.hooks import Observer
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import GatewayMetrics, TelemetrySources
 from gateway.metrics_server import MetricsServer
 from gateway.proxy import ProxyEndpoint
 from gateway.proxy.routes import PROXIED_ROUTES
+from gateway.quota.metrics import QuotaMetrics
 from gateway.routing.discovery import DnsDiscovery, DnsTarget, parse_upstreams
 from gateway.routing.pool import EndpointPool, HealthChecker
 from gateway.routing.router import Router
-from gateway.routing.telemetry import RoutingCollector
 from gateway.settings import GatewaySettings
 from gateway.state import Closer, GatewayState
 from gateway.upstream import make_session
@@ -186,7 +186,6 @@ def create_app(
     pools, dns_targets = _pools(settings)
     metrics = GatewayMetrics.from_settings(settings)
     router = Router(settings.routing, settings.max_retries)
-    metrics.registry.register(RoutingCollector(pools, router))
     audit = None
     worker_files = None
     if settings.audit.enabled:
@@ -198,7 +197,8 @@ def create_app(
             worker_files = WorkerFiles(settings.audit.path)
         audit = AuditWriter.from_settings(_audit_settings(settings.audit))
     # The admission chain, in the order requests meet it (gateway/admission/__init__.py).
-    chain, quota = build_admission_chain(settings.quota, auth, pools, metrics.registry, audit)
+    quota_stats = QuotaMetrics() if settings.quota.active else None
+    chain, quota = build_admission_chain(settings.quota, auth, pools, quota_stats, audit)
     state = GatewayState(
         settings=settings, auth=auth, pools=pools, router=router, admission=chain, metrics=metrics
     )
@@ -210,7 +210,9 @@ def create_app(
     if audit is not None:
         state.audit = audit
         state.observers.append(audit)
-    metrics.bind_state(state)
+    metrics.bind(
+        TelemetrySources(pools=pools, router=router, quota=quota_stats, audit=audit, in_flight=lambda: state.in_flight)
+    )
     if settings.tracing.enabled:
         from gateway.tracing import RequestTracer
 

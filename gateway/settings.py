@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import unquote
 
 import yaml
@@ -147,10 +147,25 @@ class ModelConfig(StrictModel):
 class RoutingSettings(StrictModel):
     """How the gateway chooses among a model's replicas and reacts to their faults (gateway/routing/)."""
 
-    # Prefix affinity: requests whose prompt shares its first ``prefix_chars`` characters (a system prompt,
-    # a conversation's start) go to the same replica (vLLM's prefix cache) via a consistent-hash ring.
-    prefix_affinity: bool = True
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "prefix_affinity" in data:
+            raise ValueError(
+                "routing.prefix_affinity was replaced by routing.policy: write 'policy: prefix_affinity' "
+                "(for true) or 'policy: least_outstanding' (for false)"
+            )
+        return data
+
+    # How a replica is chosen (gateway/routing/pipeline.py): prefix_affinity (prompts sharing their first
+    # prefix_chars characters go to one replica, for vLLM's prefix cache; others to the least outstanding),
+    # least_outstanding, power_of_two (the less outstanding of two drawn at random) or kv_cache_aware.
+    # A session header keeps a session on one replica under every policy.
+    policy: Literal["prefix_affinity", "least_outstanding", "power_of_two", "kv_cache_aware"] = "prefix_affinity"
+    # Characters of the prompt hashed into its affinity key (policy prefix_affinity).
     prefix_chars: int = Field(default=1024, ge=16)
+    # Policy kv_cache_aware: weight of the engine's KV-cache use (0..1) against its load (normalised to 0..1).
+    kv_cache_weight: float = Field(default=1.0, ge=0)
     # Bounded load: a replica takes an affinity request only while its load stays under
     # ceil(load_factor * mean load); a hot prefix spills over to the next replica on the ring.
     load_factor: float = Field(default=1.25, ge=1.0)

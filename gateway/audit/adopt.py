@@ -29,13 +29,12 @@ import json
 import logging
 import os
 import re
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.audit.chain import FOOTER, HEADER, RECOVERY, Chain, line_hash
-from gateway.audit.sink import FileSink, _control_record, _fsync_dir, _stamp, _write_all
+from gateway.audit.sink import FileSink, _control_record, _fsync_dir, _write_all, set_torn_aside
 
 log = logging.getLogger("gateway.audit")
 
@@ -210,16 +209,7 @@ def seal_orphan(sink: FileSink, pid: int) -> str | None:
     torn = data[cut + 1 :]
     torn_path = None
     if torn:
-        torn_path = f"{path}.torn-{_stamp(time.time())}"
-        with open(torn_path, "wb") as tf:
-            tf.write(torn)
-            tf.flush()
-            os.fsync(tf.fileno())
-        os.truncate(path, len(good))
-        log.warning(
-            "audit: torn last line cut off a dead worker's segment",
-            extra={"torn_bytes": len(torn), "torn_file": torn_path, "pid": pid},
-        )
+        torn_path = set_torn_aside(path, torn, len(good), "a dead worker's segment", pid=pid)
     lines = good.split(b"\n")[:-1]
     if not lines:
         os.remove(path)  # only a torn header: nothing was recorded (the torn bytes are kept aside)

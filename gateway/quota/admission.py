@@ -14,7 +14,6 @@ import os
 import time
 from collections import deque
 
-from prometheus_client import CollectorRegistry
 from redis.exceptions import RedisError
 
 from gateway.context import RequestContext
@@ -87,12 +86,11 @@ class QuotaAdmission:
 
     name = "quota"
 
-    def __init__(
-        self, settings: QuotaSettings, registry: CollectorRegistry, metrics: QuotaMetrics | None = None
-    ) -> None:
+    def __init__(self, settings: QuotaSettings, metrics: QuotaMetrics | None = None) -> None:
         self.settings = settings
         self.table = LimitTable(settings)
-        self.metrics = metrics or QuotaMetrics(registry)
+        # Plain counts, exported by gateway/metrics/ (create_app passes the instance it exports).
+        self.metrics = metrics if metrics is not None else QuotaMetrics()
         self.local = MemoryLimiter()
         self.remote: RedisLimiter | None = None
         if settings.backend == "redis":

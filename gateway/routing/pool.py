@@ -103,12 +103,6 @@ class EndpointPool:
             return 0.0
         return sum(1 for e in self.endpoints if e.outlier.ejected(now)) / len(self.endpoints)
 
-    # Backwards-compatible simple pick (least outstanding among available replicas).
-    def pick(self, exclude: set[str] | frozenset[str] = frozenset()) -> Endpoint | None:
-        from gateway.routing.pipeline import available, least_outstanding
-
-        return least_outstanding(available(self.endpoints, time.monotonic(), exclude))
-
 
 _GAUGES = {
     b"vllm:num_requests_waiting": "engine_waiting",

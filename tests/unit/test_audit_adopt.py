@@ -31,9 +31,9 @@ def dead_worker(template: str, pid: int, records: int = 3, rotate_first: bool = 
         s = FileSink(path)
         await s.open()
         if rotate_first:
-            s.write([_rec(100)])
+            await s.write([_rec(100)])
             await s.rotate()
-        s.write([_rec(i) for i in range(records)])
+        await s.write([_rec(i) for i in range(records)])
         os.close(s.fd)  # no footer, no rename: what kill -9 leaves
 
     asyncio.run(run())
