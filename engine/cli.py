@@ -63,7 +63,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(" ".join(cmd))
         return 0
-    env = vllm_environment(device, os.environ)
+    env = vllm_environment(device, os.environ, s)
     host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
     sup = Supervisor(cmd, env, f"http://{host}:{s.port}/health", s.startup_timeout, s.drain_timeout)
     try:
@@ -74,9 +74,17 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _make_test_model(args: argparse.Namespace) -> int:
-    from engine.testmodel import build_test_model
+    from engine.testmodel import build_embedding_model, build_lora_adapter, build_test_model
 
-    out = build_test_model(args.out, seed=args.seed, shape=args.shape, weights=not args.no_weights)
+    if args.kind == "embed":
+        out = build_embedding_model(args.out, seed=args.seed)
+    elif args.kind == "lora":
+        if not args.base:
+            print("llm-engine make-test-model: --kind lora needs --base DIR (the generator)", file=sys.stderr)
+            return 2
+        out = build_lora_adapter(args.base, args.out, seed=args.seed)
+    else:
+        out = build_test_model(args.out, seed=args.seed, shape=args.shape, weights=not args.no_weights)
     print(out)
     return 0
 
@@ -96,6 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--shape", default="tiny", choices=["tiny", "small", "1b", "7b"])
     m.add_argument("--no-weights", action="store_true", help="config + tokenizer only (for --load-format dummy)")
+    m.add_argument(
+        "--kind",
+        default="generate",
+        choices=["generate", "embed", "lora"],
+        help="generate: a Llama generator; embed: a BERT embedding model (embeddings, score, rerank); "
+        "lora: a PEFT LoRA adapter for the generator given with --base",
+    )
+    m.add_argument("--base", help="with --kind lora: the generator's directory (built by this command)")
     m.set_defaults(func=_make_test_model)
     try:
         from engine import weights_cli
@@ -103,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         weights_cli.register(sub)
     except ImportError:
         pass
+    from engine import lora
+
+    lora.register(sub)
     args = p.parse_args(argv)
     return args.func(args)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 from collections.abc import Mapping
 
@@ -12,6 +13,9 @@ OWNED_FLAGS = {
     "--host", "--port", "--served-model-name", "--dtype", "--max-model-len", "--gpu-memory-utilization",
     "--max-num-seqs", "--max-num-batched-tokens", "--tensor-parallel-size", "--pipeline-parallel-size",
     "--quantization", "--enforce-eager", "--kv-cache-memory-bytes", "--api-key", "--shutdown-timeout",
+    "--runner", "--convert", "--tool-call-parser", "--enable-auto-tool-choice", "--tool-strict-level",
+    "--reasoning-parser", "--structured-outputs-config", "--enable-lora", "--lora-modules", "--max-loras",
+    "--max-lora-rank",
 }
 
 
@@ -67,8 +71,25 @@ def build_vllm_command(
         cmd += ["--enforce-eager"]
         if s.cpu_kv_cache:
             cmd += ["--kv-cache-memory-bytes", s.cpu_kv_cache]
-    if lora_dirs:
-        cmd += ["--enable-lora", "--lora-modules", *(f"{n}={p}" for n, p in lora_dirs.items())]
+    if s.runner:
+        cmd += ["--runner", s.runner]
+    if s.convert:
+        cmd += ["--convert", s.convert]
+    if s.tool_call_parser:
+        cmd += ["--tool-call-parser", s.tool_call_parser]
+    if s.enable_auto_tool_choice:
+        cmd += ["--enable-auto-tool-choice"]
+    if s.tool_strict_level:
+        cmd += ["--tool-strict-level", s.tool_strict_level]
+    if s.reasoning_parser:
+        cmd += ["--reasoning-parser", s.reasoning_parser]
+    so = structured_outputs_config(s)
+    if so:
+        cmd += ["--structured-outputs-config", json.dumps(so, separators=(",", ":"))]
+    if lora_dirs or s.lora_enabled:
+        cmd += ["--enable-lora"]
+        if lora_dirs:
+            cmd += ["--lora-modules", *(f"{n}={p}" for n, p in lora_dirs.items())]
         if s.max_loras:
             cmd += ["--max-loras", str(s.max_loras)]
         if s.max_lora_rank:
@@ -86,13 +107,32 @@ def build_vllm_command(
     return cmd + extra
 
 
-def vllm_environment(device: str, base: Mapping[str, str]) -> dict[str, str]:
+def structured_outputs_config(s: EngineSettings) -> dict[str, object]:
+    """vLLM's --structured-outputs-config from the typed settings (empty: vLLM's defaults)."""
+    out: dict[str, object] = {}
+    backend = s.structured_outputs_backend
+    if s.structured_outputs_disable_any_whitespace:
+        out["disable_any_whitespace"] = True
+        if backend in (None, "auto"):
+            backend = "xgrammar"  # vLLM accepts the option only with xgrammar or guidance
+    if backend:
+        out["backend"] = backend
+    return out
+
+
+def vllm_environment(
+    device: str, base: Mapping[str, str], settings: EngineSettings | None = None
+) -> dict[str, str]:
     """Environment for the vLLM process: CPU-build knobs that make it start fast on small machines."""
     env = dict(base)
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("DO_NOT_TRACK", "1")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if settings is not None and settings.allow_runtime_lora:
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    if settings is not None and settings.responses_store:
+        env["VLLM_ENABLE_RESPONSES_API_STORE"] = "1"
     if device == "cpu":
         env.setdefault("VLLM_TARGET_DEVICE", "cpu")
         env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from engine.settings import EngineSettings
@@ -77,4 +79,68 @@ def test_environment_cpu_knobs_and_nvls_off_on_gpu():
 @pytest.mark.parametrize("bad", [{"dtype": "int3"}, {"device": "tpu"}, {"gpu_memory_utilization": 1.5}, {"tensor_parallel_size": 0}])
 def test_bad_settings_are_rejected(bad):
     with pytest.raises(ValueError):
+        EngineSettings(model="/m", **bad)
+
+
+def test_tools_structured_output_and_runner_reach_vllm():
+    s = EngineSettings(
+        model="/m",
+        enable_auto_tool_choice=True,
+        tool_call_parser="hermes",
+        tool_strict_level="parameter",
+        runner="pooling",
+        convert="embed",
+        structured_outputs_disable_any_whitespace=True,
+        reasoning_parser="qwen3",
+    )
+    cmd = build_vllm_command(s, "/m", device="cpu")
+    assert "--enable-auto-tool-choice" in cmd and _flag(cmd, "--tool-call-parser") == "hermes"
+    assert _flag(cmd, "--runner") == "pooling" and _flag(cmd, "--convert") == "embed"
+    assert _flag(cmd, "--reasoning-parser") == "qwen3" and _flag(cmd, "--tool-strict-level") == "parameter"
+    # vLLM accepts disable_any_whitespace only with xgrammar or guidance: xgrammar is chosen when none is set.
+    assert json.loads(_flag(cmd, "--structured-outputs-config")) == {
+        "disable_any_whitespace": True,
+        "backend": "xgrammar",
+    }
+    s = EngineSettings(
+        model="/m", structured_outputs_backend="guidance", structured_outputs_disable_any_whitespace=True
+    )
+    cmd = build_vllm_command(s, "/m", device="cpu")
+    assert json.loads(_flag(cmd, "--structured-outputs-config")) == {
+        "disable_any_whitespace": True,
+        "backend": "guidance",
+    }
+    plain = build_vllm_command(EngineSettings(model="/m"), "/m", device="cpu")
+    for flag in (
+        "--runner",
+        "--tool-call-parser",
+        "--enable-auto-tool-choice",
+        "--structured-outputs-config",
+        "--enable-lora",
+    ):
+        assert flag not in plain
+
+
+def test_runtime_lora_enables_lora_and_sets_vllm_switch():
+    s = EngineSettings(model="/m", allow_runtime_lora=True, max_lora_rank=16)
+    cmd = build_vllm_command(s, "/m", device="cpu")
+    assert "--enable-lora" in cmd and "--lora-modules" not in cmd and _flag(cmd, "--max-lora-rank") == "16"
+    assert vllm_environment("cpu", {}, s)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in vllm_environment("cpu", {}, EngineSettings(model="/m"))
+
+
+@pytest.mark.parametrize(
+    "bad, culprit",
+    [
+        ({"enable_auto_tool_choice": True}, "tool_call_parser"),
+        (
+            {"structured_outputs_backend": "outlines", "structured_outputs_disable_any_whitespace": True},
+            "xgrammar",
+        ),
+        ({"runner": "draft"}, "runner"),
+        ({"structured_outputs_backend": "fast"}, "structured_outputs_backend"),
+    ],
+)
+def test_bad_tool_and_structured_output_settings_name_the_culprit(bad, culprit):
+    with pytest.raises(ValueError, match=culprit):
         EngineSettings(model="/m", **bad)
