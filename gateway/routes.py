@@ -14,7 +14,8 @@ route → forward → settle → audit → metrics); what differs between routes
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 ModelFrom = Literal["json", "form", "affinity"]
@@ -23,40 +24,55 @@ ModelFrom = Literal["json", "form", "affinity"]
 # prompt_only: prompt_tokens/total_tokens, no completion (embeddings, pooling, score, rerank)
 # none: nothing to settle (tokenize/detokenize, retrieval of a stored response, cancel)
 UsageKind = Literal["chat", "responses", "prompt_only", "none"]
+RequestTransform = Callable[[dict[str, Any], Any], dict[str, Any]]
+ResponseTransform = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 @dataclass(frozen=True, slots=True)
 class RouteSpec:
     """One OpenAI-compatible route as the gateway serves it."""
 
-    # The path clients call (Starlette pattern, e.g. ``/v1/responses/{response_id}``).
-    path: str
-    # The engine's path for it; ``{name}`` placeholders are filled from the path parameters.
+    # The engine's path (``{name}`` placeholders are filled from the path parameters), and the bounded name
+    # used in metrics and audit (the path pattern, never a concrete id).
     upstream_path: str
-    # A bounded name for metrics and audit (the path pattern, never a concrete id).
-    name: str
+    route_name: str
+    streamable: bool = False
+    request_transform: RequestTransform | None = None
+    response_transform: ResponseTransform | None = None
+    # The path clients call (Starlette pattern); defaults to ``route_name``.
+    path: str = ""
     methods: tuple[str, ...] = ("POST",)
     model_from: ModelFrom = "json"
     # The path parameter that names the stored object (model_from="affinity").
     affinity_param: str | None = None
-    streamable: bool = False
     usage: UsageKind = "chat"
-    # Whether the route's tokens are reserved and settled as generation tokens in quotas.
-    counts_tokens: bool = True
     # Request fields whose text the audit content policy covers (hash / redacted), in order.
     text_fields: tuple[str, ...] = ()
-    # The engine feature the route needs (README table; ``engine_path`` is what an engine must list).
+    # The engine feature the route needs (the README's table).
     feature: str = ""
-    # Body size limit setting (a GatewaySettings attribute), when it is not the general one.
+    # A GatewaySettings attribute holding this route's body size limit, when not the general one.
     body_limit_setting: str | None = None
-    # A route whose answer creates an object later calls find by id (affinity is recorded from it).
+    # The answer creates an object that later calls name by id (its replica is remembered).
     records_affinity: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def engine_path(self) -> str:
-        """The path as the engine's OpenAPI document lists it (``/v1/responses/{response_id}``)."""
-        return self.upstream_path
+    def public_path(self) -> str:
+        return self.path or self.route_name
+
+    @property
+    def reserves_completion(self) -> bool:
+        """Whether quotas reserve completion tokens (max_tokens or the default) at admission."""
+        return self.usage in ("chat", "responses")
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether the route's tokens count against token quotas at all (tokenize/detokenize do not)."""
+        return self.usage != "none"
+
+    @property
+    def forces_stream_usage(self) -> bool:
+        """Streams of this route ask the engine for the usage chunk (``stream_options.include_usage``)."""
+        return self.usage == "chat" and self.model_from == "json"
 
     def upstream_url_path(self, params: dict[str, str]) -> str:
         p = self.upstream_path
@@ -65,8 +81,11 @@ class RouteSpec:
         return p
 
 
+_SCORE = "score (pooling runner: a cross-encoder, or an embedding model as a bi-encoder)"
+_STORE = "generate + Responses store (ENGINE_RESPONSES_STORE)"
+_SPEECH = "transcription (a speech model, e.g. Whisper)"
+
 CHAT = RouteSpec(
-    "/v1/chat/completions",
     "/v1/chat/completions",
     "/v1/chat/completions",
     streamable=True,
@@ -74,46 +93,37 @@ CHAT = RouteSpec(
     feature="generate",
 )
 COMPLETIONS = RouteSpec(
-    "/v1/completions",
-    "/v1/completions",
-    "/v1/completions",
-    streamable=True,
-    text_fields=("prompt",),
-    feature="generate",
+    "/v1/completions", "/v1/completions", streamable=True, text_fields=("prompt",), feature="generate"
 )
 RESPONSES = RouteSpec(
-    "/v1/responses",
     "/v1/responses",
     "/v1/responses",
     streamable=True,
     usage="responses",
     text_fields=("instructions", "input"),
-    feature="generate (Responses API)",
+    feature="generate",
     records_affinity=True,
 )
 RESPONSES_GET = RouteSpec(
     "/v1/responses/{response_id}",
-    "/v1/responses/{response_id}",
     "/v1/responses/{id}",
+    path="/v1/responses/{response_id}",
     methods=("GET",),
     model_from="affinity",
     affinity_param="response_id",
     usage="none",
-    counts_tokens=False,
-    feature="generate (Responses API, response store)",
+    feature=_STORE,
 )
 RESPONSES_CANCEL = RouteSpec(
     "/v1/responses/{response_id}/cancel",
-    "/v1/responses/{response_id}/cancel",
     "/v1/responses/{id}/cancel",
+    path="/v1/responses/{response_id}/cancel",
     model_from="affinity",
     affinity_param="response_id",
     usage="none",
-    counts_tokens=False,
-    feature="generate (Responses API, response store)",
+    feature=_STORE,
 )
 EMBEDDINGS = RouteSpec(
-    "/v1/embeddings",
     "/v1/embeddings",
     "/v1/embeddings",
     usage="prompt_only",
@@ -123,64 +133,48 @@ EMBEDDINGS = RouteSpec(
 SCORE = RouteSpec(
     "/v1/score",
     "/v1/score",
-    "/v1/score",
     usage="prompt_only",
     text_fields=("text_1", "text_2", "queries", "documents"),
-    feature="score (pooling runner: cross-encoder or embedding model)",
+    feature=_SCORE,
+)
+SCORE_ALIAS = RouteSpec(
+    "/score",
+    "/score",
+    usage="prompt_only",
+    text_fields=("text_1", "text_2", "queries", "documents"),
+    feature=_SCORE,
 )
 RERANK = RouteSpec(
-    "/v1/rerank",
-    "/v1/rerank",
-    "/v1/rerank",
-    usage="prompt_only",
-    text_fields=("query", "documents"),
-    feature="score (pooling runner: cross-encoder or embedding model)",
+    "/v1/rerank", "/v1/rerank", usage="prompt_only", text_fields=("query", "documents"), feature=_SCORE
 )
 RERANK_ALIAS = RouteSpec(
-    "/rerank",
-    "/rerank",
-    "/rerank",
-    usage="prompt_only",
-    text_fields=("query", "documents"),
-    feature="score (pooling runner: cross-encoder or embedding model)",
+    "/rerank", "/rerank", usage="prompt_only", text_fields=("query", "documents"), feature=_SCORE
+)
+RERANK_V2 = RouteSpec(
+    "/v2/rerank", "/v2/rerank", usage="prompt_only", text_fields=("query", "documents"), feature=_SCORE
 )
 TOKENIZE = RouteSpec(
-    "/tokenize",
-    "/tokenize",
-    "/tokenize",
-    usage="none",
-    counts_tokens=False,
-    text_fields=("messages", "prompt"),
-    feature="any model with a tokenizer",
+    "/tokenize", "/tokenize", usage="none", text_fields=("messages", "prompt"), feature="any model"
 )
-DETOKENIZE = RouteSpec(
-    "/detokenize",
-    "/detokenize",
-    "/detokenize",
-    usage="none",
-    counts_tokens=False,
-    feature="any model with a tokenizer",
-)
+DETOKENIZE = RouteSpec("/detokenize", "/detokenize", usage="none", feature="any model")
 TRANSCRIPTIONS = RouteSpec(
-    "/v1/audio/transcriptions",
     "/v1/audio/transcriptions",
     "/v1/audio/transcriptions",
     model_from="form",
     streamable=True,
     usage="chat",
     text_fields=("prompt",),
-    feature="transcription (a speech model, e.g. Whisper)",
+    feature=_SPEECH,
     body_limit_setting="max_audio_bytes",
 )
 TRANSLATIONS = RouteSpec(
     "/v1/audio/translations",
     "/v1/audio/translations",
-    "/v1/audio/translations",
     model_from="form",
     streamable=True,
     usage="chat",
     text_fields=("prompt",),
-    feature="transcription (a speech model, e.g. Whisper)",
+    feature=_SPEECH,
     body_limit_setting="max_audio_bytes",
 )
 
@@ -193,15 +187,17 @@ PROXIED_ROUTES: tuple[RouteSpec, ...] = (
     RESPONSES,
     EMBEDDINGS,
     SCORE,
+    SCORE_ALIAS,
     RERANK,
     RERANK_ALIAS,
+    RERANK_V2,
     TOKENIZE,
     DETOKENIZE,
     TRANSCRIPTIONS,
     TRANSLATIONS,
 )
 
-ROUTE_NAMES: frozenset[str] = frozenset(r.name for r in PROXIED_ROUTES)
+ROUTES_BY_NAME: dict[str, RouteSpec] = {r.route_name: r for r in PROXIED_ROUTES}
 
 
 def route_texts(spec: RouteSpec, body: dict[str, Any] | None) -> list[dict[str, str]]:
