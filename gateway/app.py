@@ -28,6 +28,9 @@ from gateway.hooks import Admission, NoAdmissionControl, Observer
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import ProxyEndpoint
 from gateway.quota.admission import build_admission
+from gateway.responses_api import ResponseIndex
+from gateway.routes import PROXIED_ROUTES, RouteSpec
+from gateway.routing.catalog import merged
 from gateway.routing.discovery import DnsDiscovery, parse_upstreams
 from gateway.routing.pool import EndpointPool, HealthChecker
 from gateway.routing.router import Router
@@ -62,6 +65,8 @@ class GatewayState:
     tracing: Any = None
     # Set when the drain deadline passed: streams still running end with an error event (gateway/drain.py).
     drain_expired: bool = False
+    # Where stored Responses API objects live (GET/cancel by id go to that replica).
+    responses: ResponseIndex | None = None
 
 
 def error_response(e: ApiError) -> Response:
@@ -115,6 +120,28 @@ async def _finish(state: GatewayState, ctx: RequestContext, resp: Response, e: A
     return resp
 
 
+def model_entry(state: GatewayState, m) -> dict[str, Any] | None:
+    """A model as /v1/models lists it: the gateway's fields plus what its engines report (cached from the
+    health probes: no engine round trip per request). An adapter is listed only while an engine serves it."""
+    out: dict[str, Any] = {"id": m.name, "object": "model", "created": int(state.started), "owned_by": m.owned_by}
+    pool = state.pools.get(state.settings.pool_name(m.name))
+    view = merged(pool.endpoints) if pool is not None else None
+    engine_name = m.upstream_model or m.name
+    if m.base is not None:
+        if view is None or not view.serves_model(engine_name):
+            return None
+        out["parent"] = m.base
+    if view is not None and engine_name in view.models:
+        reported = view.models[engine_name]
+        if isinstance(reported.get("max_model_len"), int):
+            out["max_model_len"] = reported["max_model_len"]
+        elif m.base is not None:
+            base = view.models.get(state.settings.model(m.base).upstream_model or m.base, {})
+            if isinstance(base.get("max_model_len"), int):
+                out["max_model_len"] = base["max_model_len"]
+    return out
+
+
 async def list_models(request: Request) -> Response:
     state: GatewayState = request.app.state.gateway
     ctx = _context(request, "/v1/models")
@@ -122,11 +149,7 @@ async def list_models(request: Request) -> Response:
         principal = ctx.principal = await state.auth.authenticate(request.scope["headers"])
     except ApiError as e:
         return await _finish(state, ctx, error_response(e), e)
-    data = [
-        {"id": m.name, "object": "model", "created": int(state.started), "owned_by": m.owned_by}
-        for m in state.settings.models
-        if principal.may_use(m.name)
-    ]
+    data = [e for m in state.settings.models if principal.may_use(m.name) and (e := model_entry(state, m)) is not None]
     return await _finish(state, ctx, JSONResponse({"object": "list", "data": data}))
 
 
@@ -140,15 +163,15 @@ async def get_model(request: Request) -> Response:
         return await _finish(state, ctx, error_response(e), e)
     name = ctx.model = request.path_params["model"]
     m = state.settings.model(name)
-    if m is None:
+    entry = model_entry(state, m) if m is not None else None
+    if entry is None:
         e = ApiError(404, f"The model '{name}' does not exist.", param="model", code="model_not_found")
         return await _finish(state, ctx, error_response(e), e)
     try:
         state.auth.authorize(ctx.principal, name)
     except ApiError as e:
         return await _finish(state, ctx, error_response(e), e)
-    body = {"id": m.name, "object": "model", "created": int(state.started), "owned_by": m.owned_by}
-    return await _finish(state, ctx, JSONResponse(body))
+    return await _finish(state, ctx, JSONResponse(entry))
 
 
 async def healthz(request: Request) -> Response:
@@ -250,6 +273,8 @@ def create_app(
     pools: dict[str, EndpointPool] = {}
     dns_targets = {}
     for m in settings.models:
+        if m.base is not None:
+            continue  # an adapter: served by its base model's pool
         static, dns = parse_upstreams(m.upstreams)
         pools[m.name] = EndpointPool.from_urls(m.name, static, settings.routing)
         if dns:
@@ -272,6 +297,7 @@ def create_app(
         metrics=metrics,
         observers=[metrics, *(observers or [])],
         closers=closers,
+        responses=ResponseIndex(settings.responses_index_size) if settings.responses_index_size else None,
     )
     if settings.audit.enabled:
         from gateway.audit.writer import AuditGate, AuditWriter
@@ -297,9 +323,13 @@ def create_app(
             await state.audit.start()
             # Runs last at shutdown (after in-flight requests ended): drain, close the segment, archive.
             state.closers.append(state.audit.stop)
-        state.sessions = {m.name: make_session(m) for m in settings.models}
+        state.sessions = {m.name: make_session(m) for m in settings.models if m.base is None}
         state.health = HealthChecker(
-            list(pools.values()), settings.health_interval, settings.health_timeout, settings.routing.unhealthy_after
+            list(pools.values()),
+            settings.health_interval,
+            settings.health_timeout,
+            settings.routing.unhealthy_after,
+            api_keys={m.name: m.upstream_api_key for m in settings.models if m.base is None},
         )
         if dns_targets:
             # Resolve once before the first probe round so DNS-named replicas are probed with the rest.
@@ -324,20 +354,17 @@ def create_app(
             for c in state.closers:
                 await c()
 
+    generate = RouteSpec(
+        "/v1/completions",
+        "/generate",
+        request_transform=_generate_request,
+        response_transform=_generate_response,
+        text_fields=("prompt",),
+        feature="generate",
+    )
     routes = [
-        Route("/v1/chat/completions", ProxyEndpoint("/v1/chat/completions")),
-        Route("/v1/completions", ProxyEndpoint("/v1/completions")),
-        Route("/v1/embeddings", ProxyEndpoint("/v1/embeddings", streamable=False)),
-        Route(
-            "/generate",
-            ProxyEndpoint(
-                "/v1/completions",
-                streamable=False,
-                request_transform=_generate_request,
-                response_transform=_generate_response,
-                route_name="/generate",
-            ),
-        ),
+        *(Route(spec.public_path, ProxyEndpoint(spec)) for spec in PROXIED_ROUTES),
+        Route("/generate", ProxyEndpoint(generate)),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),

@@ -24,6 +24,19 @@ from gateway.context import RequestContext, new_request_id
 from gateway.errors import ApiError, error_body, sse_error_event
 from gateway.hooks import NO_TICKET, Ticket
 from gateway.prompt import content_text
+from gateway.responses_api import ResponsesStream
+from gateway.routes import RouteSpec
+from gateway.surface import (
+    SurfaceRequest,
+    check_route_served,
+    form_stream,
+    principal_key,
+    read_request,
+    remember_response,
+    settle_uncounted,
+    size_request,
+    take_usage,
+)
 
 log = logging.getLogger("gateway.proxy")
 
@@ -140,22 +153,15 @@ def prompt_chars(body: dict[str, Any]) -> int:
 
 
 class ProxyEndpoint:
-    """ASGI app for one OpenAI route (``upstream_path``), e.g. ``/v1/chat/completions``."""
+    """ASGI app for one OpenAI route, described by its ``RouteSpec`` (``gateway/routes.py``)."""
 
-    def __init__(
-        self,
-        upstream_path: str,
-        *,
-        streamable: bool = True,
-        request_transform: RequestTransform | None = None,
-        response_transform: ResponseTransform | None = None,
-        route_name: str | None = None,
-    ) -> None:
-        self.upstream_path = upstream_path
-        self.streamable = streamable
-        self.request_transform = request_transform
-        self.response_transform = response_transform
-        self.route_name = route_name or upstream_path
+    def __init__(self, spec: RouteSpec) -> None:
+        self.spec = spec
+        self.upstream_path = spec.upstream_path
+        self.streamable = spec.streamable
+        self.request_transform = spec.request_transform
+        self.response_transform = spec.response_transform
+        self.route_name = spec.route_name
 
     async def __call__(self, scope, receive, send) -> None:
         state = scope["app"].state.gateway
@@ -169,34 +175,52 @@ class ProxyEndpoint:
         if state.tracing is not None:
             state.tracing.on_request_start(ctx, headers)
         state.in_flight += 1
+        spec = self.spec
+        sreq: SurfaceRequest | None = None
         try:
-            if scope.get("method") != "POST":
-                raise ApiError(405, f"Method {scope.get('method')} not allowed; use POST.", code="method_not_allowed")
+            method = scope.get("method")
+            if method not in spec.methods:
+                raise ApiError(405, f"Method {method} not allowed; use {' or '.join(spec.methods)}.", code="method_not_allowed")
             if state.draining:
                 raise ApiError(503, "The gateway is shutting down; retry.", code="draining", headers={"retry-after": "1"})
-            raw = await read_body(receive, state.settings.max_body_bytes, _header(headers, b"content-length"))
+            limit = getattr(state.settings, spec.body_limit_setting) if spec.body_limit_setting else state.settings.max_body_bytes
+            raw = await read_body(receive, limit, _header(headers, b"content-length"))
             ctx.bytes_in = len(raw)
             ctx.principal = await state.auth.authenticate(headers)
-            body = self._parse(raw)
+            ct = _header(headers, b"content-type")
+            sreq = read_request(
+                spec, raw, ct.decode("latin-1") if ct else "", scope.get("path_params") or {}, principal_key(ctx.principal), state.responses
+            )
+            body = sreq.body
             if self.request_transform is not None:
                 body = self.request_transform(body, state)
                 raw = b""  # re-serialize below
             ctx.body = body
-            model = body.get("model")
+            model = body.get("model") if spec.model_from == "json" else sreq.model
             if not isinstance(model, str) or not model:
                 raise ApiError(400, "You must provide a model parameter.", param="model", code="missing_model")
             ctx.model = model
             mcfg = state.settings.model(model)
-            pool = state.pools.get(model)
+            pool_name = state.settings.pool_name(model)
+            pool = state.pools.get(pool_name)
             if mcfg is None or pool is None:
                 raise ApiError(
                     404, f"The model '{model}' does not exist.", param="model", code="model_not_found", reason="not_found"
                 )
             state.auth.authorize(ctx.principal, model)
-            raw = self._prepare_upstream_body(ctx, body, raw, mcfg)
+            check_route_served(spec, pool.endpoints, model)
+            if spec.model_from == "json":
+                raw = self._prepare_upstream_body(ctx, body, raw, mcfg)
+            else:
+                ctx.stream = spec.model_from == "form" and form_stream(body)
+                if ctx.stream and not spec.streamable:
+                    raise ApiError(400, "This endpoint does not support streaming.", param="stream", code="invalid_value")
+                ctx.max_tokens = size_request(spec, body)
+                ctx.prompt_chars = 0
+                ctx.client_wants_usage = True  # nothing was added to the request: hide nothing
             ticket = await state.admission.admit(ctx)
             admitted = True
-            await self._forward(ctx, state, pool, mcfg, raw, headers, receive, send)
+            await self._forward(ctx, state, pool, mcfg, raw, headers, receive, send, sreq, pool_name)
         except ApiError as e:
             await self._send_error(ctx, send, e)
         except _ClientGone:
@@ -218,6 +242,7 @@ class ProxyEndpoint:
         finally:
             state.in_flight -= 1
             ctx.finished = time.perf_counter()
+            settle_uncounted(spec, ctx)
             if admitted:
                 try:
                     await ticket.settle(ctx)
@@ -250,16 +275,13 @@ class ProxyEndpoint:
         if stream and not self.streamable:
             raise ApiError(400, "This endpoint does not support streaming.", param="stream", code="invalid_value")
         ctx.stream = stream
-        mt = body.get("max_completion_tokens", body.get("max_tokens"))
-        if mt is not None and (not isinstance(mt, int) or isinstance(mt, bool) or mt < 0):
-            raise ApiError(400, "'max_tokens' must be a non-negative integer.", param="max_tokens", code="invalid_type")
-        ctx.max_tokens = mt
-        ctx.prompt_chars = prompt_chars(body)
+        ctx.max_tokens = size_request(self.spec, body)
+        ctx.prompt_chars = prompt_chars(body) if self.spec.counts_tokens else 0
         changed = not raw
         if mcfg.upstream_model and mcfg.upstream_model != body["model"]:
             body = dict(body, model=mcfg.upstream_model)
             changed = True
-        if stream:
+        if stream and self.spec.forces_stream_usage:
             so = body.get("stream_options")
             if so is not None and not isinstance(so, dict):
                 raise ApiError(400, "'stream_options' must be an object.", param="stream_options", code="invalid_type")
@@ -281,9 +303,9 @@ class ProxyEndpoint:
     # fault ends the stream with an OpenAI-style error event instead (never a retry, never a hang), bounded
     # by the idle-gap timeout between chunks. The total timeout bounds both stages.
 
-    async def _forward(self, ctx, state, pool, mcfg, raw, headers, receive, send) -> None:
-        session: aiohttp.ClientSession = state.sessions[ctx.model]
-        up_headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
+    async def _forward(self, ctx, state, pool, mcfg, raw, headers, receive, send, sreq: SurfaceRequest, pool_name: str) -> None:
+        session: aiohttp.ClientSession = state.sessions[pool_name]
+        up_headers = {"content-type": sreq.content_type, "x-request-id": ctx.request_id}
         for name in _HOP_HEADERS_IN:
             v = _header(headers, name)
             if v is not None:
@@ -307,7 +329,15 @@ class ProxyEndpoint:
         last_fault: _UpstreamFault | None = None
         try:
             while True:
-                ep = router.pick(pool, ctx, exclude=tried)
+                if sreq.pinned_endpoint is not None:
+                    # A stored response lives on one replica: that one or none (no retries elsewhere).
+                    ep = next((e for e in pool.endpoints if e.url == sreq.pinned_endpoint and e.url not in tried), None)
+                    if ep is None and not tried:
+                        raise ApiError(
+                            404, "The replica that stored this response is gone.", param=self.spec.affinity_param, code="response_not_found"
+                        )
+                else:
+                    ep = router.pick(pool, ctx, exclude=tried)
                 if ep is None:
                     if tried:
                         if last_fault is not None and last_fault.kind == "timeout":
@@ -332,7 +362,7 @@ class ProxyEndpoint:
                 resp = None
                 try:
                     try:
-                        resp, first = await self._attempt(session, ep.url + self.upstream_path, raw, up_headers, ctx, timeouts, total_at, loop)
+                        resp, first = await self._attempt(session, ep.url + sreq.upstream_path, raw, up_headers, ctx, timeouts, total_at, loop)
                     except _UpstreamFault as f:
                         verdict = f.kind
                         last_fault = f
@@ -352,7 +382,7 @@ class ProxyEndpoint:
                         if fault is not None:
                             verdict = fault
                     else:
-                        await self._send_whole(ctx, resp.status, resp.headers.get("content-type", ""), first, send)
+                        await self._send_whole(ctx, resp.status, resp.headers.get("content-type", ""), first, send, state.responses)
                     return
                 finally:
                     ep.in_flight -= 1
@@ -377,7 +407,7 @@ class ProxyEndpoint:
         resp: aiohttp.ClientResponse | None = None
         try:
             async with asyncio.timeout_at(deadline):
-                resp = await session.post(url, data=raw, headers=up_headers)
+                resp = await session.request(self.spec.methods[0], url, data=raw or None, headers=up_headers)
                 ctx.ttfb = time.perf_counter() - ctx.started
                 if resp.status >= 500:
                     body = await resp.read()
@@ -404,7 +434,7 @@ class ProxyEndpoint:
                 resp.close()
             raise
 
-    async def _send_whole(self, ctx: RequestContext, status: int, content_type: str, data: bytes, send) -> None:
+    async def _send_whole(self, ctx: RequestContext, status: int, content_type: str, data: bytes, send, index=None) -> None:
         ctx.status = status
         out_headers = [(b"content-type", content_type.encode("latin-1") or _JSON_CT[1])]
         out_headers.append((b"x-request-id", ctx.request_id.encode()))
@@ -415,7 +445,8 @@ class ProxyEndpoint:
             except ValueError:
                 obj = None
             if isinstance(obj, dict):
-                _take_usage(ctx, obj.get("usage"))
+                take_usage(self.spec, ctx, obj.get("usage"))
+                remember_response(self.spec, ctx, index, obj)
                 if self.response_transform is not None:
                     obj = self.response_transform(obj)
                     data = json.dumps(obj, ensure_ascii=False).encode()
@@ -444,6 +475,9 @@ class ProxyEndpoint:
         await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
         hide_usage = not ctx.client_wants_usage
         saw_done = False
+        # Responses API streams: typed events, usage in the terminal event, no [DONE].
+        typed = ResponsesStream() if self.spec.usage == "responses" else None
+        recorded = False
         fault: str | None = None
         content = resp.content
         try:
@@ -453,7 +487,15 @@ class ProxyEndpoint:
                     cut = buf.rfind(b"\n\n")
                     if cut >= 0:
                         events, buf = buf[: cut + 2], buf[cut + 2 :]
-                        if b'"usage":{' in events:
+                        if typed is not None:
+                            typed.feed(events)
+                            if typed.response_id and not recorded:
+                                remember_response(self.spec, ctx, state.responses, typed.response_id)
+                                recorded = True
+                            if typed.usage is not None:
+                                take_usage(self.spec, ctx, typed.usage)
+                            saw_done = saw_done or typed.terminal is not None
+                        elif b'"usage":{' in events:
                             events = _take_stream_usage(ctx, events, hide_usage)
                         if events:
                             now = time.perf_counter()
@@ -497,7 +539,12 @@ class ProxyEndpoint:
         else:
             if buf.strip():
                 # The stream ended without a final blank line: pass on what is left as it is.
-                if b'"usage":{' in buf:
+                if typed is not None:
+                    typed.feed(buf)
+                    if typed.usage is not None:
+                        take_usage(self.spec, ctx, typed.usage)
+                    saw_done = saw_done or typed.terminal is not None
+                elif b'"usage":{' in buf:
                     buf = _take_stream_usage(ctx, buf, hide_usage)
                 saw_done = saw_done or buf.rstrip().endswith(_DONE)
             if saw_done:
