@@ -52,11 +52,6 @@ class EngineSettings(BaseSettings):
         description="vLLM --tool-call-parser (e.g. hermes, llama3_json, mistral, openai): the model's tool-call format; "
         "needed for tool_choice=auto and named tool choices",
     )
-    tool_strict_level: str | None = Field(
-        default=None,
-        description="vLLM --tool-strict-level: auto (per-tool `strict`), function (call envelope constrained) or "
-        "parameter (arguments always match the tool's schema, as if every tool were strict)",
-    )
     reasoning_parser: str | None = Field(
         default=None, description="vLLM --reasoning-parser (e.g. deepseek_r1, qwen3)"
     )
@@ -131,13 +126,6 @@ class EngineSettings(BaseSettings):
         if v is not None and v not in ("auto", "none", "embed", "classify"):
             raise ValueError("convert must be auto, none, embed or classify")
         return None if v == "auto" else v
-
-    @field_validator("tool_strict_level")
-    @classmethod
-    def _strict(cls, v: str | None) -> str | None:
-        if v is not None and v not in ("auto", "function", "parameter"):
-            raise ValueError("tool_strict_level must be auto, function or parameter")
-        return v
 
     @field_validator("structured_outputs_backend")
     @classmethod

@@ -13,7 +13,7 @@ OWNED_FLAGS = {
     "--host", "--port", "--served-model-name", "--dtype", "--max-model-len", "--gpu-memory-utilization",
     "--max-num-seqs", "--max-num-batched-tokens", "--tensor-parallel-size", "--pipeline-parallel-size",
     "--quantization", "--enforce-eager", "--kv-cache-memory-bytes", "--api-key", "--shutdown-timeout",
-    "--runner", "--convert", "--tool-call-parser", "--enable-auto-tool-choice", "--tool-strict-level",
+    "--runner", "--convert", "--tool-call-parser", "--enable-auto-tool-choice",
     "--reasoning-parser", "--structured-outputs-config", "--enable-lora", "--lora-modules", "--max-loras",
     "--max-lora-rank",
 }
@@ -48,7 +48,12 @@ def build_vllm_command(
         cmd += ["--seed", str(s.seed)]
     if s.load_format:
         cmd += ["--load-format", s.load_format]
-    cmd += ["--enable-prefix-caching"] if s.enable_prefix_caching else ["--no-enable-prefix-caching"]
+    if s.runner == "pooling":
+        # Encoder (bidirectional) pooling models cannot use the prefix cache; vLLM decides for pooling models.
+        if not s.enable_prefix_caching:
+            cmd += ["--no-enable-prefix-caching"]
+    else:
+        cmd += ["--enable-prefix-caching"] if s.enable_prefix_caching else ["--no-enable-prefix-caching"]
     if s.enable_chunked_prefill is not None:
         cmd += ["--enable-chunked-prefill"] if s.enable_chunked_prefill else ["--no-enable-chunked-prefill"]
     if s.quantization:
@@ -79,8 +84,6 @@ def build_vllm_command(
         cmd += ["--tool-call-parser", s.tool_call_parser]
     if s.enable_auto_tool_choice:
         cmd += ["--enable-auto-tool-choice"]
-    if s.tool_strict_level:
-        cmd += ["--tool-strict-level", s.tool_strict_level]
     if s.reasoning_parser:
         cmd += ["--reasoning-parser", s.reasoning_parser]
     so = structured_outputs_config(s)

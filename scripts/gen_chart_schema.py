@@ -99,10 +99,6 @@ ENGINE_SETTINGS = obj(
             "description": "ENGINE_TOOL_CALL_PARSER (hermes, llama3_json, mistral, ...): the model's tool-call format",
         },
         "enableAutoToolChoice": {"type": "boolean", "description": "ENGINE_ENABLE_AUTO_TOOL_CHOICE (needs toolCallParser)"},
-        "toolStrictLevel": {
-            "enum": ["", "auto", "function", "parameter"],
-            "description": "ENGINE_TOOL_STRICT_LEVEL: parameter = tool arguments always match the tool's schema",
-        },
         "structuredOutputsDisableAnyWhitespace": {
             "type": "boolean",
             "description": "ENGINE_STRUCTURED_OUTPUTS_DISABLE_ANY_WHITESPACE: JSON output without free whitespace",

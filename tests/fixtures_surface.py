@@ -32,17 +32,24 @@ def lora_adapter_dir(test_cache_dir: Path, tiny_model_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def pool_engine(embed_model_dir: Path) -> Iterator[Engine]:
-    """A real vLLM CPU engine serving the embedding model (pooling runner: embeddings, score, rerank)."""
+def pool_engine_started(embed_model_dir: Path) -> Iterator[Engine]:
+    """The pooling engine's process, started but not waited for (request it before ``engine`` so that both
+    engines load at the same time)."""
     e = Engine(
         str(embed_model_dir),
         served_name=EMBED,
         extra_env={"ENGINE_MAX_MODEL_LEN": "512", "ENGINE_RUNNER": "pooling"},
     )
     try:
-        yield e.wait_ready()
+        yield e
     finally:
         e.stop()
+
+
+@pytest.fixture(scope="session")
+def pool_engine(pool_engine_started: Engine) -> Engine:
+    """A real vLLM CPU engine serving the embedding model (pooling runner: embeddings, score, rerank)."""
+    return pool_engine_started.wait_ready()
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,8 @@ from openai import OpenAI
 from tests.conftest import KEY_ALL, KEY_LIMITED, MODEL
 from tests.fixtures_surface import ADAPTER, EMBED, KEY_BASE_ONLY, surface_config
 
-pytestmark = pytest.mark.engine
+# Setup starts two engines (they load in parallel; slow on a busy 2-core box).
+pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
 
 KEY_TINY_TPM = "sk-test-tiny-token-budget"
 
@@ -31,7 +32,7 @@ def audit_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def gw(engine, pool_engine, gateway_factory, audit_path: Path):
+def gw(pool_engine_started, engine, pool_engine, gateway_factory, audit_path: Path):
     from tests.support import sha256_hex
 
     cfg = surface_config(

@@ -553,7 +553,6 @@ def test_tool_structured_output_and_lora_settings_reach_the_engine() -> None:
     settings = {
         "toolCallParser": "hermes",
         "enableAutoToolChoice": True,
-        "toolStrictLevel": "parameter",
         "structuredOutputsDisableAnyWhitespace": True,
         "responsesStore": True,
         "allowRuntimeLora": True,
@@ -562,7 +561,7 @@ def test_tool_structured_output_and_lora_settings_reach_the_engine() -> None:
     objs = render({"models": [{"name": "m", "source": "s3://models/m", "settings": settings}]})
     env = env_of(pod_spec(objs.engines()[0])["containers"][0])
     assert env["ENGINE_TOOL_CALL_PARSER"] == "hermes" and env["ENGINE_ENABLE_AUTO_TOOL_CHOICE"] == "true"
-    assert env["ENGINE_TOOL_STRICT_LEVEL"] == "parameter" and env["ENGINE_MAX_LORA_RANK"] == "16"
+    assert env["ENGINE_MAX_LORA_RANK"] == "16"
     engine_env = {k[len("ENGINE_") :].lower(): v for k, v in env.items() if k.startswith("ENGINE_")}
     s = EngineSettings(**engine_env)
     assert s.enable_auto_tool_choice and s.structured_outputs_disable_any_whitespace and s.responses_store

@@ -87,7 +87,6 @@ def test_tools_structured_output_and_runner_reach_vllm():
         model="/m",
         enable_auto_tool_choice=True,
         tool_call_parser="hermes",
-        tool_strict_level="parameter",
         runner="pooling",
         convert="embed",
         structured_outputs_disable_any_whitespace=True,
@@ -96,7 +95,8 @@ def test_tools_structured_output_and_runner_reach_vllm():
     cmd = build_vllm_command(s, "/m", device="cpu")
     assert "--enable-auto-tool-choice" in cmd and _flag(cmd, "--tool-call-parser") == "hermes"
     assert _flag(cmd, "--runner") == "pooling" and _flag(cmd, "--convert") == "embed"
-    assert _flag(cmd, "--reasoning-parser") == "qwen3" and _flag(cmd, "--tool-strict-level") == "parameter"
+    assert "--enable-prefix-caching" not in cmd  # encoder pooling models have no prefix cache: vLLM decides
+    assert _flag(cmd, "--reasoning-parser") == "qwen3"
     # vLLM accepts disable_any_whitespace only with xgrammar or guidance: xgrammar is chosen when none is set.
     assert json.loads(_flag(cmd, "--structured-outputs-config")) == {
         "disable_any_whitespace": True,

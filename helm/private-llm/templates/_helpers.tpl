@@ -160,7 +160,7 @@ engine.defaults (and the pool over the model), plus computed names. Returned as 
 {{- if lt (int $gpus) (int $minGpus) -}}
 {{- fail (printf "models[%d] (%s): gpus=%d is less than tensorParallelSize x pipelineParallelSize = %d" $i $m.name $gpus $minGpus) -}}
 {{- end -}}
-{{- range $flag := list "--host" "--port" "--served-model-name" "--dtype" "--max-model-len" "--gpu-memory-utilization" "--max-num-seqs" "--max-num-batched-tokens" "--tensor-parallel-size" "--pipeline-parallel-size" "--quantization" "--enforce-eager" "--kv-cache-memory-bytes" "--api-key" "--shutdown-timeout" "--runner" "--convert" "--tool-call-parser" "--enable-auto-tool-choice" "--tool-strict-level" "--reasoning-parser" "--structured-outputs-config" "--enable-lora" "--lora-modules" "--max-loras" "--max-lora-rank" -}}
+{{- range $flag := list "--host" "--port" "--served-model-name" "--dtype" "--max-model-len" "--gpu-memory-utilization" "--max-num-seqs" "--max-num-batched-tokens" "--tensor-parallel-size" "--pipeline-parallel-size" "--quantization" "--enforce-eager" "--kv-cache-memory-bytes" "--api-key" "--shutdown-timeout" "--runner" "--convert" "--tool-call-parser" "--enable-auto-tool-choice" "--reasoning-parser" "--structured-outputs-config" "--enable-lora" "--lora-modules" "--max-loras" "--max-lora-rank" -}}
 {{- if regexMatch (printf "(^|\\s)%s(=|\\s|$)" $flag) ($s.extraArgs | default "") -}}
 {{- fail (printf "models[%d] (%s): settings.extraArgs may not set %s: it has its own setting (settings.* / ENGINE_*)" $i $m.name $flag) -}}
 {{- end -}}
