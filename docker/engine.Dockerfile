@@ -1,8 +1,10 @@
 # The engine image: the official vLLM OpenAI image (CUDA, PyTorch, vLLM) plus our package, which pulls and
 # verifies weights from S3/MinIO (`llm-engine pull`) and runs and supervises vLLM (`llm-engine run`).
-#   docker build -f docker/engine.Dockerfile --build-arg VLLM_VERSION=v0.11.0 \
+#   docker build -f docker/engine.Dockerfile \
 #     -t registry.example.com/private-llm/engine:0.1.0 .
-ARG VLLM_VERSION=v0.11.0
+# The one pin of the GPU image's vLLM: engine/vllm_args.py emits only flags this release accepts
+# (tests/unit/test_vllm_args.py checks them against tests/data/vllm-<version>-flags.json: scripts/vllm_flags.py).
+ARG VLLM_VERSION=v0.24.0
 FROM vllm/vllm-openai:${VLLM_VERSION}
 
 WORKDIR /opt/private-llm

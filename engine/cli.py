@@ -6,18 +6,23 @@ import argparse
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.settings import EngineSettings
 
 
 def _setup_logging() -> None:
     logging.basicConfig(level=os.environ.get("ENGINE_LOG_LEVEL", "INFO").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-def _resolve_model(uri: str, cache_dir: str, concurrency: int) -> str:
+def _resolve_model(uri: str, s: EngineSettings) -> str:
     if uri.startswith("s3://"):
         from engine.weights import WeightsError, pull
 
         try:
-            return str(pull(uri, cache_dir=os.path.expanduser(cache_dir), concurrency=concurrency))
+            return str(pull(uri, cache_dir=os.path.expanduser(s.cache_dir), concurrency=s.pull_concurrency,
+                            verify_cache=s.verify_cache, require_source=s.require_source))
         except WeightsError as e:
             raise SystemExit(f"llm-engine: error: {e}") from None
     path = os.path.expanduser(uri)
@@ -44,7 +49,7 @@ def _run(args: argparse.Namespace) -> int:
 
         # Started before the pull so pull metrics are visible while it runs.
         exporter = start_exporter(s.metrics_port, s.host)
-    model_dir = _resolve_model(s.model, s.cache_dir, s.pull_concurrency)
+    model_dir = _resolve_model(s.model, s)
     loras = {}
     if s.lora_modules:
         for item in s.lora_modules.split(","):
@@ -52,7 +57,7 @@ def _run(args: argparse.Namespace) -> int:
             if not name or not src:
                 print(f"llm-engine: ENGINE_LORA_MODULES entries are name=path-or-s3-uri, got {item!r}", file=sys.stderr)
                 return 2
-            loras[name] = _resolve_model(src, s.cache_dir, s.pull_concurrency)
+            loras[name] = _resolve_model(src, s)
     if not s.served_model_name and s.model.startswith("s3://"):
         s.served_model_name = s.model.rstrip("/").rsplit("/", 1)[-1]
     try:

@@ -4,13 +4,16 @@ vLLM's metrics stay on vLLM's port (``/metrics``); this exporter adds what vLLM 
 
 * GPU utilization and memory per GPU through NVML (``nvidia-ml-py``, in the ``engine-gpu`` extra). On a
   machine without an NVIDIA GPU or without the library these series are absent, never zero.
-* Weight pulls: bytes, duration and cache hits. ``engine/weights.py`` reports each pull by calling
-  :func:`record_pull` — the one function of this module other code needs::
+* Weight pulls: bytes, duration, cache hits, an unreachable source. ``engine/weights.py`` reports each pull by calling
+  :func:`record_pull`::
 
       from engine.metrics import record_pull
       record_pull(bytes_downloaded, seconds, cache_hit=False)
 
-  It is cheap, thread safe, never raises, and works whether or not the exporter was started (pulls that
+  :func:`record_source` sets ``llm_engine_weights_source_unreachable{source}`` to 1 when a pull had to start
+  from the local verified copy because S3 could not be reached (0 when the source answered).
+
+  They are cheap, thread safe, never raise, and work whether or not the exporter was started (pulls that
   happen before ``start_exporter`` are reported once it runs, as it is the same process).
 
 The metrics live on this module's own registry (``REGISTRY``), not prometheus_client's global one.
@@ -22,7 +25,7 @@ import logging
 import threading
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -56,6 +59,22 @@ PULLS = Counter(
 )
 for _c in ("hit", "miss"):
     PULLS.labels(_c)
+
+
+SOURCE_UNREACHABLE = Gauge(
+    "llm_engine_weights_source_unreachable",
+    "1 while the weights in use were taken from the local verified cache because their S3 source could not be "
+    "reached when they were pulled; 0 once the source answered",
+    ["source"], registry=REGISTRY,
+)
+
+
+def record_source(uri: str, reachable: bool) -> None:
+    """Report whether the S3 source of a pull answered (called by engine/weights.py). Never raises."""
+    try:
+        SOURCE_UNREACHABLE.labels(uri).set(0 if reachable else 1)
+    except Exception:
+        log.exception("record_source failed")
 
 
 def record_pull(bytes: int, seconds: float, cache_hit: bool) -> None:  # noqa: A002 - the agreed signature

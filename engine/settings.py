@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -100,6 +102,10 @@ class EngineSettings(BaseSettings):
     drain_timeout: float = 60.0
     # Pull concurrency (parallel object downloads).
     pull_concurrency: int = Field(default=8, ge=1)
+    # How a cached copy is checked before it is used: none, size (sizes + recorded mtimes), full (re-hash all).
+    verify_cache: Literal["none", "size", "full"] = "size"
+    # Fail when S3 cannot be reached, instead of starting from the last verified copy in the cache.
+    require_source: bool = False
     # Python executable that runs vLLM (a different venv is possible).
     python: str | None = None
     # Our exporter (GPU via NVML, weight pulls) on its own port, beside vLLM's /metrics; 0 disables it.

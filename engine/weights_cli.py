@@ -15,6 +15,10 @@ def _env_int(name: str, default: int) -> int:
         return default
 
 
+def _env_bool(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _positive(v: str) -> int:
     n = int(v)
     if n < 1:
@@ -40,6 +44,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--concurrency", type=_positive, default=_env_int("ENGINE_PULL_CONCURRENCY", 8),
                    help="files downloaded in parallel (default: $ENGINE_PULL_CONCURRENCY or 8)")
     q.add_argument("--max-rate-mbps", type=float, default=None, help="cap the download rate (MB/s, all files together)")
+    q.add_argument("--verify-cache", default=os.environ.get("ENGINE_VERIFY_CACHE", "size"), metavar="none|size|full",
+                   help="check of a cached copy before it is used: none, size (sizes + recorded mtimes; a changed "
+                        "file is re-hashed), full (re-hash every file). Default: $ENGINE_VERIFY_CACHE or size")
+    q.add_argument("--require-source", action="store_true", default=_env_bool("ENGINE_REQUIRE_SOURCE"),
+                   help="fail when S3 cannot be reached instead of using the last verified copy in the cache "
+                        "(default: $ENGINE_REQUIRE_SOURCE)")
     q.add_argument("--json", action="store_true", help="print a JSON summary (path, bytes, GETs, MB/s) instead of the path")
     q.add_argument("--no-progress", action="store_true", help="no live progress line even on a terminal")
     q.set_defaults(func=_pull)
@@ -72,12 +82,17 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    from engine.weights import WeightsError, pull_model
+    from engine.weights import VERIFY_MODES, WeightsError, pull_model
 
+    if args.verify_cache not in VERIFY_MODES:
+        print(f"llm-engine: error: --verify-cache (or ENGINE_VERIFY_CACHE) must be one of {', '.join(VERIFY_MODES)}, "
+              f"not {args.verify_cache!r}", file=sys.stderr)
+        return 2
     try:
         r = pull_model(args.uri, os.path.expanduser(args.cache_dir), args.concurrency,
                        max_rate=args.max_rate_mbps * 1e6 if args.max_rate_mbps else None,
-                       live_progress=False if args.no_progress else None)
+                       live_progress=False if args.no_progress else None, verify_cache=args.verify_cache,
+                       require_source=args.require_source)
     except WeightsError as e:
         print(f"llm-engine: error: {e}", file=sys.stderr)
         return 1

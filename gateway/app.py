@@ -299,10 +299,16 @@ def create_app(
         closers=closers,
         responses=ResponseIndex(settings.responses_index_size) if settings.responses_index_size else None,
     )
+    worker_files = None
     if settings.audit.enabled:
         from gateway.audit.writer import AuditGate, AuditWriter
 
         if "{pid}" in settings.audit.path:
+            if settings.audit.sink == "file":
+                from gateway.audit.adopt import WorkerFiles
+
+                # This worker's files under a lifetime lock; dead workers' files are adopted at start.
+                worker_files = WorkerFiles(settings.audit.path)
             settings.audit = settings.audit.model_copy(update={"path": settings.audit.path.replace("{pid}", str(os.getpid()))})
 
         state.audit = AuditWriter.from_settings(settings.audit)
@@ -320,9 +326,16 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         if state.audit is not None:
-            await state.audit.start()
+            if worker_files is not None:
+                from gateway.audit.adopt import start_worker_audit
+
+                release = await start_worker_audit(state.audit, worker_files)
+            else:
+                await state.audit.start()
             # Runs last at shutdown (after in-flight requests ended): drain, close the segment, archive.
             state.closers.append(state.audit.stop)
+            if worker_files is not None:
+                state.closers.append(release)
         state.sessions = {m.name: make_session(m) for m in settings.models if m.base is None}
         state.health = HealthChecker(
             list(pools.values()),

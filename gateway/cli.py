@@ -20,6 +20,14 @@ def _serve(args: argparse.Namespace) -> int:
     except Exception as e:  # a clear one-line error for a bad config
         print(f"llm-gateway: invalid configuration: {e}", file=sys.stderr)
         return 2
+    if settings.audit.enabled and settings.audit.archive_bucket:
+        from objectstore import S3ConfigError, config_from_env
+
+        try:
+            config_from_env()
+        except S3ConfigError as e:
+            print(f"llm-gateway: invalid S3 settings for the audit archive: {e}", file=sys.stderr)
+            return 2
     if args.host:
         settings.host = args.host
     if args.port is not None:

@@ -20,30 +20,46 @@ from gateway.quota.config import QuotaSettings
 
 
 class UpstreamTimeouts(BaseModel):
-    """Per-phase timeouts (seconds) towards an upstream pool."""
+    """Per-phase timeouts (seconds) towards an upstream pool.
 
-    connect: float = 5.0
-    # Time to first byte of the response (headers), and the longest gap between two chunks.
-    read: float = 300.0
+    The defaults bound a hung engine (SIGSTOPped, wedged GPU) to seconds, not minutes: a stream that goes
+    silent for ``idle`` seconds ends with an error event, a request without a first byte after ``first_byte``
+    seconds is retried on another replica. Streams have no total limit. docs/operations.md says when to
+    raise them (long prompts on a busy engine, very long non-streamed generations).
+    """
+
+    # TCP connect to the replica.
+    connect: float = Field(default=5.0, gt=0)
+    # Time to first byte: from sending the request to the response headers and, for a stream, its first
+    # event. For a non-streamed request vLLM answers only when done, so this also bounds its generation.
+    # Before the first byte reached the client a timeout here is retried elsewhere.
+    first_byte: float | None = Field(default=None, gt=0)
+    # Longest silence between two chunks once the response has begun.
+    idle: float | None = Field(default=None, gt=0)
+    # Older single knob: when set, the default of both ``first_byte`` and ``idle`` (each wins when set).
+    read: float | None = Field(default=None, gt=0)
     write: float = 30.0
     # Waiting for a free connection from the pool.
     pool: float = 30.0
-    # Whole request, 0 = no limit beyond the per-phase ones.
-    total: float = 0.0
-    # Time to first byte: from sending the request to the response headers and, for a stream, its first
-    # event. For a non-streamed request vLLM answers only when done, so this also bounds its generation.
-    # Unset = ``read``. Before the first byte reached the client a timeout here is retried elsewhere.
-    first_byte: float | None = None
-    # Longest silence between two chunks once the response has begun. Unset = ``read``.
-    idle: float | None = None
+    # Whole request, 0 = no limit beyond the per-phase ones (the default: a long stream is never cut).
+    total: float = Field(default=0.0, ge=0)
 
     @property
     def first_byte_s(self) -> float:
-        return self.first_byte if self.first_byte is not None else self.read
+        if self.first_byte is not None:
+            return self.first_byte
+        return self.read if self.read is not None else DEFAULT_FIRST_BYTE_TIMEOUT
 
     @property
     def idle_s(self) -> float:
-        return self.idle if self.idle is not None else self.read
+        if self.idle is not None:
+            return self.idle
+        return self.read if self.read is not None else DEFAULT_IDLE_TIMEOUT
+
+
+# Defaults of UpstreamTimeouts.first_byte / .idle (seconds) when neither they nor ``read`` are set.
+DEFAULT_FIRST_BYTE_TIMEOUT = 60.0
+DEFAULT_IDLE_TIMEOUT = 30.0
 
 
 class ModelConfig(BaseModel):

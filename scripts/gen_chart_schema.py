@@ -139,6 +139,13 @@ ENGINE_FIELDS: dict[str, Any] = {
     ),
     "resources": resources(),
     "pullResources": resources(),
+    "pullExtraEnv": {**ARR, "description": "extra env of the weight-pulling init container"},
+    "pullExtraVolumeMounts": {
+        **ARR,
+        "description": "extra volumeMounts of the weight-pulling init container",
+    },
+    "extraVolumes": {**ARR, "description": "extra pod volumes (mount them with extraVolumeMounts)"},
+    "extraVolumeMounts": {**ARR, "description": "extra volumeMounts of the engine container"},
     "probes": obj({"startup": probe(False), "readiness": probe(False), "liveness": probe(False)}),
     "nodeSelector": MAP_OF_STR,
     "tolerations": ARR,
@@ -149,8 +156,19 @@ ENGINE_FIELDS: dict[str, Any] = {
     "priorityClassName": STR,
     "runtimeClassName": STR,
     "timeouts": obj(
-        {k: {"type": "number", "minimum": 0} for k in ("connect", "read", "write", "pool", "total")},
-        description="gateway-side timeouts towards this model's engines (seconds)",
+        {
+            **{
+                k: {"type": "number", "exclusiveMinimum": 0}
+                for k in ("connect", "first_byte", "idle", "write", "pool")
+            },
+            "total": {
+                "type": "number",
+                "minimum": 0,
+                "description": "0: no limit (streams run as long as they last)",
+            },
+        },
+        description="gateway-side timeouts towards this model's engines (seconds): connect, first_byte (to the "
+        "first event; also bounds a non-streamed generation), idle (longest gap between stream chunks), total",
     ),
 }
 
@@ -339,6 +357,21 @@ SCHEMA = obj(
                 "secretAccessKey": STR,
                 "existingSecret": STR,
                 "existingSecretKeys": obj({"accessKeyId": STR, "secretAccessKey": STR}),
+                "caBundle": obj(
+                    {
+                        "secretName": STR,
+                        "configMapName": STR,
+                        "key": {"type": "string", "minLength": 1},
+                    },
+                    description="CA certificates (PEM) that sign the S3 endpoint's certificate, from a Secret "
+                    "or a ConfigMap; mounted into every container that talks to S3 (AWS_CA_BUNDLE)",
+                ),
+                "verifySSL": {**BOOL, "description": "false turns certificate checks off (S3_VERIFY_SSL)"},
+                "extraEnv": {
+                    **ARR,
+                    "description": "env for every container that talks to S3 (engine, pull, gateway with "
+                    "s3Credentials), e.g. AWS_ROLE_ARN",
+                },
             }
         ),
         "networkPolicy": obj(

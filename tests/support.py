@@ -177,10 +177,11 @@ class S3Server:
     secret_key = "test-secret-key-0123456789"
     region = "us-east-1"
 
-    def __init__(self) -> None:
-        self.port = free_port()
+    def __init__(self, port: int | None = None, data_dir: str | None = None) -> None:
+        """A new server; with ``port`` and ``data_dir`` of a stopped one, that server again (same objects)."""
+        self.port = port or free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.data_dir = tempfile.mkdtemp(prefix="nanio-")
+        self.data_dir = data_dir or tempfile.mkdtemp(prefix="nanio-")
         env = {"NANIO_ACCESS_KEY": self.access_key, "NANIO_SECRET_KEY": self.secret_key}
         self.proc = Proc(
             [PY, "-m", "nanio", "serve", "--host", "127.0.0.1", "--port", str(self.port), "--data-dir", self.data_dir,

@@ -7,8 +7,9 @@ metadata (``x-amz-meta-sha256``). Verification, before the local file is removed
 2. GET: the object's bytes are read back and hashed; that sha256 must equal the local one.
 
 Only then is the local segment deleted. Any failure leaves the file in place (the writer retries, and the
-next start picks up every closed segment still in the directory). Credentials come from the environment:
-``S3_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``.
+next start picks up every closed segment still in the directory). The S3 settings are the ones the engine reads
+(``objectstore``: endpoint, region, static keys with session token, web identity, container or instance
+credentials, CA bundle, verify flag; see docs/weights.md).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import hashlib
 import logging
 import os
 import socket
-from urllib.parse import urlparse
 
 log = logging.getLogger("gateway.audit")
 
@@ -39,17 +39,14 @@ def file_sha256(path: str) -> tuple[str, int]:
 
 
 def minio_client_from_env():
-    from minio import Minio
+    """The S3 client of the audit archive, from the same variables as the engine's (raises ArchiveError naming a
+    wrong setting)."""
+    from objectstore import S3ConfigError, config_from_env, make_client
 
-    endpoint = os.environ.get("S3_ENDPOINT_URL", "https://s3.amazonaws.com")
-    u = urlparse(endpoint if "://" in endpoint else "https://" + endpoint)
-    return Minio(
-        u.netloc,
-        access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
-        secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
-        region=os.environ.get("AWS_REGION") or None,
-        secure=u.scheme == "https",
-    )
+    try:
+        return make_client(config_from_env(), max_connections=2)
+    except S3ConfigError as e:
+        raise ArchiveError(f"audit archive: {e}") from None
 
 
 class Archiver:

@@ -57,8 +57,8 @@ class AuditSettings(BaseModel):
     content: Literal["none", "hash", "redacted"] = "none"
     # Extra patterns applied (after the built-in ones) in "redacted" mode.
     redaction_patterns: list[RedactionPattern] = Field(default_factory=list)
-    # Archive closed segments to this bucket (S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
-    # AWS_REGION from the environment). Empty: keep them locally.
+    # Archive closed segments to this bucket (S3 settings from the environment, the same variables as the
+    # engine's: objectstore/s3.py). Empty: keep them locally.
     archive_bucket: str | None = None
     archive_prefix: str = "audit/"
     archive_create_bucket: bool = True

@@ -159,6 +159,7 @@ def test_forced_tool_call_returns_parseable_arguments(sdk):
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
     )
     calls = r.choices[0].message.tool_calls
+    assert calls, f"no tool call: {r.choices[0].message.content!r:.300} ({r.choices[0].finish_reason})"
     assert (
         calls and len(calls) == 1 and calls[0].type == "function" and calls[0].function.name == "get_weather"
     )

@@ -458,7 +458,8 @@ def test_two_models_render_two_engines_and_two_gateway_models() -> None:
     objs = render(example("two-models.yaml"))
     cfg = objs.gateway_config()
     assert [m["name"] for m in cfg["models"]] == ["llama-3.1-8b-instruct", "llama-3.3-70b-instruct"]
-    assert cfg["models"][1]["timeouts"] == {"read": 900}
+    # the chart's default timeouts, with this model's longer first byte
+    assert cfg["models"][1]["timeouts"] == {"connect": 5, "first_byte": 300, "idle": 30, "total": 0}
     # free-form sections pass through; the chart fills in the deployment-specific keys
     assert cfg["quota"]["default"] == {"rpm": 600, "tpm": 200000, "max_concurrent": 32}
     assert cfg["quota"]["backend"] == "redis", "a Redis is configured: quota state is shared"

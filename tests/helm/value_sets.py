@@ -111,6 +111,44 @@ BUNDLED_EXISTING: dict[str, Any] = {
 }
 
 
+# MinIO over TLS with an internal CA, IRSA-style settings and extra volumes: nothing forked.
+MINIO_TLS: dict[str, Any] = {
+    "models": [{"name": "llama-3.1-8b-instruct", "source": "s3://weights/llama-3.1-8b-instruct/v1"}],
+    "s3": {
+        "endpoint": "https://minio.storage.svc:9000",
+        "existingSecret": "s3-keys",
+        "caBundle": {"configMapName": "internal-ca", "key": "ca.pem"},
+        "extraEnv": [{"name": "AWS_ROLE_SESSION_NAME", "value": "private-llm"}],
+    },
+    "engine": {
+        "defaults": {
+            "pullExtraEnv": [{"name": "ENGINE_VERIFY_CACHE", "value": "full"}],
+            "pullExtraVolumeMounts": [
+                {"name": "aws-token", "mountPath": "/var/run/secrets/aws", "readOnly": True}
+            ],
+            "extraVolumes": [
+                {
+                    "name": "aws-token",
+                    "projected": {
+                        "sources": [
+                            {"serviceAccountToken": {"path": "token", "audience": "sts.amazonaws.com"}}
+                        ]
+                    },
+                }
+            ],
+            "extraVolumeMounts": [
+                {"name": "aws-token", "mountPath": "/var/run/secrets/aws", "readOnly": True}
+            ],
+            "extraEnv": [{"name": "VLLM_LOGGING_LEVEL", "value": "INFO"}],
+        }
+    },
+    "gateway": {
+        "s3Credentials": True,
+        "config": {"audit": {"enabled": True, "archive_bucket": "llm-audit"}, "workers": 2},
+    },
+}
+
+
 def value_sets() -> dict[str, dict[str, Any]]:
     return {
         "defaults": {},
@@ -121,4 +159,5 @@ def value_sets() -> dict[str, dict[str, Any]]:
         "tp2-pvc-rwx": TP2_PVC,
         "external-secrets": EXTERNAL_SECRETS,
         "bundled-existing-secrets": BUNDLED_EXISTING,
+        "minio-tls": MINIO_TLS,
     }

@@ -132,6 +132,25 @@ def test_stalled_stream_ends_at_the_idle_timeout_with_an_error_event(fake_upstre
     assert gateway_metric(gw, "llm_gateway_upstream_faults_total", endpoint=fake.url) == 1
 
 
+def test_default_timeouts_end_a_stalled_stream_with_an_error_event(fake_upstream_factory, routing_gateway):
+    # No timeouts configured: the defaults (idle 30 s between chunks) must end a stream whose replica went
+    # silent (a SIGSTOPped or wedged engine). Under the old default (300 s) the client's 90 s read timeout
+    # below fires first and the test fails: that is the hang guard, not a timing assertion.
+    fake = fake_upstream_factory("stall_mid_stream")
+    cfg = config([fake.url])
+    assert "timeouts" not in cfg["models"][0]
+    gw = routing_gateway(cfg)
+    body = {"model": MODEL, "prompt": "Hello there", "max_tokens": 8, "stream": True}
+    with httpx.stream(
+        "POST", gw.url + "/v1/completions", json=body, headers=AUTH, timeout=httpx.Timeout(10, read=90)
+    ) as r:
+        status, lines = r.status_code, list(r.iter_lines())
+    events, done = sse_events(lines)
+    assert status == 200 and done
+    assert len([e for e in events if "choices" in e]) == 2
+    assert events[-1]["error"]["code"] == "upstream_timeout"
+
+
 def test_client_4xx_storm_never_opens_a_breaker(engine, fake_upstream_factory, routing_gateway):
     fake = fake_upstream_factory("error400")
     gw = routing_gateway(

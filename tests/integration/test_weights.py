@@ -376,9 +376,207 @@ def test_repush_sends_only_changed_files_and_pull_sees_the_new_version(tmp_path,
     puts = [p for m, p, _ in s3_proxy.requests() if m in ("PUT", "POST") and MANIFEST_NAME not in p]
     assert puts and all("/m/b.safetensors" in p for p in puts), puts
 
-    v2 = pull_json(uri, cache, s3_env)
+    s3_proxy.reset()
+    v2 = pull_json(uri, cache, via(s3_proxy, s3_env))
     assert v2["path"] != v1["path"] and v2["manifest_sha256"] == out["manifest_sha256"]
+    # The unchanged files are taken from the verified v1 copy: only the changed one is downloaded.
+    assert object_gets(s3_proxy, s3_bucket) == [f"/{s3_bucket}/m/b.safetensors"]
+    assert v2["downloaded_bytes"] == 2 * MiB and v2["reused_files"] == 2
+    assert (Path(v2["path"]) / "a.safetensors").read_bytes() == (model / "a.safetensors").read_bytes()
     assert (Path(v2["path"]) / "b.safetensors").read_bytes() == (model / "b.safetensors").read_bytes()
     # --force sends everything again.
     r = run_engine_cli("push", str(model), uri, "--json", "--no-progress", "--force", env=s3_env)
     assert json.loads(r.stdout)["uploaded_files"] == 3
+
+
+# ------------------------------------------------------------------ the cache when S3 is down, re-verification
+
+
+@pytest.fixture
+def own_s3():
+    """A nanio server this test may stop and start again (same port, same objects)."""
+    from tests.support import S3Server
+
+    servers = [S3Server().wait_ready()]
+
+    class Handle:
+        @property
+        def server(self) -> S3Server:
+            return servers[-1]
+
+        def stop(self) -> None:
+            servers[-1].stop()
+
+        def start(self) -> None:
+            old = servers[-1]
+            servers.append(S3Server(port=old.port, data_dir=old.data_dir).wait_ready())
+
+    try:
+        yield Handle()
+    finally:
+        servers[-1].stop()
+
+
+def _flip_byte_keep_mtime(path: Path, offset: int) -> None:
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_pull_starts_from_the_verified_copy_while_s3_is_down(tmp_path, own_s3):
+    s3 = own_s3.server
+    s3.client().make_bucket("models")
+    model = make_model(tmp_path / "m", {"config.json": 100, "model.safetensors": 2 * MiB})
+    uri = "s3://models/org/m"
+    push(model, uri, s3.env())
+    cache = tmp_path / "cache"
+    first = pull_json(uri, cache, s3.env())
+    assert first["source_unreachable"] is False
+    own_s3.stop()
+
+    # S3 down: the last verified copy is used, with a warning naming the source and the reason.
+    r = run_engine_cli("pull", uri, "--cache-dir", str(cache), "--json", "--no-progress", env=s3.env())
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["path"] == first["path"] and out["cache_hit"] is True and out["source_unreachable"] is True
+    assert out["object_gets"] == 0 and out["downloaded_bytes"] == 0
+    warnings = [ln for ln in r.stderr.splitlines() if "WARNING" in ln and "S3 unreachable" in ln]
+    assert len(warnings) == 1 and "s3://models/org/m" in warnings[0] and "cannot reach S3 endpoint" in warnings[0]
+    # `llm-engine run` resolves the model the same way (dry run: prints vLLM's command with the cached dir).
+    env = {**s3.env(), "ENGINE_MODEL": uri, "ENGINE_CACHE_DIR": str(cache), "ENGINE_DEVICE": "cpu"}
+    r = subprocess.run(engine_cli_argv("run", "--dry-run"), env=cli_env(env), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert first["path"] in r.stdout.split()
+
+    # ... unless the operator requires the source (flag or environment).
+    r = run_engine_cli("pull", uri, "--cache-dir", str(cache), "--require-source", env=s3.env())
+    assert_one_line_error(r, "cannot reach S3 endpoint", "--require-source")
+    r = run_engine_cli("pull", uri, "--cache-dir", str(cache), env={**s3.env(), "ENGINE_REQUIRE_SOURCE": "true"})
+    assert_one_line_error(r, "cannot reach S3 endpoint", "ENGINE_REQUIRE_SOURCE")
+    r = subprocess.run(engine_cli_argv("run", "--dry-run"), env=cli_env({**env, "ENGINE_REQUIRE_SOURCE": "1"}),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--require-source" in r.stderr and "Traceback" not in r.stderr
+    # A source never verified on this node has nothing to fall back to.
+    r = run_engine_cli("pull", "s3://models/org/other", "--cache-dir", str(cache), env=s3.env())
+    assert_one_line_error(r, "cannot reach S3 endpoint", "no verified copy of s3://models/org/other")
+
+    # Back up: the source answers again and is what the pull goes by.
+    own_s3.start()
+    out = pull_json(uri, cache, s3.env())
+    assert out["source_unreachable"] is False and out["cache_hit"] is True and out["path"] == first["path"]
+
+
+def test_unreachable_source_sets_the_engine_metric(tmp_path, own_s3):
+    from engine import metrics
+    from engine.s3 import config_from_env
+    from engine.weights import pull_model
+
+    s3 = own_s3.server
+    s3.client().make_bucket("models")
+    push(make_model(tmp_path / "m", {"config.json": 100}), "s3://models/x", s3.env())
+    cfg = config_from_env(s3.env())
+
+    def gauge() -> float | None:
+        return metrics.REGISTRY.get_sample_value("llm_engine_weights_source_unreachable", {"source": "s3://models/x"})
+
+    pull_model("s3://models/x", tmp_path / "cache", cfg=cfg, live_progress=False)
+    assert gauge() == 0
+    own_s3.stop()
+    r = pull_model("s3://models/x", tmp_path / "cache", cfg=cfg, live_progress=False)
+    assert r.stats.source_unreachable and gauge() == 1
+    own_s3.start()
+    pull_model("s3://models/x", tmp_path / "cache", cfg=cfg, live_progress=False)
+    assert gauge() == 0
+
+
+def test_verify_cache_modes_find_a_corrupted_cached_file(tmp_path, s3_bucket, s3_env, s3_proxy):
+    model = make_model(tmp_path / "m", {"config.json": 100, "a.safetensors": 3 * MiB, "model.safetensors": 2 * MiB})
+    uri = f"s3://{s3_bucket}/m"
+    push(model, uri, s3_env)
+    cache = tmp_path / "cache"
+    first = pull_json(uri, cache, s3_env)
+    cached = Path(first["path"]) / "model.safetensors"
+
+    # One flipped bit, size and mtime kept: `size` trusts the recorded fingerprint, `full` re-hashes and finds it.
+    _flip_byte_keep_mtime(cached, 1_000_000)
+    out = pull_json(uri, cache, s3_env)  # default: size
+    assert out["cache_hit"] is True and out["verify_cache"] == "size" and out["rehashed_files"] == 0
+    out = pull_json(uri, cache, s3_env, "--verify-cache", "none")
+    assert out["cache_hit"] is True and out["rehashed_files"] == 0
+
+    s3_proxy.reset()
+    out = pull_json(uri, cache, via(s3_proxy, s3_env), "--verify-cache", "full")
+    # Evicted and repaired: only the bad file crossed the wire again, the good ones were kept.
+    assert out["evicted"] is True and out["cache_hit"] is False and out["path"] == first["path"]
+    assert out["rehashed_files"] == 3 and out["rehashed_bytes"] == 100 + 5 * MiB
+    assert object_gets(s3_proxy, s3_bucket) == [f"/{s3_bucket}/m/model.safetensors"]
+    assert out["downloaded_bytes"] == 2 * MiB and out["reused_files"] == 2
+    assert sha(cached) == sha(model / "model.safetensors")
+    assert list((cache / "staging").iterdir()) == []
+
+    # A changed mtime makes `size` re-hash that one file; a changed size needs no hashing at all.
+    _flip_byte_keep_mtime(cached, 5)
+    os.utime(cached, ns=(cached.stat().st_atime_ns, cached.stat().st_mtime_ns + 1_000_000_000))
+    out = pull_json(uri, cache, s3_env, "--verify-cache", "size")
+    assert out["evicted"] is True and out["rehashed_files"] == 1 and out["downloaded_bytes"] == 2 * MiB
+    out = pull_json(uri, cache, s3_env)  # repaired copy, fingerprint recorded again: nothing to hash
+    assert out["cache_hit"] is True and out["rehashed_files"] == 0
+    with open(Path(first["path"]) / "a.safetensors", "r+b") as f:
+        f.truncate(MiB)
+    out = pull_json(uri, cache, s3_env, "--verify-cache", "size")
+    assert out["evicted"] is True and out["rehashed_files"] == 0 and out["downloaded_bytes"] == 3 * MiB
+    from engine.weights import verify_dir
+
+    verify_dir(out["path"], Manifest.from_bytes((Path(out["path"]) / MANIFEST_NAME).read_bytes()))
+
+    # A bad value is one line.
+    r = run_engine_cli("pull", uri, "--cache-dir", str(cache), "--verify-cache", "sometimes", env=s3_env)
+    assert_one_line_error(r, "--verify-cache", "none, size, full", "sometimes")
+
+
+def test_corrupted_cache_with_s3_down_fails_naming_the_file(tmp_path, own_s3):
+    s3 = own_s3.server
+    s3.client().make_bucket("models")
+    model = make_model(tmp_path / "m", {"config.json": 100, "model.safetensors": 2 * MiB})
+    push(model, "s3://models/m", s3.env())
+    cache = tmp_path / "cache"
+    first = pull_json("s3://models/m", cache, s3.env())
+    own_s3.stop()
+    _flip_byte_keep_mtime(Path(first["path"]) / "model.safetensors", 77)
+    r = run_engine_cli("pull", "s3://models/m", "--cache-dir", str(cache), "--verify-cache", "full", env=s3.env())
+    assert_one_line_error(r, "model.safetensors", "sha256 mismatch", "S3 is unreachable")
+    assert list((cache / "models").iterdir()) == []  # nothing bad stays published
+    # Still down: nothing left to start from.
+    r = run_engine_cli("pull", "s3://models/m", "--cache-dir", str(cache), env=s3.env())
+    assert_one_line_error(r, "no verified copy")
+    # Back up: only the bad file is downloaded again.
+    own_s3.start()
+    out = pull_json("s3://models/m", cache, s3.env())
+    assert out["path"] == first["path"] and out["downloaded_bytes"] == 2 * MiB and out["reused_files"] == 1
+
+
+def test_after_a_failed_pull_the_next_downloads_only_what_is_missing(tmp_path, s3_server, s3_bucket, s3_env, s3_proxy):
+    sizes = {"config.json": 300, "tokenizer.json": 40_000, "a.safetensors": 3 * MiB, "b.safetensors": 2 * MiB,
+             "c.safetensors": MiB + 5, "d.safetensors": MiB, "z-missing.bin": 200}
+    model = make_model(tmp_path / "m", sizes)
+    uri = f"s3://{s3_bucket}/m"
+    push(model, uri, s3_env)
+    client = s3_server.client()
+    client.remove_object(s3_bucket, "m/z-missing.bin")
+    cache = tmp_path / "cache"
+    # Smallest last with one file at a time: everything else is downloaded and verified before the failure.
+    r = run_engine_cli("pull", uri, "--cache-dir", str(cache), "--concurrency", "1", "--no-progress", env=s3_env)
+    assert_one_line_error(r, "z-missing.bin", "missing")
+
+    client.fput_object(s3_bucket, "m/z-missing.bin", str(model / "z-missing.bin"))
+    s3_proxy.reset()
+    out = pull_json(uri, cache, via(s3_proxy, s3_env))
+    assert object_gets(s3_proxy, s3_bucket) == [f"/{s3_bucket}/m/z-missing.bin"]
+    assert out["object_gets"] == 1 and out["downloaded_bytes"] == 200
+    assert out["reused_files"] == len(sizes) - 1
+    assert s3_proxy.bytes_down < 64 * 1024  # the manifest and one small object, nothing else
+    for name in sizes:
+        assert sha(Path(out["path"]) / name) == sha(model / name)

@@ -115,3 +115,27 @@ def test_parse_engine_metrics_sums_label_sets():
         b'vllm:num_requests_waiting_by_reason{reason="capacity"} 9.0\n'
     )
     assert parse_engine_metrics(text) == {"engine_waiting": 5.0, "engine_running": 4.0, "kv_cache_usage": 0.25}
+
+
+def test_upstream_timeout_defaults_bound_a_hung_engine():
+    from gateway.settings import ModelConfig, UpstreamTimeouts
+    from gateway.upstream import client_timeout
+
+    t = ModelConfig(name="m", upstreams=["http://127.0.0.1:1"]).timeouts
+    assert (t.connect, t.first_byte_s, t.idle_s, t.total) == (5.0, 60.0, 30.0, 0.0)
+    assert client_timeout(t).sock_connect == 5.0 and client_timeout(t).total is None
+    # the older single knob still sets both when they are not given; each explicit one wins
+    legacy = UpstreamTimeouts(read=900)
+    assert (legacy.first_byte_s, legacy.idle_s) == (900, 900)
+    mixed = UpstreamTimeouts(read=900, idle=45)
+    assert (mixed.first_byte_s, mixed.idle_s) == (900, 45)
+
+
+@pytest.mark.parametrize("bad", [{"idle": 0}, {"first_byte": -1}, {"connect": 0}, {"total": -5}])
+def test_upstream_timeouts_reject_nonsense(bad):
+    from pydantic import ValidationError
+
+    from gateway.settings import UpstreamTimeouts
+
+    with pytest.raises(ValidationError):
+        UpstreamTimeouts(**bad)

@@ -82,6 +82,9 @@ def test_bad_settings_are_rejected(bad):
         EngineSettings(model="/m", **bad)
 
 
+# ------------------------------------------------- the flags we emit exist in the vLLM releases we run
+
+
 def test_tools_structured_output_and_runner_reach_vllm():
     s = EngineSettings(
         model="/m",
@@ -144,3 +147,142 @@ def test_runtime_lora_enables_lora_and_sets_vllm_switch():
 def test_bad_tool_and_structured_output_settings_name_the_culprit(bad, culprit):
     with pytest.raises(ValueError, match=culprit):
         EngineSettings(model="/m", **bad)
+
+
+def _pinned_gpu_vllm() -> str:
+    """The vLLM release of the GPU image: the official image's tag in docker/engine.Dockerfile (ARG defaults
+    substituted into the last FROM)."""
+    import re
+
+    from tests.support import REPO
+
+    text = (REPO / "docker" / "engine.Dockerfile").read_text().replace("\\\n", " ")
+    args = dict(re.findall(r"^\s*ARG\s+(\w+)=(\S+)", text, re.M))
+    base = re.findall(r"^\s*FROM\s+(\S+)", text, re.M)[-1]
+    base = re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m.group(1), m.group(0)), base)
+    m = re.fullmatch(r"vllm/vllm-openai:v?(\d+\.\d+\.\d+)", base)
+    assert m, f"the engine image is not FROM vllm/vllm-openai:vX.Y.Z with a default tag: {base}"
+    return m.group(1)
+
+
+def _every_command() -> list[list[str]]:
+    """Commands that together exercise every flag build_vllm_command can emit (both values of each switch)."""
+    on = dict(served_model_name="m", max_model_len=4096, max_num_seqs=64, max_num_batched_tokens=8192, seed=1,
+              load_format="safetensors", enable_prefix_caching=True, enable_chunked_prefill=True, quantization="fp8",
+              kv_cache_dtype="fp8", gpu_memory_utilization=0.9, tensor_parallel_size=2, pipeline_parallel_size=2,
+              enforce_eager=True, max_loras=2, max_lora_rank=16, api_key="k", cpu_kv_cache="1G", drain_timeout=60)
+    off = dict(enable_prefix_caching=False, enable_chunked_prefill=False)
+    loras = {"sql": "/cache/sql", "chat": "/cache/chat"}
+    cmds = [
+        build_vllm_command(EngineSettings(model="/m", **on), "/m", device="cuda", python="py", lora_dirs=loras),
+        build_vllm_command(EngineSettings(model="/m", **off), "/m", device="cuda", python="py"),
+        build_vllm_command(EngineSettings(model="/m", **{**on, "tensor_parallel_size": 1, "pipeline_parallel_size": 1}),
+                           "/m", device="cpu", python="py", lora_dirs=loras),
+        build_vllm_command(EngineSettings(model="/m", **off), "/m", device="cpu", python="py"),
+        # The OpenAI features: tools, structured output, a pooling model, run-time LoRA (last: the checks below
+        # look at the first four by position).
+        build_vllm_command(
+            EngineSettings(model="/m", runner="pooling", convert="embed", tool_call_parser="hermes",
+                           enable_auto_tool_choice=True, reasoning_parser="qwen3",
+                           structured_outputs_disable_any_whitespace=True, allow_runtime_lora=True, max_lora_rank=8),
+            "/m", device="cpu", python="py",
+        ),
+    ]
+    for c in cmds:
+        assert c[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    return [c[3:] for c in cmds]
+
+
+def _flag_literals() -> set[str]:
+    """Every '--flag' string in engine/vllm_args.py (emitted or owned), whatever branch emits it."""
+    import ast
+
+    from tests.support import REPO
+
+    tree = ast.parse((REPO / "engine" / "vllm_args.py").read_text())
+    return {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+            and n.value.startswith("--") and len(n.value) > 2 and " " not in n.value}
+
+
+def test_every_flag_is_accepted_by_the_pinned_gpu_release():
+    import json
+
+    from tests.support import REPO
+
+    version = _pinned_gpu_vllm()
+    data = REPO / "tests" / "data" / f"vllm-{version}-flags.json"
+    assert data.is_file(), f"no flag list for vLLM {version}: run python scripts/vllm_flags.py {version}"
+    flags = json.loads(data.read_text())["flags"]
+    unknown = sorted(_flag_literals() - set(flags))
+    assert not unknown, f"vLLM {version} has no {unknown}"
+    seen = set()
+    for argv in _every_command():
+        i = 0
+        while i < len(argv):
+            flag = argv[i]
+            assert flag in flags, f"vLLM {version} has no {flag} (in {argv})"
+            seen.add(flag)
+            spec = flags[flag]
+            if not spec["value"]:
+                i += 1
+                continue
+            values = []
+            i += 1
+            while i < len(argv) and not argv[i].startswith("--"):
+                values.append(argv[i])
+                i += 1
+            assert values, f"{flag} needs a value"
+            if spec["choices"]:
+                assert all(v in spec["choices"] for v in values), f"{flag} {values}: vLLM {version} takes {spec['choices']}"
+    # The commands above really cover every flag the builder has (a new branch needs a new command here).
+    assert seen >= _flag_literals() - _owned_only()
+
+
+def _owned_only() -> set[str]:
+    """Flags only listed as owned (refused in the pass-through), not emitted by the builder."""
+    from engine.vllm_args import OWNED_FLAGS
+
+    emitted = {a for argv in _every_command() for a in argv if a.startswith("--")}
+    return set(OWNED_FLAGS) - emitted
+
+
+def test_every_command_parses_with_the_installed_cpu_build():
+    """The real parser of the vLLM CPU build used by the tests (make_arg_parser + validate_parsed_serve_args)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.support import REPO
+
+    code = r"""
+import json, sys
+try:
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+except ImportError:
+    from vllm.entrypoints.openai.cli_args import make_arg_parser, validate_parsed_serve_args
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+import vllm
+parser = make_arg_parser(FlexibleArgumentParser())
+known = sorted({s for a in parser._actions for s in a.option_strings})
+parsed = []
+for argv in json.loads(sys.argv[1]):
+    args = parser.parse_args(argv)
+    validate_parsed_serve_args(args)
+    parsed.append({k: getattr(args, k, None) for k in ("model", "shutdown_timeout", "enable_prefix_caching",
+                                                        "kv_cache_memory_bytes", "enforce_eager", "port")})
+print("RESULT=" + json.dumps({"version": vllm.__version__, "known": known, "parsed": parsed}, default=str))
+"""
+    cmds = _every_command()
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "VLLM_TARGET_DEVICE": "cpu", "VLLM_NO_USAGE_STATS": "1",
+           "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-c", code, json.dumps(cmds)], env=env, capture_output=True, text=True,
+                       timeout=280, cwd="/tmp")
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT=")), None)
+    assert r.returncode == 0 and line, r.stderr[-3000:]
+    out = json.loads(line[len("RESULT="):])
+    assert not sorted(_flag_literals() - set(out["known"])), f"vLLM {out['version']} (CPU) lacks some flags"
+    assert [p["model"] for p in out["parsed"]] == ["/m"] * 5
+    assert [p["shutdown_timeout"] for p in out["parsed"]] == [55] * 5
+    assert [p["enable_prefix_caching"] for p in out["parsed"]][:4] == [True, False, True, False]
+    assert out["parsed"][2]["kv_cache_memory_bytes"] == 1024**3
+    assert all(p["enforce_eager"] for p in out["parsed"][2:])

@@ -234,7 +234,12 @@ engine.defaults (and the pool over the model), plus computed names. Returned as 
 {{- if hasKey $cfg "audit" -}}
 {{- $a := $cfg.audit | default dict -}}
 {{- if not (hasKey $a "path") -}}
+{{- if gt (int ($cfg.workers | default 1)) 1 -}}
+{{- /* one chain per worker process; each adopts dead workers' files at start */ -}}
+{{- $_ := set $a "path" "/var/lib/gateway/audit/audit.{pid}.jsonl" -}}
+{{- else -}}
 {{- $_ := set $a "path" "/var/lib/gateway/audit/audit.jsonl" -}}
+{{- end -}}
 {{- end -}}
 {{- $_ := set $cfg "audit" $a -}}
 {{- end -}}
@@ -260,5 +265,50 @@ engine.defaults (and the pool over the model), plus computed names. Returned as 
     secretKeyRef:
       name: {{ .creds.name }}
       key: {{ .creds.secret }}
+{{- end }}
+{{- if include "private-llm.s3CaName" .root }}
+- name: AWS_CA_BUNDLE
+  value: {{ printf "/etc/private-llm/s3-ca/%s" .root.Values.s3.caBundle.key | quote }}
+{{- end }}
+{{- if eq (toString .root.Values.s3.verifySSL) "false" }}
+- name: S3_VERIFY_SSL
+  value: "false"
+{{- end }}
+{{- with .root.Values.s3.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* The Secret or ConfigMap with the S3 CA bundle, if any (empty string otherwise). */}}
+{{- define "private-llm.s3CaName" -}}
+{{- $ca := .Values.s3.caBundle | default dict -}}
+{{- if and $ca.secretName $ca.configMapName -}}
+{{- fail "s3.caBundle: set secretName or configMapName, not both" -}}
+{{- end -}}
+{{- $ca.secretName | default $ca.configMapName | default "" -}}
+{{- end -}}
+
+{{/* The pod volume with the S3 CA bundle (list item), when configured. */}}
+{{- define "private-llm.s3CaVolume" -}}
+{{- $ca := .Values.s3.caBundle -}}
+{{- if $ca.secretName }}
+- name: s3-ca
+  secret:
+    secretName: {{ $ca.secretName }}
+    items: [{key: {{ $ca.key | quote }}, path: {{ $ca.key | quote }}}]
+{{- else if $ca.configMapName }}
+- name: s3-ca
+  configMap:
+    name: {{ $ca.configMapName }}
+    items: [{key: {{ $ca.key | quote }}, path: {{ $ca.key | quote }}}]
+{{- end }}
+{{- end -}}
+
+{{/* Its mount (list item), when configured. */}}
+{{- define "private-llm.s3CaMount" -}}
+{{- if include "private-llm.s3CaName" . }}
+- name: s3-ca
+  mountPath: /etc/private-llm/s3-ca
+  readOnly: true
 {{- end }}
 {{- end -}}
