@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from typing import TYPE_CHECKING
 
@@ -13,7 +14,11 @@ if TYPE_CHECKING:
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=os.environ.get("ENGINE_LOG_LEVEL", "INFO").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=os.environ.get("ENGINE_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
 
 
 def _resolve_model(uri: str, s: EngineSettings) -> str:
@@ -21,8 +26,15 @@ def _resolve_model(uri: str, s: EngineSettings) -> str:
         from engine.weights import WeightsError, pull
 
         try:
-            return str(pull(uri, cache_dir=os.path.expanduser(s.cache_dir), concurrency=s.pull_concurrency,
-                            verify_cache=s.verify_cache, require_source=s.require_source))
+            return str(
+                pull(
+                    uri,
+                    cache_dir=os.path.expanduser(s.cache_dir),
+                    concurrency=s.pull_concurrency,
+                    verify_cache=s.verify_cache,
+                    require_source=s.require_source,
+                )
+            )
         except WeightsError as e:
             raise SystemExit(f"llm-engine: error: {e}") from None
     path = os.path.expanduser(uri)
@@ -36,13 +48,22 @@ def _run(args: argparse.Namespace) -> int:
     from engine.supervisor import Supervisor, detect_device
     from engine.vllm_args import EngineArgsError, build_vllm_command, vllm_environment
 
-    overrides = {k: v for k, v in {"model": args.model, "port": args.port, "host": args.host}.items() if v is not None}
+    overrides = {
+        k: v for k, v in {"model": args.model, "port": args.port, "host": args.host}.items() if v is not None
+    }
     try:
         s = EngineSettings(**overrides)
     except Exception as e:
         print(f"llm-engine: invalid settings: {e}", file=sys.stderr)
         return 2
     device = detect_device() if s.device == "auto" else s.device
+    from engine.group import GroupError, resolve_plan
+
+    try:
+        plan = resolve_plan(s, os.environ)
+    except GroupError as e:
+        print(f"llm-engine: {e}", file=sys.stderr)
+        return 2
     exporter = None
     if not args.dry_run:
         from engine.metrics import start_exporter
@@ -55,21 +76,37 @@ def _run(args: argparse.Namespace) -> int:
         for item in s.lora_modules.split(","):
             name, _, src = item.strip().partition("=")
             if not name or not src:
-                print(f"llm-engine: ENGINE_LORA_MODULES entries are name=path-or-s3-uri, got {item!r}", file=sys.stderr)
+                print(
+                    f"llm-engine: ENGINE_LORA_MODULES entries are name=path-or-s3-uri, got {item!r}",
+                    file=sys.stderr,
+                )
                 return 2
             loras[name] = _resolve_model(src, s)
     if not s.served_model_name and s.model.startswith("s3://"):
         s.served_model_name = s.model.rstrip("/").rsplit("/", 1)[-1]
     try:
-        cmd = build_vllm_command(s, model_dir, device=device, python=s.python or sys.executable, lora_dirs=loras)
+        cmd = build_vllm_command(
+            s, model_dir, device=device, python=s.python or sys.executable, lora_dirs=loras, plan=plan
+        )
     except EngineArgsError as e:
         print(f"llm-engine: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
-        print(" ".join(cmd))
+        from engine.group_run import commands
+
+        for c in commands(s, plan, cmd, s.python or sys.executable):
+            print(shlex.join(c))
         return 0
     env = vllm_environment(device, os.environ, s)
     host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
+    if plan.is_group:
+        from engine.group_run import run_group
+
+        try:
+            return run_group(s, plan, cmd, env, model_dir, f"http://{host}:{s.port}/health")
+        finally:
+            if exporter is not None:
+                exporter.shutdown()
     sup = Supervisor(cmd, env, f"http://{host}:{s.port}/health", s.startup_timeout, s.drain_timeout)
     try:
         return sup.run()
@@ -96,9 +133,13 @@ def _make_test_model(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     _setup_logging()
-    p = argparse.ArgumentParser(prog="llm-engine", description="one model replica: pull verified weights, run vLLM")
+    p = argparse.ArgumentParser(
+        prog="llm-engine", description="one model replica: pull verified weights, run vLLM"
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="pull (if s3://), verify, then run and supervise vLLM (settings: ENGINE_*)")
+    r = sub.add_parser(
+        "run", help="pull (if s3://), verify, then run and supervise vLLM (settings: ENGINE_*)"
+    )
     r.add_argument("--model", help="overrides ENGINE_MODEL")
     r.add_argument("--host")
     r.add_argument("--port", type=int)
@@ -108,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("out")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--shape", default="tiny", choices=["tiny", "small", "1b", "7b"])
-    m.add_argument("--no-weights", action="store_true", help="config + tokenizer only (for --load-format dummy)")
+    m.add_argument(
+        "--no-weights", action="store_true", help="config + tokenizer only (for --load-format dummy)"
+    )
     m.add_argument(
         "--kind",
         default="generate",

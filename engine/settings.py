@@ -111,6 +111,27 @@ class EngineSettings(BaseSettings):
     # Our exporter (GPU via NVML, weight pulls) on its own port, beside vLLM's /metrics; 0 disables it.
     metrics_port: int = Field(default=9400, ge=0, le=65535)
 
+    # --- Several pods per replica (engine/group.py). Unset = one pod; under a LeaderWorkerSet the role, size,
+    # index and leader address come from LWS_* variables.
+    group_role: Literal["auto", "single", "leader", "worker"] = Field(
+        default="auto", description="place in a multi-pod group; auto: from LWS_WORKER_INDEX (0 = leader)"
+    )
+    group_size: int | None = Field(default=None, ge=1, description="pods in the group (default: LWS_GROUP_SIZE or 1)")
+    group_index: int | None = Field(default=None, ge=0, description="this pod's index (default: LWS_WORKER_INDEX)")
+    group_leader_address: str | None = Field(default=None, description="leader's address (default: LWS_LEADER_ADDRESS)")
+    group_launcher: Literal["mp", "ray", "dp"] = Field(
+        default="mp", description="mp: vLLM multi-node; ray: Ray cluster; dp: data (+expert) parallel ranks per pod"
+    )
+    group_port: int = Field(default=9410, ge=1, le=65535, description="leader's /group endpoint (weights digest)")
+    group_master_port: int = Field(default=29501, ge=1, le=65535, description="mp launcher's rendezvous port")
+    group_join_timeout: float = Field(default=1800.0, gt=0, description="seconds to wait for the leader / all workers")
+    ray_port: int = Field(default=6379, ge=1, le=65535, description="Ray head's port (ray launcher)")
+    gpus_per_pod: int | None = Field(default=None, ge=1, description="GPUs per pod, to check TP×PP fills the group")
+    data_parallel_size: int = Field(default=1, ge=1, description="data-parallel ranks over the whole group")
+    data_parallel_size_local: int | None = Field(default=None, ge=1, description="data-parallel ranks on this pod")
+    data_parallel_rpc_port: int = Field(default=13345, ge=1, le=65535, description="dp launcher's RPC port")
+    enable_expert_parallel: bool = Field(default=False, description="expert parallelism for MoE layers")
+
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:

@@ -49,7 +49,8 @@ def wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float, interv
 
 
 class Supervisor:
-    def __init__(self, cmd: list[str], env: dict[str, str], health_url: str, startup_timeout: float, drain_timeout: float):
+    def __init__(self, cmd: list[str], env: dict[str, str], health_url: str | None, startup_timeout: float,
+                 drain_timeout: float):
         self.cmd = cmd
         self.env = env
         self.health_url = health_url
@@ -85,14 +86,18 @@ class Supervisor:
         threading.Thread(target=_kill_later, daemon=True).start()
 
     def run(self) -> int:
-        shown = ["***" if prev == "--api-key" else a for prev, a in zip(["", *self.cmd[:-1]], self.cmd, strict=True)]
+        shown = ["***" if prev == "--api-key" else "<vllm cli>" if prev == "-c" else a
+                 for prev, a in zip(["", *self.cmd[:-1]], self.cmd, strict=True)]
         log.info("starting vLLM: %s", " ".join(shown))
         self.proc = subprocess.Popen(self.cmd, env=self.env, start_new_session=True)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         try:
             t0 = time.monotonic()
-            if wait_healthy(self.health_url, self.proc, self.startup_timeout):
+            if self.health_url is None:
+                # A group worker serves no HTTP: it runs until the group ends.
+                print("llm-engine: started (group worker, no HTTP endpoint)", file=sys.stderr, flush=True)
+            elif wait_healthy(self.health_url, self.proc, self.startup_timeout):
                 log.info("vLLM is healthy after %.1fs at %s", time.monotonic() - t0, self.health_url)
                 print(f"llm-engine: ready ({self.health_url})", file=sys.stderr, flush=True)
             elif self.proc.poll() is None and not self._stopping.is_set():

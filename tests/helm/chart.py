@@ -68,7 +68,9 @@ class Manifests(list):
         return [m for m in self if m["kind"] in ("Deployment", "StatefulSet")]
 
     def engines(self) -> list[dict[str, Any]]:
-        return [w for w in self.workloads() if component(w) == "engine"]
+        """Engine workloads; a LeaderWorkerSet appears as its leader pods (the ones that serve HTTP)."""
+        single = [w for w in self.workloads() if component(w) == "engine"]
+        return single + [group_pods(g, "leader") for g in self.kinds("LeaderWorkerSet")]
 
     def gateway(self) -> dict[str, Any]:
         return self.get("Deployment", f"{RELEASE}-private-llm-gateway")
@@ -103,6 +105,36 @@ def notes(values: dict[str, Any] | None = None) -> str:
 
 def component(obj: dict[str, Any]) -> str | None:
     return obj["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+
+
+LWS_NAME = "leaderworkerset.sigs.k8s.io/name"
+LWS_WORKER_INDEX = "leaderworkerset.sigs.k8s.io/worker-index"
+
+
+def group_pods(lws: dict[str, Any], role: str) -> dict[str, Any]:
+    """A LeaderWorkerSet's leader or worker pods in a workload's shape (spec.template), with the labels its
+    controller adds to them at run time (set name, worker index: 0 for the leader)."""
+    tpl = copy.deepcopy(
+        lws["spec"]["leaderWorkerTemplate"]["leaderTemplate" if role == "leader" else "workerTemplate"]
+    )
+    labels = tpl["metadata"].setdefault("labels", {})
+    labels[LWS_NAME] = lws["metadata"]["name"]
+    labels[LWS_WORKER_INDEX] = "0" if role == "leader" else "1"
+    lwt = lws["spec"]["leaderWorkerTemplate"]
+    spec = {"template": tpl, "volumeClaimTemplates": lwt.get("volumeClaimTemplates", [])}
+    return {
+        "kind": "LeaderWorkerSet",
+        "metadata": lws["metadata"],
+        "spec": spec,
+        "role": role,
+        "groupSize": lwt["size"],
+    }
+
+
+def service_name(engine: dict[str, Any]) -> str:
+    """The headless Service the gateway discovers an engine through (a group's selects its leaders)."""
+    name: str = engine["metadata"]["name"]
+    return f"{name}-leaders" if engine["kind"] == "LeaderWorkerSet" else name
 
 
 def pod_spec(workload: dict[str, Any]) -> dict[str, Any]:

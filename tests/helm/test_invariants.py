@@ -19,6 +19,7 @@ from tests.helm.chart import (
     pod_spec,
     render,
     selector_matches,
+    service_name,
 )
 from tests.helm.value_sets import DIGEST, REDIS_URL_PASSWORD, S3_SECRET, TP2_PVC, value_sets
 
@@ -37,7 +38,12 @@ def test_engines_have_gpus_shm_cache_and_pull_before_vllm(name: str) -> None:
         settings = env_of(main)
         tp = int(settings["ENGINE_TENSOR_PARALLEL_SIZE"]) * int(settings["ENGINE_PIPELINE_PARALLEL_SIZE"])
         gpus = main["resources"]["limits"]["nvidia.com/gpu"]
-        assert isinstance(gpus, int) and gpus >= tp >= 1, (w["metadata"]["name"], gpus, tp)
+        # a group's tensor x pipeline parallelism spans its pods
+        assert isinstance(gpus, int) and gpus * w.get("groupSize", 1) >= tp >= 1, (
+            w["metadata"]["name"],
+            gpus,
+            tp,
+        )
         assert main["resources"]["requests"]["nvidia.com/gpu"] == gpus
         assert main["command"] == ["llm-engine"] and main["args"] == ["run"]
         # /dev/shm is memory backed and sized
@@ -170,12 +176,12 @@ def test_gateway_discovers_each_engine_through_its_headless_service(name: str) -
     cfg = objs.gateway_config()
     upstreams = {u for m in cfg["models"] for u in m["upstreams"]}
     for w in objs.engines():
-        svc = objs.get("Service", w["metadata"]["name"])
+        svc = objs.get("Service", service_name(w))
         assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is False
         assert selector_matches(svc["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"])
         # the selector tells this workload's pods from every other engine's
         for other in objs.engines():
-            if other is not w:
+            if other["metadata"]["name"] != w["metadata"]["name"]:
                 assert not selector_matches(
                     svc["spec"]["selector"], other["spec"]["template"]["metadata"]["labels"]
                 )

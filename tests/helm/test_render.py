@@ -10,6 +10,8 @@ import kubernetes_validate
 import pytest
 
 from tests.helm.chart import CHART_DIR, KUBE_VERSIONS, render
+from tests.helm.lws import API_VERSION as LWS_API
+from tests.helm.lws import validate_lws
 from tests.helm.value_sets import value_sets
 
 SETS = value_sets()
@@ -18,6 +20,9 @@ CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/
 
 
 def _validate(obj: dict, version: str) -> None:
+    if obj["apiVersion"] == LWS_API:
+        validate_lws(obj)
+        return
     if (obj["apiVersion"], obj["kind"]) in CRDS:
         _check_crd(obj)
         return

@@ -49,7 +49,12 @@ def test_engine_rollout_drains_before_the_grace_period_ends(name: str) -> None:
         assert spec["terminationGracePeriodSeconds"] > sleep + es.drain_timeout
         # readiness first: a new replica joins only once vLLM answers /health; the old one leaves only then
         assert main["readinessProbe"]["httpGet"]["path"] == "/health"
-        if w["kind"] == "Deployment":
+        if w["kind"] == "LeaderWorkerSet":
+            # a whole new group is ready before an old one goes (the chart's rolloutStrategy)
+            lws = objs.get("LeaderWorkerSet", w["metadata"]["name"])
+            ru = lws["spec"]["rolloutStrategy"]["rollingUpdateConfiguration"]
+            assert ru["maxUnavailable"] == 0 and int(ru["maxSurge"]) >= 1
+        elif w["kind"] == "Deployment":
             ru = w["spec"]["strategy"]["rollingUpdate"]
             assert ru["maxUnavailable"] == 0 and int(ru["maxSurge"]) >= 1, (
                 "a replica is removed before its successor is ready"

@@ -110,6 +110,32 @@ BUNDLED_EXISTING: dict[str, Any] = {
     ],
 }
 
+# Multi-pod groups with the other two launchers: Ray (TP 4 x PP 2 over 2 pods) and MoE data + expert parallel.
+GROUPS_RAY_DP: dict[str, Any] = {
+    "s3": {"endpoint": "http://minio.storage.svc.cluster.local:9000"},
+    "models": [
+        {
+            "name": "big-dense",
+            "source": "s3://models/big-dense",
+            "replicas": 2,
+            "group": {"size": 2, "launcher": "ray", "nvlinkMulticast": True},
+            "settings": {"tensorParallelSize": 4, "pipelineParallelSize": 2},
+        },
+        {
+            "name": "big-moe",
+            "source": "s3://models/big-moe",
+            "group": {
+                "size": 4,
+                "launcher": "dp",
+                "gpusPerPod": 8,
+                "dataParallelSize": 32,
+                "enableExpertParallel": True,
+            },
+            "cache": {"type": "emptyDir"},
+        },
+    ],
+}
+
 
 # MinIO over TLS with an internal CA, IRSA-style settings and extra volumes: nothing forked.
 MINIO_TLS: dict[str, Any] = {
@@ -159,5 +185,8 @@ def value_sets() -> dict[str, dict[str, Any]]:
         "tp2-pvc-rwx": TP2_PVC,
         "external-secrets": EXTERNAL_SECRETS,
         "bundled-existing-secrets": BUNDLED_EXISTING,
+        "deepseek-r1-h100-2nodes": example("deepseek-r1-h100-2nodes.yaml"),
+        "deepseek-r1-h200": example("deepseek-r1-h200.yaml"),
+        "groups-ray-dp": GROUPS_RAY_DP,
         "minio-tls": MINIO_TLS,
     }

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from engine.settings import EngineSettings
-from engine.vllm_args import EngineArgsError, build_vllm_command, vllm_environment
+from engine.vllm_args import VLLM_SERVE, EngineArgsError, build_vllm_command, vllm_environment
 
 
 def _flag(cmd: list[str], name: str) -> str | None:
@@ -13,7 +13,7 @@ def _flag(cmd: list[str], name: str) -> str | None:
 def test_gpu_defaults_keep_cuda_graphs_and_prefix_caching():
     s = EngineSettings(model="/m", served_model_name="llama")
     cmd = build_vllm_command(s, "/m", device="cuda", python="py")
-    assert cmd[:5] == ["py", "-m", "vllm.entrypoints.openai.api_server", "--model", "/m"]
+    assert cmd[:5] == ["py", "-c", VLLM_SERVE, "serve", "/m"]
     assert "--enforce-eager" not in cmd
     assert "--enable-prefix-caching" in cmd
     assert _flag(cmd, "--served-model-name") == "llama"
@@ -22,9 +22,17 @@ def test_gpu_defaults_keep_cuda_graphs_and_prefix_caching():
 
 def test_gpu_tuning_knobs_reach_vllm():
     s = EngineSettings(
-        model="/m", quantization="fp8", tensor_parallel_size=2, gpu_memory_utilization=0.9,
-        max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=4096, enforce_eager=True,
-        enable_chunked_prefill=True, kv_cache_dtype="fp8", extra_args="--swap-space 4 --disable-log-stats",
+        model="/m",
+        quantization="fp8",
+        tensor_parallel_size=2,
+        gpu_memory_utilization=0.9,
+        max_num_seqs=256,
+        max_num_batched_tokens=8192,
+        max_model_len=4096,
+        enforce_eager=True,
+        enable_chunked_prefill=True,
+        kv_cache_dtype="fp8",
+        extra_args="--swap-space 4 --disable-log-stats",
     )
     cmd = build_vllm_command(s, "/m", device="cuda")
     assert _flag(cmd, "--quantization") == "fp8"
@@ -76,7 +84,10 @@ def test_environment_cpu_knobs_and_nvls_off_on_gpu():
     assert env["NCCL_NVLS_ENABLE"] == "0"
 
 
-@pytest.mark.parametrize("bad", [{"dtype": "int3"}, {"device": "tpu"}, {"gpu_memory_utilization": 1.5}, {"tensor_parallel_size": 0}])
+@pytest.mark.parametrize(
+    "bad",
+    [{"dtype": "int3"}, {"device": "tpu"}, {"gpu_memory_utilization": 1.5}, {"tensor_parallel_size": 0}],
+)
 def test_bad_settings_are_rejected(bad):
     with pytest.raises(ValueError):
         EngineSettings(model="/m", **bad)
@@ -167,30 +178,78 @@ def _pinned_gpu_vllm() -> str:
 
 def _every_command() -> list[list[str]]:
     """Commands that together exercise every flag build_vllm_command can emit (both values of each switch)."""
-    on = dict(served_model_name="m", max_model_len=4096, max_num_seqs=64, max_num_batched_tokens=8192, seed=1,
-              load_format="safetensors", enable_prefix_caching=True, enable_chunked_prefill=True, quantization="fp8",
-              kv_cache_dtype="fp8", gpu_memory_utilization=0.9, tensor_parallel_size=2, pipeline_parallel_size=2,
-              enforce_eager=True, max_loras=2, max_lora_rank=16, api_key="k", cpu_kv_cache="1G", drain_timeout=60)
+    on = dict(
+        served_model_name="m",
+        max_model_len=4096,
+        max_num_seqs=64,
+        max_num_batched_tokens=8192,
+        seed=1,
+        load_format="safetensors",
+        enable_prefix_caching=True,
+        enable_chunked_prefill=True,
+        quantization="fp8",
+        kv_cache_dtype="fp8",
+        gpu_memory_utilization=0.9,
+        tensor_parallel_size=2,
+        pipeline_parallel_size=2,
+        enforce_eager=True,
+        max_loras=2,
+        max_lora_rank=16,
+        api_key="k",
+        cpu_kv_cache="1G",
+        drain_timeout=60,
+    )
     off = dict(enable_prefix_caching=False, enable_chunked_prefill=False)
     loras = {"sql": "/cache/sql", "chat": "/cache/chat"}
     cmds = [
-        build_vllm_command(EngineSettings(model="/m", **on), "/m", device="cuda", python="py", lora_dirs=loras),
+        build_vllm_command(
+            EngineSettings(model="/m", **on), "/m", device="cuda", python="py", lora_dirs=loras
+        ),
         build_vllm_command(EngineSettings(model="/m", **off), "/m", device="cuda", python="py"),
-        build_vllm_command(EngineSettings(model="/m", **{**on, "tensor_parallel_size": 1, "pipeline_parallel_size": 1}),
-                           "/m", device="cpu", python="py", lora_dirs=loras),
+        build_vllm_command(
+            EngineSettings(model="/m", **{**on, "tensor_parallel_size": 1, "pipeline_parallel_size": 1}),
+            "/m",
+            device="cpu",
+            python="py",
+            lora_dirs=loras,
+        ),
         build_vllm_command(EngineSettings(model="/m", **off), "/m", device="cpu", python="py"),
         # The OpenAI features: tools, structured output, a pooling model, run-time LoRA (last: the checks below
         # look at the first four by position).
         build_vllm_command(
-            EngineSettings(model="/m", runner="pooling", convert="embed", tool_call_parser="hermes",
-                           enable_auto_tool_choice=True, reasoning_parser="qwen3",
-                           structured_outputs_disable_any_whitespace=True, allow_runtime_lora=True, max_lora_rank=8),
-            "/m", device="cpu", python="py",
+            EngineSettings(
+                model="/m",
+                runner="pooling",
+                convert="embed",
+                tool_call_parser="hermes",
+                enable_auto_tool_choice=True,
+                reasoning_parser="qwen3",
+                structured_outputs_disable_any_whitespace=True,
+                allow_runtime_lora=True,
+                max_lora_rank=8,
+            ),
+            "/m",
+            device="cpu",
+            python="py",
         ),
     ]
+    # Multi-pod groups: each launcher and role (engine/group.py).
+    from engine.group import resolve_plan
+
+    lws = {"LWS_LEADER_ADDRESS": "lead", "LWS_GROUP_SIZE": "2"}
+    for extra, index in (
+        ({}, "0"),
+        ({}, "1"),
+        ({"group_launcher": "ray"}, "0"),
+        ({"group_launcher": "dp", "data_parallel_size": 4, "enable_expert_parallel": True}, "1"),
+    ):
+        es = EngineSettings(model="/m", **{**off, "tensor_parallel_size": 2, **extra})
+        plan = resolve_plan(es, {**lws, "LWS_WORKER_INDEX": index})
+        cmds.append(build_vllm_command(es, "/m", device="cuda", python="py", plan=plan))
     for c in cmds:
-        assert c[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
-    return [c[3:] for c in cmds]
+        assert c[1:5] == ["-c", VLLM_SERVE, "serve", "/m"]
+    # `vllm serve MODEL` == the server parser with --model MODEL
+    return [["--model", "/m", *c[5:]] for c in cmds]
 
 
 def _flag_literals() -> set[str]:
@@ -200,8 +259,15 @@ def _flag_literals() -> set[str]:
     from tests.support import REPO
 
     tree = ast.parse((REPO / "engine" / "vllm_args.py").read_text())
-    return {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
-            and n.value.startswith("--") and len(n.value) > 2 and " " not in n.value}
+    return {
+        n.value
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant)
+        and isinstance(n.value, str)
+        and n.value.startswith("--")
+        and len(n.value) > 2
+        and " " not in n.value
+    }
 
 
 def test_every_flag_is_accepted_by_the_pinned_gpu_release():
@@ -233,7 +299,9 @@ def test_every_flag_is_accepted_by_the_pinned_gpu_release():
                 i += 1
             assert values, f"{flag} needs a value"
             if spec["choices"]:
-                assert all(v in spec["choices"] for v in values), f"{flag} {values}: vLLM {version} takes {spec['choices']}"
+                assert all(v in spec["choices"] for v in values), (
+                    f"{flag} {values}: vLLM {version} takes {spec['choices']}"
+                )
     # The commands above really cover every flag the builder has (a new branch needs a new command here).
     assert seen >= _flag_literals() - _owned_only()
 
@@ -273,16 +341,27 @@ for argv in json.loads(sys.argv[1]):
 print("RESULT=" + json.dumps({"version": vllm.__version__, "known": known, "parsed": parsed}, default=str))
 """
     cmds = _every_command()
-    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "VLLM_TARGET_DEVICE": "cpu", "VLLM_NO_USAGE_STATS": "1",
-           "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-c", code, json.dumps(cmds)], env=env, capture_output=True, text=True,
-                       timeout=280, cwd="/tmp")
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": "/tmp",
+        "VLLM_TARGET_DEVICE": "cpu",
+        "VLLM_NO_USAGE_STATS": "1",
+        "PYTHONPATH": str(REPO),
+    }
+    r = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(cmds)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd="/tmp",
+    )
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT=")), None)
     assert r.returncode == 0 and line, r.stderr[-3000:]
-    out = json.loads(line[len("RESULT="):])
+    out = json.loads(line[len("RESULT=") :])
     assert not sorted(_flag_literals() - set(out["known"])), f"vLLM {out['version']} (CPU) lacks some flags"
-    assert [p["model"] for p in out["parsed"]] == ["/m"] * 5
-    assert [p["shutdown_timeout"] for p in out["parsed"]] == [55] * 5
+    assert [p["model"] for p in out["parsed"]] == ["/m"] * len(cmds)
+    assert [p["shutdown_timeout"] for p in out["parsed"]][:4] == [55, 55, 55, 55]
     assert [p["enable_prefix_caching"] for p in out["parsed"]][:4] == [True, False, True, False]
     assert out["parsed"][2]["kv_cache_memory_bytes"] == 1024**3
-    assert all(p["enforce_eager"] for p in out["parsed"][2:])
+    assert all(p["enforce_eager"] for p in out["parsed"][2:4])

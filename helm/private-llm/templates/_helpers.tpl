@@ -157,10 +157,32 @@ engine.defaults (and the pool over the model), plus computed names. Returned as 
 {{- $s := $u.settings -}}
 {{- $minGpus := mul (int $s.tensorParallelSize) (int $s.pipelineParallelSize) -}}
 {{- $gpus := int $u.gpus | default $minGpus -}}
-{{- if lt (int $gpus) (int $minGpus) -}}
+{{- $g := $u.group -}}
+{{- $groupSize := int $g.size -}}
+{{- if gt $groupSize 1 -}}
+{{- /* One replica = a LeaderWorkerSet group of groupSize pods (engine/group.py). */ -}}
+{{- $_ := set $u "workload" "LeaderWorkerSet" -}}
+{{- $perPod := int $g.gpusPerPod -}}
+{{- if eq $g.launcher "dp" -}}
+{{- if or (lt (int $g.dataParallelSize) $groupSize) (ne (mod (int $g.dataParallelSize) $groupSize) 0) -}}
+{{- fail (printf "models[%d] (%s): group.dataParallelSize=%d must be a multiple of group.size=%d (dp launcher)" $i $m.name (int $g.dataParallelSize) $groupSize) -}}
+{{- end -}}
+{{- if lt $perPod 1 -}}
+{{- fail (printf "models[%d] (%s): group.gpusPerPod is required with the dp launcher" $i $m.name) -}}
+{{- end -}}
+{{- else -}}
+{{- if eq $perPod 0 -}}
+{{- $perPod = div $minGpus $groupSize -}}
+{{- end -}}
+{{- if ne (int $minGpus) (mul $perPod $groupSize) -}}
+{{- fail (printf "models[%d] (%s): tensorParallelSize x pipelineParallelSize = %d must equal group.size x group.gpusPerPod = %d x %d" $i $m.name (int $minGpus) $groupSize $perPod) -}}
+{{- end -}}
+{{- end -}}
+{{- $gpus = $perPod -}}
+{{- else if lt (int $gpus) (int $minGpus) -}}
 {{- fail (printf "models[%d] (%s): gpus=%d is less than tensorParallelSize x pipelineParallelSize = %d" $i $m.name $gpus $minGpus) -}}
 {{- end -}}
-{{- range $flag := list "--host" "--port" "--served-model-name" "--dtype" "--max-model-len" "--gpu-memory-utilization" "--max-num-seqs" "--max-num-batched-tokens" "--tensor-parallel-size" "--pipeline-parallel-size" "--quantization" "--enforce-eager" "--kv-cache-memory-bytes" "--api-key" "--shutdown-timeout" "--runner" "--convert" "--tool-call-parser" "--enable-auto-tool-choice" "--reasoning-parser" "--structured-outputs-config" "--enable-lora" "--lora-modules" "--max-loras" "--max-lora-rank" -}}
+{{- range $flag := list "--host" "--port" "--served-model-name" "--dtype" "--max-model-len" "--gpu-memory-utilization" "--max-num-seqs" "--max-num-batched-tokens" "--tensor-parallel-size" "--pipeline-parallel-size" "--quantization" "--enforce-eager" "--kv-cache-memory-bytes" "--api-key" "--shutdown-timeout" "--distributed-executor-backend" "--nnodes" "--node-rank" "--master-addr" "--master-port" "--headless" "--data-parallel-size" "--data-parallel-size-local" "--data-parallel-address" "--data-parallel-rpc-port" "--data-parallel-start-rank" "--enable-expert-parallel" "--runner" "--convert" "--tool-call-parser" "--enable-auto-tool-choice" "--reasoning-parser" "--structured-outputs-config" "--enable-lora" "--lora-modules" "--max-loras" "--max-lora-rank" -}}
 {{- if regexMatch (printf "(^|\\s)%s(=|\\s|$)" $flag) ($s.extraArgs | default "") -}}
 {{- fail (printf "models[%d] (%s): settings.extraArgs may not set %s: it has its own setting (settings.* / ENGINE_*)" $i $m.name $flag) -}}
 {{- end -}}
@@ -173,7 +195,10 @@ engine.defaults (and the pool over the model), plus computed names. Returned as 
 {{- end -}}
 {{- $weight := 100 -}}
 {{- if hasKey $p "weight" -}}{{- $weight = int $p.weight -}}{{- end -}}
-{{- $host := printf "%s.%s.svc.%s" $resName $root.Release.Namespace $root.Values.clusterDomain -}}
+{{- /* A group's Service selects its leaders only (the LeaderWorkerSet owns a headless Service named resName). */ -}}
+{{- $svcName := ternary (printf "%s-leaders" $resName) $resName (gt $groupSize 1) -}}
+{{- $_ := set $u "serviceName" $svcName -}}
+{{- $host := printf "%s.%s.svc.%s" $svcName $root.Release.Namespace $root.Values.clusterDomain -}}
 {{- $_ := set $u "model" $m.name -}}
 {{- $_ := set $u "modelKey" $key -}}
 {{- $_ := set $u "pool" ($p.name | default "") -}}
