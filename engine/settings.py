@@ -54,6 +54,12 @@ class EngineSettings(BaseSettings):
         description="vLLM --tool-call-parser (e.g. hermes, llama3_json, mistral, openai): the model's tool-call format; "
         "needed for tool_choice=auto and named tool choices",
     )
+    tool_call_structural_tags: bool = Field(
+        default=True,
+        description="constrain tool calls with the model's own tool-call markup (vLLM's default); false: a named or "
+        "required tool_choice is decoded as JSON matching the tool's schema, which honours "
+        "structured_outputs_disable_any_whitespace (VLLM_ENFORCE_STRICT_TOOL_CALLING=0)",
+    )
     reasoning_parser: str | None = Field(
         default=None, description="vLLM --reasoning-parser (e.g. deepseek_r1, qwen3)"
     )

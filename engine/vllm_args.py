@@ -191,6 +191,8 @@ def vllm_environment(
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     if settings is not None and settings.allow_runtime_lora:
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    if settings is not None and not settings.tool_call_structural_tags:
+        env["VLLM_ENFORCE_STRICT_TOOL_CALLING"] = "0"
     if settings is not None and settings.responses_store:
         env["VLLM_ENABLE_RESPONSES_API_STORE"] = "1"
     if device == "cpu":

@@ -99,6 +99,10 @@ ENGINE_SETTINGS = obj(
             "description": "ENGINE_TOOL_CALL_PARSER (hermes, llama3_json, mistral, ...): the model's tool-call format",
         },
         "enableAutoToolChoice": {"type": "boolean", "description": "ENGINE_ENABLE_AUTO_TOOL_CHOICE (needs toolCallParser)"},
+        "toolCallStructuralTags": {
+            "type": "boolean",
+            "description": "ENGINE_TOOL_CALL_STRUCTURAL_TAGS: false = named tool choices decoded as schema-guided JSON",
+        },
         "structuredOutputsDisableAnyWhitespace": {
             "type": "boolean",
             "description": "ENGINE_STRUCTURED_OUTPUTS_DISABLE_ANY_WHITESPACE: JSON output without free whitespace",

@@ -40,12 +40,13 @@ def tiny_model_dir(test_cache_dir: Path) -> Path:
     return build_test_model(test_cache_dir / "tiny-seed0", seed=0)
 
 
-# The shared generator engine runs as the quickstart's demo engine does: OpenAI tools (hermes format; a tool
-# with "strict": true gets arguments held to its schema), JSON without free whitespace, the Responses store,
+# The shared generator engine runs as the quickstart's demo engine does: OpenAI tools (hermes format; a named
+# tool_choice decoded as JSON matching the tool's schema), JSON without free whitespace, the Responses store,
 # and LoRA adapters loadable at run time (`llm-engine lora add`).
 GENERATOR_ENV = {
     "ENGINE_ENABLE_AUTO_TOOL_CHOICE": "true",
     "ENGINE_TOOL_CALL_PARSER": "hermes",
+    "ENGINE_TOOL_CALL_STRUCTURAL_TAGS": "false",
     "ENGINE_STRUCTURED_OUTPUTS_DISABLE_ANY_WHITESPACE": "true",
     "ENGINE_RESPONSES_STORE": "true",
     "ENGINE_ALLOW_RUNTIME_LORA": "true",

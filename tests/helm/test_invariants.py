@@ -561,6 +561,7 @@ def test_tool_structured_output_and_lora_settings_reach_the_engine() -> None:
         "toolCallParser": "hermes",
         "enableAutoToolChoice": True,
         "structuredOutputsDisableAnyWhitespace": True,
+        "toolCallStructuralTags": False,
         "responsesStore": True,
         "allowRuntimeLora": True,
         "maxLoraRank": 16,
@@ -572,6 +573,6 @@ def test_tool_structured_output_and_lora_settings_reach_the_engine() -> None:
     engine_env = {k[len("ENGINE_") :].lower(): v for k, v in env.items() if k.startswith("ENGINE_")}
     s = EngineSettings(**engine_env)
     assert s.enable_auto_tool_choice and s.structured_outputs_disable_any_whitespace and s.responses_store
-    assert s.allow_runtime_lora and s.lora_enabled
+    assert s.allow_runtime_lora and s.lora_enabled and not s.tool_call_structural_tags
     plain = env_of(pod_spec(render({"models": [{"name": "m", "source": "s3://models/m"}]}).engines()[0])["containers"][0])
     assert not any(k in plain for k in ("ENGINE_TOOL_CALL_PARSER", "ENGINE_RUNNER", "ENGINE_RESPONSES_STORE"))

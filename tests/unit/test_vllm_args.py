@@ -141,6 +141,11 @@ def test_runtime_lora_enables_lora_and_sets_vllm_switch():
     assert "--enable-lora" in cmd and "--lora-modules" not in cmd and _flag(cmd, "--max-lora-rank") == "16"
     assert vllm_environment("cpu", {}, s)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in vllm_environment("cpu", {}, EngineSettings(model="/m"))
+    # named/required tool choices as schema-guided JSON (honours no-free-whitespace) instead of structural tags
+    off = EngineSettings(model="/m", tool_call_structural_tags=False, responses_store=True)
+    assert vllm_environment("cpu", {}, off)["VLLM_ENFORCE_STRICT_TOOL_CALLING"] == "0"
+    assert vllm_environment("cpu", {}, off)["VLLM_ENABLE_RESPONSES_API_STORE"] == "1"
+    assert "VLLM_ENFORCE_STRICT_TOOL_CALLING" not in vllm_environment("cpu", {}, EngineSettings(model="/m"))
 
 
 @pytest.mark.parametrize(

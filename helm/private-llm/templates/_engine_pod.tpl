@@ -131,6 +131,10 @@ containers:
       - name: ENGINE_ENABLE_AUTO_TOOL_CHOICE
         value: "true"
       {{- end }}
+      {{- if eq (toString $s.toolCallStructuralTags) "false" }}
+      - name: ENGINE_TOOL_CALL_STRUCTURAL_TAGS
+        value: "false"
+      {{- end }}
       {{- if $s.structuredOutputsDisableAnyWhitespace }}
       - name: ENGINE_STRUCTURED_OUTPUTS_DISABLE_ANY_WHITESPACE
         value: "true"
