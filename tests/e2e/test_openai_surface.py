@@ -71,7 +71,7 @@ def audit_records(path: Path, request_id: str, timeout: float = 10) -> dict[str,
         for p in sorted(path.parent.glob("audit*.jsonl")):
             for line in p.read_text().splitlines():
                 rec = json.loads(line)
-                if rec["event"]["id"] == request_id:
+                if rec.get("event", {}).get("id") == request_id:
                     return rec
         time.sleep(0.1)
     raise AssertionError(f"no audit record for {request_id}")
