@@ -8,6 +8,8 @@ WORKDIR /src
 COPY pyproject.toml README.md* ./
 COPY gateway ./gateway
 COPY engine ./engine
+COPY objectstore ./objectstore
+COPY configkit ./configkit
 # Wheels for the package and its dependencies; the final stage installs them without a compiler or cache.
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 

@@ -23,7 +23,10 @@ def _setup_logging() -> None:
 
 def _resolve_model(uri: str, s: EngineSettings) -> str:
     if uri.startswith("s3://"):
+        from engine.phases import PHASES
         from engine.weights import WeightsError, pull
+
+        PHASES.enter(f"pulling {uri}", "(verified, resumable; cached files are checked, not downloaded)")
 
         try:
             return str(
@@ -44,7 +47,8 @@ def _resolve_model(uri: str, s: EngineSettings) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from engine.settings import EngineSettings
+    from configkit import ConfigError
+    from engine.settings import load_engine_settings
     from engine.supervisor import Supervisor, detect_device
     from engine.vllm_args import EngineArgsError, build_vllm_command, vllm_environment
 
@@ -52,8 +56,8 @@ def _run(args: argparse.Namespace) -> int:
         k: v for k, v in {"model": args.model, "port": args.port, "host": args.host}.items() if v is not None
     }
     try:
-        s = EngineSettings(**overrides)
-    except Exception as e:
+        s = load_engine_settings(**overrides)
+    except ConfigError as e:
         print(f"llm-engine: invalid settings: {e}", file=sys.stderr)
         return 2
     device = detect_device() if s.device == "auto" else s.device
@@ -97,7 +101,7 @@ def _run(args: argparse.Namespace) -> int:
         for c in commands(s, plan, cmd, s.python or sys.executable):
             print(shlex.join(c))
         return 0
-    env = vllm_environment(device, os.environ, s)
+    env = vllm_environment(device, os.environ, s.api_key, s)
     host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
     if plan.is_group:
         from engine.group_run import run_group
@@ -113,6 +117,32 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         if exporter is not None:
             exporter.shutdown()
+
+
+def _settings_help() -> str:
+    from configkit import render_reference, settings_reference
+    from engine.settings import EngineSettings
+
+    rows = settings_reference(EngineSettings, "ENGINE_", None)
+    return "settings: environment variable [type] default, meaning.\n" + render_reference(rows, yaml=False)
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    from configkit import ConfigError, effective, env_origins, render_effective
+    from engine.settings import EngineSettings, load_engine_settings
+
+    overrides = {"model": args.model} if args.model else {}
+    try:
+        s = load_engine_settings(**overrides)
+    except ConfigError as e:
+        print(f"llm-engine: invalid settings: {e}", file=sys.stderr)
+        return 1
+    if args.quiet:
+        return 0
+    rows = effective(s, None, "", env_origins(EngineSettings, os.environ, "ENGINE_", None), init=overrides)
+    print("# ENGINE_* settings: valid. Effective configuration (secrets masked), origin of each value:")
+    print(render_effective(rows))
+    return 0
 
 
 def _make_test_model(args: argparse.Namespace) -> int:
@@ -133,18 +163,36 @@ def _make_test_model(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     _setup_logging()
-    p = argparse.ArgumentParser(
-        prog="llm-engine", description="one model replica: pull verified weights, run vLLM"
-    )
+    from engine import __version__
+
+    p = argparse.ArgumentParser(prog="llm-engine", description="one model replica: pull verified weights, run vLLM")
+    p.add_argument("--version", action="version", version=f"llm-engine {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser(
-        "run", help="pull (if s3://), verify, then run and supervise vLLM (settings: ENGINE_*)"
+        "run",
+        help="pull (if s3://), verify, then run and supervise vLLM (settings: ENGINE_*)",
+        description="Pull (if s3://) and verify the weights, then run and supervise vLLM. Settings: ENGINE_* variables.",
+        epilog=_settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     r.add_argument("--model", help="overrides ENGINE_MODEL")
-    r.add_argument("--host")
-    r.add_argument("--port", type=int)
+    r.add_argument("--host", help="overrides ENGINE_HOST")
+    r.add_argument("--port", type=int, help="overrides ENGINE_PORT")
     r.add_argument("--dry-run", action="store_true", help="print vLLM's command line and exit")
     r.set_defaults(func=_run)
+    c = sub.add_parser("config", help="check the ENGINE_* settings without starting")
+    csub = c.add_subparsers(dest="config_cmd", required=True)
+    cc = csub.add_parser(
+        "check",
+        help="validate the ENGINE_* variables; print the effective settings and where each value came from",
+        description="Validate without starting: exit 0 and print every effective value (secrets masked) with "
+        "its origin (env, default), or exit 1 with one line naming the culprit.",
+        epilog=_settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cc.add_argument("--model", help="overrides ENGINE_MODEL")
+    cc.add_argument("--quiet", "-q", action="store_true", help="print nothing when valid")
+    cc.set_defaults(func=_config_check)
     m = sub.add_parser("make-test-model", help="build a small random-weight Llama model offline")
     m.add_argument("out")
     m.add_argument("--seed", type=int, default=0)

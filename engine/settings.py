@@ -1,35 +1,67 @@
-"""Engine settings from ``ENGINE_*`` variables: one typed class, defaults that work on a laptop."""
+"""Engine settings from ``ENGINE_*`` variables: one typed class, defaults that work on a laptop.
+
+Each setting's one-line meaning (``llm-engine run --help``, ``llm-engine config check``) is the comment right
+above it. A variable that starts with ``ENGINE_`` but names no setting stops start-up.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import os
+from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from configkit import ConfigError, check_environment, one_line
+
+
+class _EnvCheck(PydanticBaseSettingsSource):
+    """Refuses ENGINE_* variables that name no setting (a typo would otherwise be dropped silently)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        check_environment(EngineSettings, os.environ, "ENGINE_", None)
+        return {}
 
 
 class EngineSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ENGINE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="ENGINE_", extra="forbid")
 
     # A local directory or an s3://bucket/prefix URI (pulled and verified into cache_dir first).
     model: str = Field(..., description="local path or s3://bucket/prefix")
+    # The model name clients (the gateway) send; default: the last part of the model's path.
     served_model_name: str | None = None
+    # Address vLLM listens on.
     host: str = "127.0.0.1"
+    # Port vLLM listens on.
     port: int = 8000
+    # Where pulled weights are cached and verified.
     cache_dir: str = "~/.cache/llm-engine"
     # auto | cpu | cuda
     device: str = "auto"
+    # Weight/activation dtype: auto | half | float16 | bfloat16 | float | float32.
     dtype: str = "auto"
+    # Longest context (prompt + output tokens); unset: the model's own.
     max_model_len: int | None = None
+    # Share of each GPU's memory vLLM may use (weights + KV cache); unset: vLLM's default.
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    # Most sequences in one batch; unset: vLLM's default.
     max_num_seqs: int | None = Field(default=None, gt=0)
+    # Most tokens in one batch; unset: vLLM's default.
     max_num_batched_tokens: int | None = Field(default=None, gt=0)
+    # GPUs one replica shards the model over.
     tensor_parallel_size: int = Field(default=1, ge=1)
+    # Pipeline stages (GPUs in sequence) of one replica.
     pipeline_parallel_size: int = Field(default=1, ge=1)
     # e.g. fp8; None = as the checkpoint says
     quantization: str | None = None
+    # KV cache dtype, e.g. fp8; unset: as the model.
     kv_cache_dtype: str | None = None
+    # Reuse the KV cache of shared prompt prefixes.
     enable_prefix_caching: bool = True
+    # Split long prefills into chunks batched with decodes; unset: vLLM's default.
     enable_chunked_prefill: bool | None = None
     # CUDA graphs on by default; eager only as an explicit opt-out (always eager on CPU).
     enforce_eager: bool = False
@@ -96,9 +128,12 @@ class EngineSettings(BaseSettings):
         description="let `llm-engine lora add/remove` load and unload adapters while vLLM runs "
         "(VLLM_ALLOW_RUNTIME_LORA_UPDATING; the engine port must only be reachable by the gateway)",
     )
-    # vLLM's own API key for its OpenAI server (the gateway sends it); from a Secret.
+    # vLLM's own API key for its OpenAI server (the gateway sends it); from a Secret. Passed to vLLM through
+    # its environment (VLLM_API_KEY), never on its command line.
     api_key: str | None = None
+    # vLLM --load-format (e.g. dummy for random weights of the model's shape).
     load_format: str | None = None
+    # Random seed of vLLM's sampling.
     seed: int | None = None
     # Any other vLLM argument, passed through verbatim (shell-quoted string).
     extra_args: str = ""
@@ -116,6 +151,19 @@ class EngineSettings(BaseSettings):
     python: str | None = None
     # Our exporter (GPU via NVML, weight pulls) on its own port, beside vLLM's /metrics; 0 disables it.
     metrics_port: int = Field(default=9400, ge=0, le=65535)
+    # Log level of llm-engine's own lines: debug | info | warning | error.
+    log_level: str = "info"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (_EnvCheck(settings_cls), init_settings, env_settings, file_secret_settings)
 
     # --- Several pods per replica (engine/group.py). Unset = one pod; under a LeaderWorkerSet the role, size,
     # index and leader address come from LWS_* variables.
@@ -194,3 +242,14 @@ class EngineSettings(BaseSettings):
         if v not in allowed:
             raise ValueError(f"dtype must be one of {sorted(allowed)}")
         return v
+
+
+def load_engine_settings(**overrides: Any) -> EngineSettings:
+    """EngineSettings from ``ENGINE_*`` (and command-line overrides); any problem is one ConfigError line."""
+    try:
+        return EngineSettings(**overrides)
+    except ValidationError as e:
+        loc = e.errors()[0].get("loc") or ("",)
+        name = str(loc[0])
+        origin = "command line" if name in overrides else f"environment ENGINE_{name.upper()}"
+        raise ConfigError(one_line(e, origin)) from None

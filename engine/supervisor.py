@@ -12,6 +12,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from typing import IO
+
+from engine.phases import PHASES
 
 log = logging.getLogger("engine.supervisor")
 
@@ -85,12 +88,31 @@ class Supervisor:
 
         threading.Thread(target=_kill_later, daemon=True).start()
 
+    @staticmethod
+    def _relay(pipe: IO[bytes] | None) -> None:
+        if pipe is None:
+            return
+        out = sys.stderr.buffer
+        for raw in iter(pipe.readline, b""):
+            try:
+                out.write(raw)
+                out.flush()
+            except (OSError, ValueError):
+                pass
+            PHASES.feed(raw.decode("utf-8", "replace"))
+
     def run(self) -> int:
         shown = ["***" if prev == "--api-key" else "<vllm cli>" if prev == "-c" else a
                  for prev, a in zip(["", *self.cmd[:-1]], self.cmd, strict=True)]
         log.info("starting vLLM: %s", " ".join(shown))
-        self.proc = subprocess.Popen(self.cmd, env=self.env, start_new_session=True)
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        PHASES.enter("starting vLLM")
+        # vLLM's output goes through us (unchanged, to our stderr) so its start phases can be reported.
+        self.proc = subprocess.Popen(
+            self.cmd, env=self.env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        relay = threading.Thread(target=self._relay, args=(self.proc.stdout,), name="vllm-log", daemon=True)
+        relay.start()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         try:
             t0 = time.monotonic()
@@ -99,7 +121,7 @@ class Supervisor:
                 print("llm-engine: started (group worker, no HTTP endpoint)", file=sys.stderr, flush=True)
             elif wait_healthy(self.health_url, self.proc, self.startup_timeout):
                 log.info("vLLM is healthy after %.1fs at %s", time.monotonic() - t0, self.health_url)
-                print(f"llm-engine: ready ({self.health_url})", file=sys.stderr, flush=True)
+                PHASES.enter("ready", f"at {self.health_url.removesuffix('/health')}")
             elif self.proc.poll() is None and not self._stopping.is_set():
                 log.error("vLLM did not become healthy within %.0fs; stopping it", self.startup_timeout)
                 self._on_signal(signal.SIGTERM, None)
@@ -111,6 +133,7 @@ class Supervisor:
                 except ProcessLookupError:
                     pass
                 self.proc.wait()
+        relay.join(5)
         log.info("vLLM exited with code %s", rc)
         # A signal death becomes 128+N, as a shell would report it.
         return rc if rc >= 0 else 128 - rc

@@ -148,8 +148,6 @@ def build_vllm_command(
             cmd += ["--max-loras", str(s.max_loras)]
         if s.max_lora_rank:
             cmd += ["--max-lora-rank", str(s.max_lora_rank)]
-    if s.api_key:
-        cmd += ["--api-key", s.api_key]
     # On SIGTERM vLLM aborts running requests unless given a drain time; let it finish them, a little
     # before the supervisor's own deadline (which ends in SIGKILL).
     cmd += ["--shutdown-timeout", str(max(1, int(s.drain_timeout) - 5))]
@@ -181,10 +179,14 @@ def structured_outputs_config(s: EngineSettings) -> dict[str, object]:
 
 
 def vllm_environment(
-    device: str, base: Mapping[str, str], settings: EngineSettings | None = None
+    device: str, base: Mapping[str, str], api_key: str | None = None, settings: EngineSettings | None = None
 ) -> dict[str, str]:
-    """Environment for the vLLM process: CPU-build knobs that make it start fast on small machines."""
-    env = dict(base)
+    """Environment for the vLLM process: CPU-build knobs that make it start fast on small machines, the
+    API key (VLLM_API_KEY: never on the command line, where ``ps`` shows it to every user), and the switches
+    some settings are (run-time LoRA, the Responses store, tool-call decoding)."""
+    env = {k: v for k, v in base.items() if not k.startswith("ENGINE_")}
+    if api_key:
+        env["VLLM_API_KEY"] = api_key
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("DO_NOT_TRACK", "1")
     env.setdefault("HF_HUB_OFFLINE", "1")

@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.accesslog import AccessLog
 from gateway.auth import Authenticator
 from gateway.auth.apikeys import ApiKeyStore
 from gateway.auth.tokens import JwtVerifier
@@ -26,6 +27,7 @@ from gateway.context import RequestContext, new_request_id
 from gateway.errors import ApiError
 from gateway.hooks import Admission, NoAdmissionControl, Observer
 from gateway.metrics import GatewayMetrics
+from gateway.metrics_server import MetricsServer, render, token_ok
 from gateway.proxy import ProxyEndpoint
 from gateway.quota.admission import build_admission
 from gateway.responses_api import ResponseIndex
@@ -188,14 +190,30 @@ async def readyz(request: Request) -> Response:
         return error_response(ApiError(400, "'require' must be 'all' or 'any'.", param="require", code="invalid_value"))
     healthy = all(models.values()) if require == "all" else any(models.values())
     ready = not state.draining and bool(models) and healthy
-    body = {"status": "ready" if ready else "not_ready", "draining": state.draining, "models": models}
+    body: dict[str, Any] = {"status": "ready" if ready else "not_ready", "draining": state.draining}
+    # Model names only for a caller with a credential (the ones it may use); probes need just the status.
+    if any(k in (b"authorization", b"api-key", b"x-api-key") for k, _ in request.scope["headers"]):
+        try:
+            principal = await state.auth.authenticate(request.scope["headers"])
+        except ApiError as e:
+            return error_response(e)
+        body["models"] = {m: ok for m, ok in models.items() if principal.may_use(m)}
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
 async def metrics_endpoint(request: Request) -> Response:
+    """``/metrics`` on the API port, only with ``metrics_port: 0``: it then needs the metrics token."""
     state: GatewayState = request.app.state.gateway
-    state.metrics.in_flight.set(state.in_flight)
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    token = state.settings.metrics_token
+    if not token or not token_ok(request.scope["headers"], token):
+        e = ApiError(
+            401,
+            "The metrics need 'Authorization: Bearer <metrics token>'.",
+            code="invalid_api_key",
+            headers={"www-authenticate": 'Bearer realm="metrics"'},
+        )
+        return error_response(e)
+    return Response(render(state), media_type=CONTENT_TYPE_LATEST)
 
 
 async def _http_exception(request: Request, exc: HTTPException) -> Response:
@@ -219,9 +237,13 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 def create_app_from_env() -> Starlette:
     """Factory for uvicorn's multi-worker mode: every worker builds its app from the same environment."""
     from gateway import logs
+    from gateway.http_server import configure
 
     settings = GatewaySettings()
     logs.configure(settings.log_level)
+    # This worker's connections: the request-head limits (gateway/http_server.py).
+    lim = settings.limits
+    configure(lim.max_header_bytes, lim.max_header_count, lim.header_timeout)
     if settings.audit.enabled and settings.audit.sink == "file" and "{pid}" not in settings.audit.path:
         # Several processes must never append to one hash-chained segment.
         raise SystemExit("llm-gateway: with workers > 1, audit.path must contain {pid} (one audit file per worker)")
@@ -295,7 +317,7 @@ def create_app(
         router=router,
         admission=admission or NoAdmissionControl(),
         metrics=metrics,
-        observers=[metrics, *(observers or [])],
+        observers=[metrics, *([AccessLog()] if settings.access_log else []), *(observers or [])],
         closers=closers,
         responses=ResponseIndex(settings.responses_index_size) if settings.responses_index_size else None,
     )
@@ -355,6 +377,13 @@ def create_app(
             state.closers.append(_watch_key_file(keys, settings.auth.keys_file_poll_interval))
         if state.discovery is not None:
             await state.discovery.start()
+        if settings.metrics_port:
+            ms = MetricsServer(state, settings.metrics_host or settings.host, settings.metrics_port, settings.workers > 1)
+            try:
+                await ms.start()
+            except OSError as e:
+                raise SystemExit(f"llm-gateway: cannot serve metrics on port {settings.metrics_port}: {e}") from e
+            state.closers.append(ms.stop)
         log.info("gateway ready", extra={"models": [m.name for m in settings.models], "api_keys": len(keys)})
         try:
             yield
@@ -382,12 +411,16 @@ def create_app(
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
-        Route("/metrics", metrics_endpoint, methods=["GET"]),
     ]
+    if not settings.metrics_port:
+        routes.append(Route("/metrics", metrics_endpoint, methods=["GET"]))
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_exception, Exception: _server_error},
     )
+    # No trailing-slash redirects: Starlette builds their Location from the client's Host header (an open
+    # redirect to any host); "/v1/models/" and friends are a plain 404 instead.
+    app.router.redirect_slashes = False
     app.state.gateway = state
     return app

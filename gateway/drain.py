@@ -29,6 +29,8 @@ from typing import Any
 
 import uvicorn
 
+from gateway.settings import GatewaySettings
+
 log = logging.getLogger("gateway.drain")
 
 # uvicorn's wait for connections after the drain: short, the drain already waited for requests.
@@ -84,16 +86,18 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(app: Any, host: str, port: int, drain_timeout: float) -> None:
+def serve(app: Any, settings: GatewaySettings) -> None:
+    from gateway.http_server import uvicorn_options
+
     config = uvicorn.Config(
         app,
-        host=host,
-        port=port,
+        host=settings.host,
+        port=settings.port,
         loop="auto",
-        http="auto",
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=SHUTDOWN_GRACE,
         backlog=4096,
+        **uvicorn_options(settings),
     )
-    DrainingServer(config, app.state.gateway, drain_timeout).run()
+    DrainingServer(config, app.state.gateway, settings.drain_timeout).run()

@@ -10,16 +10,46 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import yaml
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from configkit import (
+    ConfigError,
+    StrictModel,
+    check_environment,
+    check_unknown_keys,
+    env_origins,
+    one_line,
+)
 from gateway.audit.config import AuditSettings
 from gateway.quota.config import QuotaSettings
 
 
-class UpstreamTimeouts(BaseModel):
+def strip_userinfo(url: str) -> tuple[str, tuple[str, str] | None]:
+    """``url`` without ``user:password@`` (also after a ``dns+`` prefix), and the (decoded) credential if any."""
+    prefix = ""
+    if url.startswith("dns+"):
+        prefix, url = "dns+", url[4:]
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return prefix + url, None
+    authority, slash, path = rest.partition("/")
+    if "@" not in authority:
+        return prefix + url, None
+    userinfo, _, host = authority.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    return f"{prefix}{scheme}://{host}{slash}{path}", (unquote(user), unquote(password))
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any ``user:password@`` removed, for logs and error messages."""
+    return strip_userinfo(url)[0]
+
+
+class UpstreamTimeouts(StrictModel):
     """Per-phase timeouts (seconds) towards an upstream pool.
 
     The defaults bound a hung engine (SIGSTOPped, wedged GPU) to seconds, not minutes: a stream that goes
@@ -38,6 +68,7 @@ class UpstreamTimeouts(BaseModel):
     idle: float | None = Field(default=None, gt=0)
     # Older single knob: when set, the default of both ``first_byte`` and ``idle`` (each wins when set).
     read: float | None = Field(default=None, gt=0)
+    # Sending the request body to the replica.
     write: float = 30.0
     # Waiting for a free connection from the pool.
     pool: float = 30.0
@@ -62,9 +93,10 @@ DEFAULT_FIRST_BYTE_TIMEOUT = 60.0
 DEFAULT_IDLE_TIMEOUT = 30.0
 
 
-class ModelConfig(BaseModel):
+class ModelConfig(StrictModel):
     """One model the gateway serves: its public name and the engine replicas that serve it."""
 
+    # The name clients send as "model".
     name: str
     # Base URLs of vLLM servers (http://10.0.0.5:8000), or ``dns+http://name:port`` for every A/AAAA record
     # of a name, re-resolved periodically (a Kubernetes headless Service).
@@ -84,14 +116,40 @@ class ModelConfig(BaseModel):
     # Bearer key the engines expect (vLLM --api-key), if any. From the environment/secret, never logged.
     upstream_api_key: str | None = None
     timeouts: UpstreamTimeouts = Field(default_factory=UpstreamTimeouts)
+    _basic_auth: tuple[str, str] | None = PrivateAttr(default=None)
 
     @field_validator("upstreams")
     @classmethod
     def _strip_slash(cls, v: list[str]) -> list[str]:
         return [u.rstrip("/") for u in v]
 
+    @model_validator(mode="after")
+    def _userinfo(self) -> ModelConfig:
+        """``http://user:pass@host`` upstreams: the credential moves to ``upstream_basic_auth`` (sent by the
+        model's client session) and the URL keeps only scheme, host, port and path, so no password reaches
+        metrics labels, logs or audit records."""
+        creds: set[tuple[str, str]] = set()
+        clean: list[str] = []
+        for u in self.upstreams:
+            url, cred = strip_userinfo(u)
+            clean.append(url)
+            if cred is not None:
+                creds.add(cred)
+        if len(creds) > 1:
+            raise ValueError(f"model {self.name!r}: its upstreams carry different user:password credentials; use one")
+        if creds:
+            if self.upstream_api_key:
+                raise ValueError(f"model {self.name!r}: set either upstream_api_key or user:password in the URLs")
+            self._basic_auth = next(iter(creds))
+        self.upstreams = clean
+        return self
 
-class RoutingSettings(BaseModel):
+    @property
+    def upstream_basic_auth(self) -> tuple[str, str] | None:
+        return self._basic_auth
+
+
+class RoutingSettings(StrictModel):
     """How the gateway chooses among a model's replicas and reacts to their faults (gateway/routing/)."""
 
     # Prefix affinity: requests whose prompt shares its first ``prefix_chars`` characters (a system prompt,
@@ -130,12 +188,16 @@ class RoutingSettings(BaseModel):
     dns_interval: float = Field(default=5.0, gt=0)
 
 
-class ApiKeyConfig(BaseModel):
+class ApiKeyConfig(StrictModel):
     """An API key, stored only as the hex sha256 digest of the key."""
 
+    # Key id: names the principal in logs, metrics and quotas (safe to log).
     id: str
+    # Hex sha256 digest of the key (never the key itself).
     sha256: str
+    # Principal name; default: the key id.
     subject: str | None = None
+    # Tenant the key's usage counts against (quotas, metrics, audit).
     tenant: str = "default"
     # Models this key may use; ["*"] means every configured model.
     models: list[str] = Field(default_factory=lambda: ["*"])
@@ -159,13 +221,17 @@ SAFE_JWT_ALGORITHMS = frozenset(
 )
 
 
-class IssuerConfig(BaseModel):
+class IssuerConfig(StrictModel):
     """One trusted token issuer (an OIDC provider / OAuth2 authorization server)."""
 
     # The exact ``iss`` value in its tokens, e.g. https://keycloak.example/realms/llm
     issuer: str
     # Tokens must name one of these in ``aud``.
-    audience: list[str]
+    audience: list[str] = Field(
+        json_schema_extra={
+            "yaml": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
+        }
+    )
     # Where its signing keys are; if unset, found through ``discovery_url``.
     jwks_url: str | None = None
     # Defaults to ``<issuer>/.well-known/openid-configuration``.
@@ -219,9 +285,10 @@ class IssuerConfig(BaseModel):
         return v
 
 
-class AuthSettings(BaseModel):
+class AuthSettings(StrictModel):
     """JWT issuers and the mapping from token scopes/roles/groups to models."""
 
+    # Trusted token issuers (OIDC providers); empty: JWTs are not accepted.
     issuers: list[IssuerConfig] = Field(default_factory=list)
     # Scope/role/group value -> models it grants ("*" = all models); key "*" applies to every valid token.
     role_models: dict[str, list[str]] = Field(default_factory=dict)
@@ -233,18 +300,20 @@ class AuthSettings(BaseModel):
     keys_file_poll_interval: float = 5.0
 
 
-class MetricsSettings(BaseModel):
+class MetricsSettings(StrictModel):
     """Bounds on metric labels. Tenants: an explicit allow-list (others fold into "other"), or, when it is
     empty, the tenants of the configured API keys plus the first ``tenant_top_n`` other tenants seen
     (JWT callers) since start."""
 
+    # Tenants that get their own label value; empty: the API keys' tenants plus the first tenant_top_n others seen.
     tenants: list[str] = Field(default_factory=list)
     tenant_top_n: int = Field(default=20, ge=0)
 
 
-class TracingSettings(BaseModel):
+class TracingSettings(StrictModel):
     """OpenTelemetry tracing, off by default: one span per request, exported over OTLP/HTTP."""
 
+    # Export one span per request.
     enabled: bool = False
     # e.g. http://otel-collector:4318/v1/traces; None = the OTEL_EXPORTER_OTLP_* environment variables.
     otlp_endpoint: str | None = None
@@ -253,6 +322,44 @@ class TracingSettings(BaseModel):
     sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
     # Seconds between batch exports.
     export_interval: float = Field(default=2.0, gt=0)
+
+
+class LimitSettings(StrictModel):
+    """What one request may cost the gateway before it is authenticated, and how long it may take to arrive.
+    Every limit answers with an OpenAI-shaped error and closes the connection where the request is cut short."""
+
+    # Request line plus all header lines, bytes (431 above); number of header lines (431 above).
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)
+    max_header_count: int = Field(default=100, ge=8)
+    # Seconds from a request head's first byte until it is complete (408 and close after).
+    header_timeout: float = Field(default=10.0, gt=0)
+    # Seconds to receive the whole body once the head is in (408 and close after).
+    body_timeout: float = Field(default=30.0, gt=0)
+    # Deepest nesting of arrays/objects accepted in a JSON body (400 above).
+    max_json_depth: int = Field(default=64, ge=4)
+    # Length of a client's X-Request-Id kept (longer or with other characters than [A-Za-z0-9._:-]: dropped).
+    max_request_id_chars: int = Field(default=128, ge=8)
+
+
+# Settings that only the file/CLI give, never the YAML file itself.
+_NOT_IN_YAML = frozenset({"config_file"})
+# Variables with the GATEWAY_ prefix that are not fields of GatewaySettings.
+_OTHER_VARIABLES = frozenset({"GATEWAY_CONFIG"})
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The YAML file as a mapping, every key checked against the settings models (ConfigError otherwise)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: gateway config file not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: must hold a mapping at the top level")
+    check_unknown_keys(GatewaySettings, data, str(p), skip=_NOT_IN_YAML)
+    return data
 
 
 class _YamlSource(PydanticBaseSettingsSource):
@@ -266,23 +373,33 @@ class _YamlSource(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        if not self.path:
-            return {}
-        p = Path(self.path)
-        if not p.is_file():
-            raise ValueError(f"gateway config file not found: {p}")
-        data = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"gateway config file {p} must hold a mapping at the top level")
-        return data
+        return read_config_file(self.path) if self.path else {}
+
+
+class _EnvCheck(PydanticBaseSettingsSource):
+    """Refuses GATEWAY_* variables that name no setting (a typo would otherwise be dropped silently)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        check_environment(GatewaySettings, os.environ, "GATEWAY_", "__", extra_names=_OTHER_VARIABLES)
+        return {}
 
 
 class GatewaySettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="GATEWAY_", env_nested_delimiter="__", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="GATEWAY_", env_nested_delimiter="__", extra="forbid", populate_by_name=True
+    )
 
-    config_file: str | None = Field(default=None, validation_alias="GATEWAY_CONFIG")
+    config_file: str | None = Field(
+        default=None, validation_alias="GATEWAY_CONFIG", description="YAML file with the structured settings."
+    )
+    # Address to listen on.
     host: str = "127.0.0.1"
+    # Port to listen on.
     port: int = 8080
+    # debug | info | warning | error.
     log_level: str = "info"
     # uvicorn worker processes. >1 spreads SSE relaying over cores; per-process state (in-process quota
     # counters, circuit breakers) is then per worker: use the Redis quota backend with several workers.
@@ -293,14 +410,27 @@ class GatewaySettings(BaseSettings):
     max_audio_bytes: int = Field(default=25 * 1024 * 1024, gt=0, description="largest audio upload in bytes")
     # Responses API: response ids remembered per gateway process (to reach the replica that stores each).
     responses_index_size: int = Field(default=100_000, ge=0, description="response ids remembered for GET/cancel")
+    # Header, body-time and JSON limits (docs/security.md).
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    # Proxies (IPs or CIDRs, e.g. the ingress controller's Pod range) whose X-Forwarded-For/-Proto is believed.
+    # Empty (default): forwarded headers are ignored and the audited client IP is the TCP peer.
+    trusted_proxies: list[str] = Field(default_factory=list)
+    # /metrics is served on its own port (bind ``metrics_host``), not on the API port. 0 = on the API port,
+    # where it then needs ``Authorization: Bearer <metrics_token>`` (from the environment).
+    metrics_port: int = Field(default=9091, ge=0, le=65535)
+    metrics_host: str | None = None
+    metrics_token: str | None = None
     # Set false only for local experiments: every /v1 route then runs as an anonymous principal.
     auth_enabled: bool = True
+    # API keys (sha256 digests only; `llm-gateway keys create` makes one).
     api_keys: list[ApiKeyConfig] = Field(default_factory=list)
-    # A file with more keys (YAML list of ApiKeyConfig), re-read on SIGHUP / at start.
+    # A file with more keys (YAML list of ApiKeyConfig), re-read when it changes, on SIGHUP and at start.
     api_keys_file: str | None = None
+    # The models served and the engine replicas behind each.
     models: list[ModelConfig] = Field(default_factory=list)
-    # Health probing of upstreams (seconds).
+    # Seconds between health probes of each upstream.
     health_interval: float = 2.0
+    # Seconds a health probe may take.
     health_timeout: float = 2.0
     # Extra attempts on another replica when one cannot be reached (before any byte went to the client).
     max_retries: int = 2
@@ -308,14 +438,20 @@ class GatewaySettings(BaseSettings):
     drain_timeout: float = 30.0
     # Forward W3C traceparent and X-Request-Id to engines.
     forward_request_id: bool = True
+    # One JSON line per request at INFO (request id, principal, model, status, tokens, TTFT, duration; never
+    # prompt text): gateway/accesslog.py. false turns it off.
+    access_log: bool = True
     # Quotas (requests/tokens per minute, concurrency) and overload protection: gateway/quota/config.py.
     quota: QuotaSettings = Field(default_factory=QuotaSettings)
     # The audit log (gateway/audit/): one record per request, off by default.
     audit: AuditSettings = Field(default_factory=AuditSettings)
     # JWT issuers and role -> model mapping (gateway/auth/tokens.py).
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    # Bounds on metric labels.
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    # OpenTelemetry tracing, off by default.
     tracing: TracingSettings = Field(default_factory=TracingSettings)
+    # How requests are spread over a model's replicas and how replica faults are handled.
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
 
     @classmethod
@@ -327,11 +463,18 @@ class GatewaySettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        path = None
-        if isinstance(init_settings, PydanticBaseSettingsSource):
-            path = init_settings.init_kwargs.get("config_file") if hasattr(init_settings, "init_kwargs") else None
+        kwargs = getattr(init_settings, "init_kwargs", None) or {}
+        path = next(
+            (v for k, v in kwargs.items() if k.lower() in ("config_file", "gateway_config") and v), None
+        )
         path = path or os.environ.get("GATEWAY_CONFIG")
-        return (init_settings, env_settings, _YamlSource(settings_cls, path), file_secret_settings)
+        return (
+            _EnvCheck(settings_cls),
+            init_settings,
+            env_settings,
+            _YamlSource(settings_cls, path),
+            file_secret_settings,
+        )
 
     @model_validator(mode="after")
     def _adapters_have_a_base(self) -> GatewaySettings:
@@ -358,3 +501,26 @@ class GatewaySettings(BaseSettings):
             if m.name == name:
                 return m
         return None
+
+
+def load_settings(config_file: str | None = None, **overrides: Any) -> GatewaySettings:
+    """GatewaySettings from the environment and the YAML file; any problem is one :class:`ConfigError` line
+    naming the key and where its value came from (the file, a variable, the command line)."""
+    init = dict(overrides)
+    if config_file:
+        init["config_file"] = config_file
+    try:
+        return GatewaySettings(**init)
+    except ValidationError as e:
+        raise ConfigError(
+            one_line(e, _origin_of_error(e, config_file or os.environ.get("GATEWAY_CONFIG")))
+        ) from None
+
+
+def _origin_of_error(e: ValidationError, path: str | None) -> str:
+    loc = tuple(str(p).lower() for p in (e.errors()[0].get("loc") or ()))
+    env = env_origins(GatewaySettings, os.environ, "GATEWAY_", "__")
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in env:
+            return f"environment {env[loc[:n]]}"
+    return path or "settings"

@@ -150,4 +150,4 @@ def remember_response(spec: RouteSpec, ctx: RequestContext, index: ResponseIndex
 
 def principal_key(p: Any) -> str | None:
     """Who a stored response belongs to: the caller's kind and subject (an API key id, a JWT subject)."""
-    return None if p is None else f"{p.kind}:{p.subject}"
+    return None if p is None else str(p.id)

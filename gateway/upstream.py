@@ -37,8 +37,11 @@ def make_session(cfg: ModelConfig) -> aiohttp.ClientSession:
         enable_cleanup_closed=True,
         ttl_dns_cache=10,
     )
+    basic = cfg.upstream_basic_auth
     return aiohttp.ClientSession(
         connector=connector,
+        # From user:password in the upstream URLs, which keep only host and port (settings.ModelConfig).
+        auth=aiohttp.BasicAuth(*basic) if basic else None,
         timeout=client_timeout(cfg.timeouts),
         auto_decompress=False,
         skip_auto_headers=("User-Agent", "Accept-Encoding"),

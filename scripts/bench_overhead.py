@@ -96,7 +96,7 @@ def start_gateway(upstream: str, model: str, cpus: set[int] | None = None, extra
         f"api_keys:\n  - id: bench\n    sha256: {hashlib.sha256(KEY.encode()).hexdigest()}\n    tenant: bench\n"
         + extra_cfg
     )
-    p = start([sys.executable, "-m", "gateway", "serve"], {"GATEWAY_CONFIG": str(cfg), "GATEWAY_PORT": str(port), "GATEWAY_LOG_LEVEL": "warning"}, cpus, "gateway")
+    p = start([sys.executable, "-m", "gateway", "serve"], {"GATEWAY_CONFIG": str(cfg), "GATEWAY_PORT": str(port), "GATEWAY_METRICS_PORT": str(free_port()), "GATEWAY_LOG_LEVEL": "warning"}, cpus, "gateway")
     wait_ok(f"http://127.0.0.1:{port}/readyz", 60, p)
     return p, f"http://127.0.0.1:{port}"
 

@@ -16,7 +16,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-OUT = Path(__file__).resolve().parent.parent / "helm" / "private-llm" / "values.schema.json"
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from configkit import json_schema  # noqa: E402
+from gateway.settings import GatewaySettings, ModelConfig, UpstreamTimeouts  # noqa: E402
+
+OUT = REPO / "helm" / "private-llm" / "values.schema.json"
 
 STR = {"type": "string"}
 BOOL = {"type": "boolean"}
@@ -48,6 +54,16 @@ def obj(
     if description:
         d["description"] = description
     return d
+
+
+def gateway_config_schema() -> dict:
+    """The embedded gateway config, from the same pydantic models the gateway validates it with."""
+    schema = json_schema(GatewaySettings, skip=frozenset({"config_file"}))
+    schema["properties"].update({"api_keys": False, "models": False})
+    schema["description"] = (
+        "gateway settings (its YAML config file, see `llm-gateway serve --help`); never secrets"
+    )
+    return schema
 
 
 def image() -> dict:
@@ -175,21 +191,12 @@ ENGINE_FIELDS: dict[str, Any] = {
     "podLabels": MAP_OF_STR,
     "priorityClassName": STR,
     "runtimeClassName": STR,
-    "timeouts": obj(
-        {
-            **{
-                k: {"type": "number", "exclusiveMinimum": 0}
-                for k in ("connect", "first_byte", "idle", "write", "pool")
-            },
-            "total": {
-                "type": "number",
-                "minimum": 0,
-                "description": "0: no limit (streams run as long as they last)",
-            },
-        },
-        description="gateway-side timeouts towards this model's engines (seconds): connect, first_byte (to the "
+    # Generated from the gateway's own model (gateway/settings.py), so chart and gateway never disagree.
+    "timeouts": {
+        **json_schema(UpstreamTimeouts),
+        "description": "gateway-side timeouts towards this model's engines (seconds): connect, first_byte (to the "
         "first event; also bounds a non-streamed generation), idle (longest gap between stream chunks), total",
-    ),
+    },
 }
 
 POOL = obj(
@@ -225,7 +232,7 @@ MODEL = obj(
         "upstreams": {"type": "array", "items": {"type": "string", "pattern": "^(dns\\+)?https?://"}},
         "pools": {"type": "array", "minItems": 1, "items": POOL},
         "gatewayModel": {
-            "type": "object",
+            **json_schema(ModelConfig, skip=frozenset({"name", "upstreams"})),
             "description": "extra gateway ModelConfig keys (owned_by, max_connections)",
         },
         **copy.deepcopy(ENGINE_FIELDS),
@@ -262,13 +269,12 @@ GATEWAY = obj(
         "image": image(),
         "replicas": NONNEG,
         "port": PORT,
+        "metricsPort": PORT,
+        "trustedProxies": {"type": "array", "items": {"type": "string", "minLength": 1}},
         "logLevel": {"enum": ["debug", "info", "warning", "error", "critical"]},
         # api_keys belong in apiKeys (a Secret) and models in the top-level models: (false = not allowed here).
-        "config": {
-            "type": "object",
-            "description": "extra gateway settings (YAML config file); never secrets",
-            "properties": {"api_keys": False, "models": False},
-        },
+        # Generated from GatewaySettings (gateway/settings.py): a typo at any depth fails `helm install`.
+        "config": gateway_config_schema(),
         "apiKeys": {"type": "array", "items": API_KEY},
         "apiKeysExistingSecret": obj({"name": STR, "key": {"type": "string", "minLength": 1}}),
         "preStopSleepSeconds": NONNEG,

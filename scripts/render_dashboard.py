@@ -253,7 +253,7 @@ def main() -> int:
             started.append(gw)
             gw.wait_ready()
             gateway, keys = gw.url, [KEY_ALL, other_key]
-            targets = {"llm-gateway": gw.url, "vllm": eng.url, "llm-engine": f"http://127.0.0.1:{eng.metrics_port}"}
+            targets = {"llm-gateway": gw.metrics_url.removesuffix("/metrics"), "vllm": eng.url, "llm-engine": f"http://127.0.0.1:{eng.metrics_port}"}
             note = f"tiny model on vLLM CPU, {args.seconds:.0f} s of traffic (this 2-core CPU box)"
         prom = Prometheus(targets)
         time.sleep(3)

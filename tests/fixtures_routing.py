@@ -82,7 +82,7 @@ def routing_gateway() -> Iterator[Callable[..., Gateway]]:
 
 def gateway_metric(gw: Gateway, name: str, **labels: str) -> float:
     """Sum of a gateway /metrics sample family, filtered by labels."""
-    text = httpx.get(gw.url + "/metrics", timeout=5).text
+    text = httpx.get(gw.metrics_url, timeout=5).text
     total = 0.0
     for line in text.splitlines():
         if not (line.startswith(name + "{") or line.startswith(name + " ")):

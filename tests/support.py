@@ -151,7 +151,18 @@ class Gateway:
         with os.fdopen(fd, "w") as f:
             yaml.safe_dump(config, f)
         self.config_path = path
-        full_env = {"GATEWAY_CONFIG": path, "GATEWAY_PORT": str(self.port), "GATEWAY_HOST": "127.0.0.1"}
+        # /metrics has its own port (gateway/metrics_server.py); a config's metrics_port: 0 overrides it.
+        self.metrics_port = free_port()
+        if config.get("metrics_port") == 0:
+            self.metrics_url = self.url + "/metrics"
+        else:
+            self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        full_env = {
+            "GATEWAY_CONFIG": path,
+            "GATEWAY_PORT": str(self.port),
+            "GATEWAY_HOST": "127.0.0.1",
+            "GATEWAY_METRICS_PORT": str(self.metrics_port if config.get("metrics_port") != 0 else 0),
+        }
         full_env.update(env or {})
         self.proc = Proc([PY, "-m", "gateway", "serve"], env=full_env, name=name)
 

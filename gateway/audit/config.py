@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field, field_validator
+
+from configkit import StrictModel
 
 
-class RedactionPattern(BaseModel):
+class RedactionPattern(StrictModel):
     """An extra redaction pattern from the config: every match of ``regex`` becomes ``replacement``."""
 
+    # Label of the pattern; matches become [NAME] unless replacement is set.
     name: str
+    # Python regular expression to redact.
     regex: str
     replacement: str | None = None  # default: "[NAME]" (upper-cased name)
 
@@ -26,7 +30,7 @@ class RedactionPattern(BaseModel):
         return v
 
 
-class AuditSettings(BaseModel):
+class AuditSettings(StrictModel):
     """One record per request, written by a background task from a bounded queue.
 
     Durability (see gateway/audit/writer.py): a record reaches the kernel (survives ``kill -9`` of the gateway)
@@ -34,7 +38,9 @@ class AuditSettings(BaseModel):
     fsynced to disk (survives power loss / kernel crash) at most ``fsync_interval`` seconds after that.
     """
 
+    # Write one audit record per request.
     enabled: bool = False
+    # file: hash-chained, rotated segments at path; stdout: one JSON line per record for a log shipper.
     sink: Literal["stdout", "file"] = "file"
     # The active segment file; closed segments are renamed next to it (audit.<start>-<id>.jsonl).
     # One path per gateway replica (they must not share a file).

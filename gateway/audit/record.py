@@ -95,13 +95,39 @@ def prompt_sha256(messages: list[dict[str, str]]) -> str:
     return h.hexdigest()
 
 
+_IDENT_CACHE: dict[str, str] = {}
+_default_redactor: list[Any] = []
+
+
+def redact_identifier(value: str | None, redactor=None) -> str | None:
+    """An identifier (URL path, model name, user id, client request id) with personal data and secrets
+    redacted, under every content policy: such values are chosen by callers and can carry a phone number or a
+    pasted key. Results are cached (identifiers repeat)."""
+    if not value:
+        return value
+    hit = _IDENT_CACHE.get(value)
+    if hit is not None:
+        return hit
+    if redactor is None:
+        if not _default_redactor:
+            from gateway.audit.redact import Redactor
+
+            _default_redactor.append(Redactor())
+        redactor = _default_redactor[0]
+    out = redactor.redact(value)
+    if len(_IDENT_CACHE) >= 8192:
+        _IDENT_CACHE.clear()
+    _IDENT_CACHE[value] = out
+    return out
+
+
 def build_record(ctx: RequestContext, content: str = "none", redactor=None) -> dict[str, Any]:
     duration = ctx.duration
     end_wall = ctx.started_wall + duration
     ok = 200 <= ctx.status < 400 and ctx.decision == "allowed"
     p = ctx.principal
     llm: dict[str, Any] = {
-        "model": ctx.model,
+        "model": redact_identifier(ctx.model),
         "upstream": ctx.endpoint,
         "attempts": ctx.attempts,
         "decision": ctx.decision,
@@ -150,17 +176,30 @@ def build_record(ctx: RequestContext, content: str = "none", redactor=None) -> d
             "duration": int(duration * 1e9),
             "id": ctx.request_id,
         },
-        "user": {"id": p.subject if p is not None else None},
+        # Namespaced by credential kind and issuer (key:<subject>, jwt:<issuer>#<sub>): never ambiguous.
+        "user": _user(p),
         "organization": {"id": p.tenant if p is not None else None},
         "client": {"ip": ctx.client_ip},
         "http": {
             "request": {"id": ctx.request_id, "method": ctx.method, "bytes": ctx.bytes_in},
             "response": {"status_code": ctx.status, "bytes": ctx.bytes_out},
         },
-        "url": {"path": ctx.extra.get("url_path", ctx.route)},
+        "url": {"path": redact_identifier(ctx.extra.get("url_path", ctx.route))},
         "llm": llm,
     }
     return rec
+
+
+def _user(p: Any) -> dict[str, Any]:
+    if p is None:
+        return {"id": None}
+    uid = p.id
+    red = redact_identifier(uid)
+    if red == uid:
+        return {"id": uid}
+    # A subject with personal data in it (a phone number as a token's sub): redacted, and its hash kept so
+    # one caller's records can still be told apart and correlated.
+    return {"id": red, "hash": hashlib.sha256(uid.encode()).hexdigest()}
 
 
 def dumps(rec: dict[str, Any]) -> bytes:

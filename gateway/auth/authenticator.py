@@ -24,15 +24,28 @@ def unauthorized(message: str, error: str = "invalid_token") -> ApiError:
 def bearer_token(
     headers: dict[bytes, bytes] | list[tuple[bytes, bytes]], limit: int = MAX_CREDENTIAL_BYTES
 ) -> str | None:
-    """The credential from ``Authorization: Bearer`` (or ``api-key`` / ``x-api-key`` headers)."""
+    """The credential from ``Authorization: Bearer`` (or ``api-key`` / ``x-api-key`` headers).
+
+    More than one credential header (two ``Authorization``, or ``Authorization`` and ``x-api-key``) is a 400:
+    which one "wins" would otherwise depend on the order a proxy wrote them in."""
     items = headers.items() if isinstance(headers, dict) else headers
     auth = None
     alt = None
+    seen = 0
     for k, v in items:
         if k == b"authorization":
             auth = v
+            seen += 1
         elif k in (b"api-key", b"x-api-key"):
             alt = v
+            seen += 1
+    if seen > 1:
+        raise ApiError(
+            400,
+            "More than one credential was sent (Authorization, api-key, x-api-key): send exactly one.",
+            code="duplicate_credentials",
+            reason="invalid_request",
+        )
     if auth is not None:
         if len(auth) > limit + 16:
             raise unauthorized("The credential is too large.")

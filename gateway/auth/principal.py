@@ -17,6 +17,29 @@ class Principal:
     models: frozenset[str] = field(default_factory=lambda: frozenset({"*"}))
     scopes: frozenset[str] = field(default_factory=frozenset)
 
+    @property
+    def id(self) -> str:
+        """The caller's identity, namespaced by credential kind (and issuer): ``key:<subject>`` for an API key,
+        ``jwt:<issuer>#<sub>`` for a token, ``anonymous``. A token's ``sub`` can never name an API key's
+        identity (quota buckets, audit ``user.id``), nor a subject of another issuer."""
+        if self.kind == "api_key":
+            return "key:" + self.subject
+        if self.kind == "jwt":
+            return f"jwt:{self.key_id}#{self.subject}"
+        return self.kind if self.subject == self.kind else f"{self.kind}:{self.subject}"
+
+    @property
+    def quota_names(self) -> tuple[str, ...]:
+        """Names under which the quota config may give this caller limits, most specific first: an API key
+        by its id or subject (or ``key:<...>``); a token only by its full :attr:`id`."""
+        if self.kind == "api_key":
+            names = [self.id]
+            if self.key_id is not None:
+                names += [self.key_id, "key:" + self.key_id]
+            names.append(self.subject)
+            return tuple(names)
+        return (self.id,)
+
     def may_use(self, model: str) -> bool:
         return "*" in self.models or model in self.models
 

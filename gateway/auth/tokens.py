@@ -179,6 +179,8 @@ class JwtVerifier:
         hit = self._verified.get(token)
         if hit is not None:
             principal, exp, iv, gen = hit
+            # Past the TTL, a cache hit starts the background refresh too (a removed key must stop working).
+            iv.cache.tick()
             if exp > self._now() - iv.cfg.leeway and gen == iv.cache.generation:
                 return principal
             del self._verified[token]

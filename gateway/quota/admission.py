@@ -20,6 +20,7 @@ from gateway.context import RequestContext
 from gateway.errors import ApiError
 from gateway.hooks import NO_TICKET, Ticket
 from gateway.quota.config import QuotaSettings
+from gateway.quota.fallback import ReplicaCount, mirror, share
 from gateway.quota.limits import Bucket, LimitTable, estimate_prompt_tokens, format_reset, rate_limit_headers
 from gateway.quota.memory import MemoryLimiter
 from gateway.quota.metrics import QuotaMetrics
@@ -88,6 +89,7 @@ class QuotaAdmission:
         self._last_log = 0.0
         self._deferred: deque[tuple[tuple[Bucket, ...], str, int]] = deque(maxlen=_MAX_DEFERRED)
         self._replay: asyncio.Task | None = None
+        self.replicas: ReplicaCount | None = None
 
     # -- the hook -------------------------------------------------------------------------------------------
 
@@ -97,7 +99,7 @@ class QuotaAdmission:
         p = ctx.principal
         if not self.has_limits or p is None or ctx.model is None:
             return NO_TICKET
-        buckets = self.table.buckets(p.subject, p.key_id, p.tenant, ctx.model)
+        buckets = self.table.buckets(p.id, p.quota_names, p.tenant, ctx.model)
         if not buckets:
             return NO_TICKET
         cost = self.reservation(ctx)
@@ -159,6 +161,11 @@ class QuotaAdmission:
             except BACKEND_ERRORS as e:
                 self.backend_failed(e)
             else:
+                # The local fallback starts from the shared state, split among replicas (quota/fallback.py).
+                mirror(self.local, buckets, decision)
+                if self.replicas is None:
+                    self.replicas = ReplicaCount(remote.client, self.settings.key_prefix)
+                    self.replicas.start()
                 if self._down:
                     self._down = False
                     self.metrics.backend_up.labels(remote.backend).set(1)
@@ -177,7 +184,8 @@ class QuotaAdmission:
                 headers={"retry-after": str(max(math.ceil(self.settings.redis_retry_interval), 1))},
                 reason="quota_unavailable",
             )
-        return self.local, self.local.acquire(buckets, cost, lease)
+        n = self.replicas.count if self.replicas is not None else 1
+        return self.local, self.local.acquire(share(buckets, n), cost, lease)
 
     def backend_failed(self, e: BaseException, settle: bool = False) -> None:
         assert self.remote is not None
@@ -219,6 +227,8 @@ class QuotaAdmission:
     async def close(self) -> None:
         if self._replay is not None and not self._replay.done():
             self._replay.cancel()
+        if self.replicas is not None:
+            await self.replicas.stop()
         if self.remote is not None:
             await self.remote.close()
 

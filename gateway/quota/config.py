@@ -20,17 +20,24 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, ConfigDict, Field
+
+from configkit import StrictModel
 
 
-class Limits(BaseModel):
+class Limits(StrictModel):
     """One set of limits; ``None`` (or 0) means unlimited."""
 
     model_config = ConfigDict(populate_by_name=True, extra="forbid")
 
-    requests_per_minute: int | None = Field(default=None, ge=0, validation_alias=AliasChoices("requests_per_minute", "rpm"))
+    # Requests per minute (alias rpm).
+    requests_per_minute: int | None = Field(
+        default=None, ge=0, validation_alias=AliasChoices("requests_per_minute", "rpm")
+    )
     # Prompt + completion tokens per minute.
-    tokens_per_minute: int | None = Field(default=None, ge=0, validation_alias=AliasChoices("tokens_per_minute", "tpm"))
+    tokens_per_minute: int | None = Field(
+        default=None, ge=0, validation_alias=AliasChoices("tokens_per_minute", "tpm")
+    )
     max_concurrent: int | None = Field(
         default=None, ge=0, validation_alias=AliasChoices("max_concurrent", "concurrency", "max_concurrency")
     )
@@ -55,14 +62,16 @@ class Limits(BaseModel):
 class ScopeLimits(Limits):
     """Limits of a principal or tenant, with optional extra limits per model (applied in addition)."""
 
+    # Extra limits per model name (applied in addition).
     models: dict[str, Limits] = Field(default_factory=dict)
 
 
-class OverloadSettings(BaseModel):
+class OverloadSettings(StrictModel):
     """Bounded waiting in front of engines whose queues are already long."""
 
     model_config = ConfigDict(extra="forbid")
 
+    # Hold requests briefly (then 503) while every replica's vLLM queue is long.
     enabled: bool = False
     # A replica is overloaded when its vllm:num_requests_waiting is above this.
     queue_threshold: int = Field(default=16, ge=0)
@@ -78,11 +87,14 @@ class OverloadSettings(BaseModel):
     metrics_max_age: float = Field(default=10.0, gt=0)
 
 
-class QuotaSettings(BaseModel):
+class QuotaSettings(StrictModel):
     model_config = ConfigDict(extra="forbid")
 
+    # Enforce quotas (when any limit or overload protection is configured).
     enabled: bool = True
+    # memory: counters per gateway process; redis: shared by every replica and worker.
     backend: Literal["memory", "redis"] = "memory"
+    # Redis for backend: redis (credentials: set it through GATEWAY_QUOTA__REDIS_URL).
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Connect/read timeout towards Redis, and the longest wait for a pooled connection (seconds): how long a
     # request may wait on a sick Redis before the configured failure mode applies.

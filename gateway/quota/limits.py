@@ -56,19 +56,22 @@ class LimitTable:
         self.settings = settings
         self._cache: dict[tuple[str, str | None, str, str], tuple[Bucket, ...]] = {}
 
-    def buckets(self, subject: str, key_id: str | None, tenant: str, model: str) -> tuple[Bucket, ...]:
-        ck = (subject, key_id, tenant, model)
+    def buckets(self, pid: str, names: tuple[str, ...], tenant: str, model: str) -> tuple[Bucket, ...]:
+        """The buckets of principal ``pid`` (namespaced by credential kind, ``Principal.id``), whose limits are
+        the first of ``names`` (``Principal.quota_names``) found in ``principals``, else the default."""
+        ck = (pid, names, tenant, model)
         hit = self._cache.get(ck)
         if hit is not None:
             return hit
         s = self.settings
         out: list[Bucket] = []
-        pname = key_id if key_id is not None and key_id in s.principals else subject
-        scope = s.principals.get(pname)
+        pname = next((n for n in names if n in s.principals), None)
+        scope = s.principals.get(pname) if pname is not None else None
         base: Limits = scope if scope is not None else s.default
-        _add(out, f"p:{pname}", base)
+        # Named after the caller's namespaced id: a token's subject never shares an API key's bucket.
+        _add(out, f"p:{pid}", base)
         if scope is not None and model in scope.models:
-            _add(out, f"p:{pname}:m:{model}", scope.models[model])
+            _add(out, f"p:{pid}:m:{model}", scope.models[model])
         tscope = s.tenants.get(tenant)
         if tscope is not None:
             _add(out, f"t:{tenant}", tscope)

@@ -137,7 +137,7 @@ def test_stream_reserved_at_admission_and_settled_to_real_usage(engine, redis_se
     q = quota_cfg(redis_server.url, {"tpm": 120})  # 0.5 s of TAT per token, 120 tokens of burst
     gw = gateway_factory(gateway_config([engine.url], quota=q))
     r = redis_server.client()
-    key = q["key_prefix"] + "p:all:t"
+    key = q["key_prefix"] + "p:key:all:t"
     us_per_token = PERIOD / 120 * 1e6
     try:
         # Prime: the bucket's TAT moves ahead of the clock (and stays ahead for the rest of the test).
@@ -177,7 +177,7 @@ def test_usage_chunk_hidden_or_kept_as_the_client_asked(engine, redis_server, ga
     q = quota_cfg(redis_server.url, {"tpm": 60})  # 1 s of TAT per token: the TAT stays ahead of the clock
     gw = gateway_factory(gateway_config([engine.url], quota=q))
     r = redis_server.client()
-    key = q["key_prefix"] + "p:all:t"
+    key = q["key_prefix"] + "p:key:all:t"
     try:
         # Asked: exactly one usage chunk, the last before [DONE], with the real counts.
         status, _, asked = _stream(gw.url, chat_body(8, stream=True, stream_options={"include_usage": True}))

@@ -4,6 +4,7 @@ loads into the gateway, and the Service it port-forwards is the one the chart re
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -45,19 +46,22 @@ def test_doc_secrets_are_the_ones_the_example_reads() -> None:
 def test_documented_key_command_writes_a_file_the_gateway_loads(tmp_path) -> None:
     from gateway.auth.apikeys import ApiKeyStore
 
-    m = re.search(r"llm-gateway keys create (.*) > (\S+) 2> (\S+)", DOC)
+    m = re.search(r"llm-gateway keys create (.*) --file (\S+) > (\S+)", DOC)
     assert m
-    args, key_file, keys_yaml = m.groups()
+    args, keys_yaml, key_file = m.groups()
     r = subprocess.run(
-        [sys.executable, "-m", "gateway", "keys", "create", *args.split()],
-        cwd=REPO,
+        [sys.executable, "-m", "gateway", "keys", "create", *args.split(), "--file", keys_yaml],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True,
         text=True,
         check=True,
     )
     (tmp_path / key_file).write_text(r.stdout)
-    (tmp_path / keys_yaml).write_text(r.stderr)
     store = ApiKeyStore.from_settings([], str(tmp_path / keys_yaml))
     principal = store.lookup(r.stdout.strip())
     assert principal is not None and principal.tenant == "team-a"
-    assert r.stdout.strip() not in r.stderr, "the key itself must not be in the file that becomes a Secret"
+    assert r.stdout.strip() not in (tmp_path / keys_yaml).read_text(), (
+        "the key must not be in the file that becomes a Secret"
+    )
+    assert r.stdout.strip() not in r.stderr

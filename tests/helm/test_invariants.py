@@ -499,12 +499,40 @@ def test_monitoring_objects_when_enabled() -> None:
     sms = {m["metadata"]["name"]: m for m in objs.kinds("ServiceMonitor")}
     gw_sm = sms[f"{RELEASE}-private-llm-gateway"]
     gw_svc = objs.get("Service", f"{RELEASE}-private-llm-gateway")
-    assert selector_matches(gw_sm["spec"]["selector"]["matchLabels"], gw_svc["metadata"]["labels"])
+    metrics_svc = objs.get("Service", f"{RELEASE}-private-llm-gateway-metrics")
+    # The gateway's metrics have their own ClusterIP Service and port; the API Service (maybe a LoadBalancer)
+    # does not carry them.
+    assert selector_matches(gw_sm["spec"]["selector"]["matchLabels"], metrics_svc["metadata"]["labels"])
+    assert not selector_matches(gw_sm["spec"]["selector"]["matchLabels"], gw_svc["metadata"]["labels"])
+    assert metrics_svc["spec"]["type"] == "ClusterIP"
+    assert [p["name"] for p in metrics_svc["spec"]["ports"]] == ["metrics"]
+    assert [e["port"] for e in gw_sm["spec"]["endpoints"]] == ["metrics"]
+    (gw,) = [d for d in objs.kinds("Deployment") if d["metadata"]["name"] == f"{RELEASE}-private-llm-gateway"]
+    env = {e["name"]: e.get("value") for e in gw["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["GATEWAY_METRICS_PORT"] == "9091" and env["GATEWAY_TRUSTED_PROXIES"] == "[]"
     eng_sm = sms[f"{RELEASE}-private-llm-engines"]
     for w in objs.engines():
         svc = objs.get("Service", w["metadata"]["name"])
         assert selector_matches(eng_sm["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"])
     assert not selector_matches(eng_sm["spec"]["selector"]["matchLabels"], gw_svc["metadata"]["labels"])
+
+
+def test_gateway_network_policy_opens_metrics_to_prometheus_only() -> None:
+    objs = render({})
+    pol = objs.get("NetworkPolicy", f"{RELEASE}-private-llm-gateway")
+    rules = pol["spec"]["ingress"]
+    api = [r for r in rules if [p["port"] for p in r["ports"]] == ["http"]]
+    metrics = [r for r in rules if [p["port"] for p in r["ports"]] == ["metrics"]]
+    assert len(api) == 1 and "from" not in api[0]  # clients reach the API from anywhere
+    assert len(metrics) == 1 and metrics[0]["from"][0]["podSelector"]["matchLabels"]
+    assert all("metrics" not in [p["port"] for p in r["ports"]] or r.get("from") for r in rules)
+
+
+def test_redis_persistence_on_by_default() -> None:
+    objs = render({"redis": {"enabled": True, "password": "pw"}})
+    (sts,) = [s for s in objs.kinds("StatefulSet") if s["metadata"]["name"].endswith("-redis")]
+    assert "--appendonly yes" in sts["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert sts["spec"].get("volumeClaimTemplates")
 
 
 def test_notes_print_base_url_and_a_curl() -> None:

@@ -36,6 +36,22 @@ SCHEMA_CASES = {
     "API key without id": ({"gateway": {"apiKeys": [{"sha256": "a" * 64}]}}, "missing property 'id'"),
     "API keys in the ConfigMap": ({"gateway": {"config": {"api_keys": []}}}, "/gateway/config/api_keys"),
     "models in gateway.config": ({"gateway": {"config": {"models": []}}}, "/gateway/config/models"),
+    # gateway.config's schema is generated from the gateway's settings models (scripts/gen_chart_schema.py)
+    "misspelled gateway section": ({"gateway": {"config": {"qouta": {}}}}, "additional properties 'qouta' not allowed"),
+    "misspelled nested gateway key": (
+        {"gateway": {"config": {"audit": {"enabeld": True}}}},
+        "additional properties 'enabeld' not allowed",
+    ),
+    "JWT issuers outside auth": ({"gateway": {"config": {"issuers": []}}}, "additional properties 'issuers' not allowed"),
+    "quota limit of the wrong type": (
+        {"gateway": {"config": {"quota": {"default": {"rpm": "sixty"}}}}},
+        "/gateway/config/quota/default/rpm",
+    ),
+    "misspelled gatewayModel key": (
+        {"models": [{**MODEL, "gatewayModel": {"owner": "x"}}]},
+        "additional properties 'owner' not allowed",
+    ),
+    "misspelled model timeout": ({"models": [{**MODEL, "timeouts": {"frist_byte": 5}}]}, "'frist_byte' not allowed"),
     "GPU memory utilization above 1": (
         {"models": [{**MODEL, "settings": {"gpuMemoryUtilization": 1.5}}]},
         "/models/0/settings/gpuMemoryUtilization",

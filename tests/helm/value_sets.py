@@ -69,7 +69,7 @@ TP2_PVC: dict[str, Any] = {
         },
         "podDisruptionBudget": {"enabled": True, "maxUnavailable": 1},
         "s3Credentials": True,
-        "config": {"audit": {"archive": {"bucket": "audit", "prefix": "gateway/"}}},
+        "config": {"audit": {"archive_bucket": "audit", "archive_prefix": "gateway/"}},
     },
     "redis": {"external": {"url": f"redis://:{REDIS_URL_PASSWORD}@redis.corp.example:6379/2"}},
 }

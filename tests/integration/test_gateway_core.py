@@ -158,7 +158,13 @@ def test_generate_compat_shim(gateway):
 def test_health_and_readiness(gateway):
     assert httpx.get(gateway.url + "/healthz").status_code == 200
     r = httpx.get(gateway.url + "/readyz")
+    # Without a credential: the status only, no model names.
+    assert r.status_code == 200 and r.json() == {"status": "ready", "draining": False}
+    r = httpx.get(gateway.url + "/readyz", headers=_auth())
     assert r.status_code == 200 and r.json()["models"] == {MODEL: True}
+    # The models a key may use only; a wrong credential is a 401.
+    assert httpx.get(gateway.url + "/readyz", headers=_auth(KEY_LIMITED)).json()["models"] == {}
+    assert httpx.get(gateway.url + "/readyz", headers=_auth("sk-wrong")).status_code == 401
 
 
 # -- errors: every one OpenAI-shaped with the right status ---------------------------------------------------
@@ -359,7 +365,7 @@ def test_readiness_all_models_or_any(engine, gateway_factory):
     cfg = gateway_config([engine.url])
     cfg["models"].append({"name": "model-without-replicas", "upstreams": [f"http://127.0.0.1:{free_port()}"]})
     g = gateway_factory(cfg)
-    r = httpx.get(g.url + "/readyz", timeout=10)
+    r = httpx.get(g.url + "/readyz", headers=_auth(), timeout=10)
     assert r.status_code == 503 and r.json()["models"] == {MODEL: True, "model-without-replicas": False}
     assert httpx.get(g.url + "/readyz?require=any", timeout=10).status_code == 200
     r = httpx.get(g.url + "/readyz?require=most", timeout=10)

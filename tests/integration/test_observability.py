@@ -95,7 +95,7 @@ def test_counters_and_histograms_match_the_traffic_sent(obs_gateway, engine):
         limited = {"authorization": f"Bearer {KEY_LIMITED}"}
         assert c.post("/v1/completions", headers=limited, json={"model": MODEL, "prompt": "x"}).status_code in (403, 404)
         assert c.post("/v1/completions", headers=AUTH, json={"model": "no-such", "prompt": "x"}).status_code == 404
-    m = scrape(g.url + "/metrics")
+    m = scrape(g.metrics_url)
     vllm_after = scrape(engine.url + "/metrics")
 
     ok = 3 + 3 + 1 + 1
@@ -171,7 +171,7 @@ def test_upstream_faults_count_by_kind_and_retries(engine, gateway_factory):
             for _ in range(4):
                 r = c.post("/v1/completions", headers=AUTH, json={"model": MODEL, "prompt": "x", "max_tokens": 2})
                 assert r.status_code == 200, r.text
-        m = scrape(g.url + "/metrics")
+        m = scrape(g.metrics_url)
     finally:
         server.shutdown()
     hits = _FaultHandler.hits
@@ -183,7 +183,7 @@ def test_upstream_faults_count_by_kind_and_retries(engine, gateway_factory):
 
 def test_every_metric_in_dashboard_and_alerts_exists_in_a_real_scrape(obs_gateway, engine):
     exported = set()
-    for url in (obs_gateway.url + "/metrics", engine.url + "/metrics", engine.metrics_url):
+    for url in (obs_gateway.metrics_url, engine.url + "/metrics", engine.metrics_url):
         exported |= scrape_names(httpx.get(url, timeout=10).text)
     referenced: dict[str, str] = {}
     for r in alert_rules():

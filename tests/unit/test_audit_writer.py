@@ -70,7 +70,7 @@ async def test_one_record_per_request_with_ecs_fields(tmp_path: Path) -> None:
     assert r1["event"]["outcome"] == "failure" and r1["event"]["type"] == ["denied"]
     assert (
         r0["client"]["ip"] == "203.0.113.7"
-        and r0["user"]["id"] == "user-0"
+        and r0["user"]["id"] == "key:user-0"
         and r0["organization"]["id"] == "team-a"
     )
     assert r0["llm"]["usage"] == {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}

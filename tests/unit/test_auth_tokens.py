@@ -366,3 +366,74 @@ async def test_malformed_tokens_are_401_never_500(verifier: JwtVerifier, token_i
         assert ei.value.status == 401
     p = await verifier.verify(token_issuer.mint("ES256", scope=42, roles={"a": 1}, groups=["llm.tiny", 3], tenant=["x"]))
     assert p.models == {"tiny"} and p.tenant == "default"
+
+
+async def test_refresh_is_single_flight(fresh_issuer: TokenIssuer) -> None:
+    """Past the TTL, the background refresh and requests waiting for a new kid share one fetch."""
+    clock = FakeClock()
+    v = make_verifier(fresh_issuer, clock=clock, jwks_ttl=60, jwks_min_refresh_interval=10)
+    try:
+        cached = fresh_issuer.mint("RS256", sub="cached")
+        assert (await v.verify(cached)).subject == "cached"
+        n = fresh_issuer.hits["jwks"]
+        fresh_issuer.rotate(keep_old=True)
+        clock.t += 61
+        new_tokens = [fresh_issuer.mint(alg, sub=f"new-{alg}") for alg in ALGS for _ in range(3)]
+        # Cached hits first (each past the TTL: background refresh), then tokens with kids not seen yet.
+        got = await asyncio.gather(*(v.verify(cached) for _ in range(5)), *(v.verify(t) for t in new_tokens))
+        assert [p.subject for p in got[5:]] == [f"new-{alg}" for alg in ALGS for _ in range(3)]
+        assert fresh_issuer.hits["jwks"] == n + 1
+        # A second TTL period: again exactly one fetch, however many requests arrive.
+        clock.t += 61
+        await asyncio.gather(*(v.verify(cached) for _ in range(10)))
+        for _ in range(50):
+            if fresh_issuer.hits["jwks"] > n + 1:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)
+        assert fresh_issuer.hits["jwks"] == n + 2
+    finally:
+        await v.close()
+
+
+async def test_removed_kid_stops_cached_tokens_without_other_traffic(fresh_issuer: TokenIssuer) -> None:
+    """Only the cached token is used: the TTL refresh it triggers itself drops the removed key's verifications,
+    while a key that was merely added drops nothing."""
+    clock = FakeClock()
+    v = make_verifier(fresh_issuer, clock=clock, jwks_ttl=60, jwks_min_refresh_interval=10)
+    try:
+        token = fresh_issuer.mint("ES256", sub="cached")
+        assert (await v.verify(token)).subject == "cached"
+        gen = cache_of(v).generation
+        fresh_issuer.rotate(keep_old=True)  # a key added, the old one kept
+        clock.t += 61
+        assert (await v.verify(token)).subject == "cached"
+        await asyncio.sleep(0.2)
+        assert cache_of(v).generation == gen  # nothing removed: cached verifications stay
+        fresh_issuer.retired.clear()  # the IdP removes the old key
+        clock.t += 61
+        assert (await v.verify(token)).subject == "cached"  # this hit starts the refresh (stale keys meanwhile)
+        for _ in range(50):
+            if cache_of(v).generation != gen:
+                break
+            await asyncio.sleep(0.02)
+        await expect_401(v, token, "unknown key")
+    finally:
+        await v.close()
+
+
+def test_plain_http_jwks_outside_loopback_warns(caplog) -> None:
+    from gateway.auth.jwks import JwksCache, url_is_safe
+    from gateway.settings import IssuerConfig
+
+    assert url_is_safe("https://idp.example/jwks") and url_is_safe("http://127.0.0.1:8080/jwks")
+    assert url_is_safe("http://[::1]/jwks") and url_is_safe("http://localhost/jwks")
+    assert not url_is_safe("http://idp.example/jwks") and not url_is_safe("http://10.0.0.5/jwks")
+    with caplog.at_level("WARNING", logger="gateway.auth.jwks"):
+        JwksCache(IssuerConfig(issuer="http://idp.example/realms/x", audience="a"))
+    assert any("plain http" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gateway.auth.jwks"):
+        JwksCache(IssuerConfig(issuer="https://idp.example/realms/x", audience="a"))
+        JwksCache(IssuerConfig(issuer="http://127.0.0.1:9/realms/x", audience="a"))
+    assert not caplog.records

@@ -96,15 +96,27 @@ def test_bucket_resolution():
         "tenants": {"team": {"max_concurrent": 3, "models": {"big": {"tpm": 50}}}},
     })
     t = LimitTable(s)
-    assert t.buckets("someone", "k1", "other", "big") == (Bucket("p:someone", rpm=5),)
-    got = t.buckets("subj", "bot", "team", "big")
+    someone = Principal("someone", "other", "api_key", "k1")
+    assert t.buckets(someone.id, someone.quota_names, "other", "big") == (Bucket("p:key:someone", rpm=5),)
+    by_key_id = Principal("subj", "team", "api_key", "bot")
+    got = t.buckets(by_key_id.id, by_key_id.quota_names, "team", "big")
     assert got == (
-        Bucket("p:bot", rpm=10, tpm=1000),
-        Bucket("p:bot:m:big", rpm=1),
+        Bucket("p:key:subj", rpm=10, tpm=1000),
+        Bucket("p:key:subj:m:big", rpm=1),
         Bucket("t:team", concurrency=3),
         Bucket("t:team:m:big", tpm=50),
     )
-    assert t.buckets("bot", None, "team", "small") == (Bucket("p:bot", rpm=10, tpm=1000), Bucket("t:team", concurrency=3))
+    by_subject = Principal("bot", "team", "api_key", "k9")
+    assert t.buckets(by_subject.id, by_subject.quota_names, "team", "small") == (
+        Bucket("p:key:bot", rpm=10, tpm=1000),
+        Bucket("t:team", concurrency=3),
+    )
+    # A token whose subject is "bot" is someone else: the default limits, its own bucket.
+    jwt = Principal("bot", "team", "jwt", "https://idp.example")
+    assert t.buckets(jwt.id, jwt.quota_names, "team", "small") == (
+        Bucket("p:jwt:https://idp.example#bot", rpm=5),
+        Bucket("t:team", concurrency=3),
+    )
     assert QuotaSettings().active is False
     assert s.active
 

@@ -165,7 +165,7 @@ def test_unreachable_means_no_answer_not_a_refusal():
 
 
 def test_gateway_and_engine_share_only_objectstore():
-    """gateway/ and engine/ never import each other; objectstore/ (used by both) imports neither."""
+    """gateway/ and engine/ never import each other; objectstore/ and configkit/ (used by both) import neither."""
     import ast
 
     def imported(pkg: str) -> set[str]:
@@ -180,4 +180,5 @@ def test_gateway_and_engine_share_only_objectstore():
 
     assert "engine" not in imported("gateway") and "gateway" not in imported("engine")
     assert not imported("objectstore") & {"engine", "gateway", "torch", "vllm", "starlette"}
+    assert not imported("configkit") & {"engine", "gateway", "objectstore", "torch", "vllm", "starlette"}
     assert "objectstore" in imported("gateway") and "objectstore" in imported("engine")

@@ -93,6 +93,15 @@ def test_bad_settings_are_rejected(bad):
         EngineSettings(model="/m", **bad)
 
 
+def test_api_key_reaches_vllm_through_its_environment_never_argv():
+    s = EngineSettings(model="/m", api_key="sk-engine-secret")
+    cmd = build_vllm_command(s, "/m", device="cuda")
+    assert not any("sk-engine-secret" in a for a in cmd) and "--api-key" not in cmd
+    env = vllm_environment("cuda", {"ENGINE_API_KEY": "sk-engine-secret", "PATH": "/bin"}, s.api_key)
+    assert env["VLLM_API_KEY"] == "sk-engine-secret"
+    assert "ENGINE_API_KEY" not in env and env["PATH"] == "/bin"
+
+
 # ------------------------------------------------- the flags we emit exist in the vLLM releases we run
 
 
@@ -139,13 +148,13 @@ def test_runtime_lora_enables_lora_and_sets_vllm_switch():
     s = EngineSettings(model="/m", allow_runtime_lora=True, max_lora_rank=16)
     cmd = build_vllm_command(s, "/m", device="cpu")
     assert "--enable-lora" in cmd and "--lora-modules" not in cmd and _flag(cmd, "--max-lora-rank") == "16"
-    assert vllm_environment("cpu", {}, s)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
-    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in vllm_environment("cpu", {}, EngineSettings(model="/m"))
+    assert vllm_environment("cpu", {}, settings=s)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in vllm_environment("cpu", {}, settings=EngineSettings(model="/m"))
     # named/required tool choices as schema-guided JSON (honours no-free-whitespace) instead of structural tags
     off = EngineSettings(model="/m", tool_call_structural_tags=False, responses_store=True)
-    assert vllm_environment("cpu", {}, off)["VLLM_ENFORCE_STRICT_TOOL_CALLING"] == "0"
-    assert vllm_environment("cpu", {}, off)["VLLM_ENABLE_RESPONSES_API_STORE"] == "1"
-    assert "VLLM_ENFORCE_STRICT_TOOL_CALLING" not in vllm_environment("cpu", {}, EngineSettings(model="/m"))
+    assert vllm_environment("cpu", {}, settings=off)["VLLM_ENFORCE_STRICT_TOOL_CALLING"] == "0"
+    assert vllm_environment("cpu", {}, settings=off)["VLLM_ENABLE_RESPONSES_API_STORE"] == "1"
+    assert "VLLM_ENFORCE_STRICT_TOOL_CALLING" not in vllm_environment("cpu", {}, settings=EngineSettings(model="/m"))
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,47 @@
+"""The per-request access log: one JSON line per request at INFO on the ``gateway.access`` logger.
+
+Fields: request id, principal (API key id or token subject), tenant, method, route, model, status, decision,
+replica, prompt/completion tokens, time to first token and duration (milliseconds). Never prompt or
+completion text, never credentials. On by default; ``access_log: false`` (``GATEWAY_ACCESS_LOG=false``)
+turns it off. The JSON shape comes from gateway/logs.py (every log line of the gateway is one JSON object).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from gateway.context import RequestContext
+
+log = logging.getLogger("gateway.access")
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000.0, 2)
+
+
+class AccessLog:
+    """Observer: logs each finished request once."""
+
+    async def on_request_end(self, ctx: RequestContext) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return
+        p = ctx.principal
+        log.info(
+            "request",
+            extra={
+                "request_id": ctx.request_id,
+                "principal": (p.key_id or p.subject) if p is not None else None,
+                "tenant": p.tenant if p is not None else None,
+                "method": ctx.method,
+                "route": ctx.route,
+                "model": ctx.model,
+                "status": ctx.status,
+                "decision": ctx.decision,
+                "replica": ctx.endpoint,
+                "stream": ctx.stream,
+                "prompt_tokens": ctx.prompt_tokens,
+                "completion_tokens": ctx.completion_tokens,
+                "ttft_ms": _ms(ctx.ttft),
+                "duration_ms": _ms(ctx.duration),
+            },
+        )
