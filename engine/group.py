@@ -150,8 +150,8 @@ def group_vllm_args(s: Any, plan: GroupPlan) -> list[str]:
     """vLLM flags for this pod's role (appended to the single-replica command line)."""
     if not plan.is_group:
         if s.data_parallel_size > 1:
-            args = ["--data-parallel-size", str(s.data_parallel_size)]
-            return args + (["--enable-expert-parallel"] if s.enable_expert_parallel else [])
+            dp = ["--data-parallel-size", str(s.data_parallel_size)]
+            return dp + (["--enable-expert-parallel"] if s.enable_expert_parallel else [])
         return ["--enable-expert-parallel"] if s.enable_expert_parallel else []
     assert plan.leader_address is not None
     args: list[str] = []

@@ -305,7 +305,9 @@ class _Puller:
                 _remember_source(cache, self.uri, key, self.cfg)
             return PullResult(path, key, manifest, stats)
 
+        fingerprint_before: tuple[int, int] | None = None
         if (final / MANIFEST_NAME).is_file():
+            fingerprint_before = _stat_key(_fingerprint_path(cache, key))
             bad = _CacheCheck(final, key, manifest, self.verify_cache, self.concurrency, stats).run()
             if not bad:
                 stats.cache_hit = True
@@ -324,6 +326,15 @@ class _Puller:
         staging = cache / "staging" / key
         with _FileLock(cache / "locks" / f"{key}.lock", f"another process is pulling {src}; waiting for it") as lock:
             stats.waited_for_lock = lock.waited
+            if bad and _stat_key(_fingerprint_path(cache, key)) != fingerprint_before:
+                # Another process repaired (or re-checked) the copy while we waited for the lock: it re-recorded
+                # the fingerprint after hashing what it changed, so the cheap check decides.
+                bad = _CacheCheck(final, key, manifest, "size", self.concurrency, stats).run() \
+                    if (final / MANIFEST_NAME).is_file() else bad
+                if not bad:
+                    stats.cache_hit = True
+                    log.info("pull %s: another process repaired the cached copy meanwhile: %s", src, final)
+                    return done(final)
             if bad:
                 _evict(final, staging, key, bad)
                 stats.evicted = True
@@ -399,6 +410,15 @@ def _source_record(cache: Path, uri: str) -> Path:
 
 
 def _write_json_atomic(path: Path, doc: dict) -> None:
+    """Write ``doc`` by rename. Bookkeeping only: on a read-only or full cache a warning, never a failed pull
+    (a missing record costs a re-hash or no fallback later, nothing wrong is served)."""
+    try:
+        _write_json_atomic_or_raise(path, doc)
+    except OSError as e:
+        log.warning("cannot record %s in the cache: %s", path, e.strerror or e)
+
+
+def _write_json_atomic_or_raise(path: Path, doc: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "w") as f:
@@ -428,6 +448,14 @@ def _last_verified(cache: Path, uri: str) -> bytes | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return data if digest(data) == key else None
+
+
+def _stat_key(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 def _fingerprint_path(cache: Path, key: str) -> Path:

@@ -25,8 +25,8 @@ def _settings_help() -> str:
 def _serve(args: argparse.Namespace) -> int:
     from configkit import ConfigError
     from gateway import logs
-    from gateway.app import create_app
-    from gateway.drain import serve
+    from gateway.app import check_workers
+    from gateway.serve import serve
     from gateway.settings import load_settings
 
     try:
@@ -34,6 +34,9 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as e:  # one line naming the key and where it came from
         print(f"llm-gateway: invalid configuration: {e}", file=sys.stderr)
         return 2
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "workers": args.workers}.items() if v is not None}
+    if overrides:
+        settings = settings.model_copy(update=overrides)
     if settings.audit.enabled and settings.audit.archive_bucket:
         from objectstore import S3ConfigError, config_from_env
 
@@ -42,40 +45,19 @@ def _serve(args: argparse.Namespace) -> int:
         except S3ConfigError as e:
             print(f"llm-gateway: invalid S3 settings for the audit archive: {e}", file=sys.stderr)
             return 2
-    if args.host:
-        settings.host = args.host
-    if args.port is not None:
-        settings.port = args.port
+    problem = check_workers(settings)
+    if problem:
+        print(f"llm-gateway: {problem}", file=sys.stderr)
+        return 2
     logs.configure(settings.log_level)
-    if args.workers is not None:
-        settings.workers = args.workers
-    from gateway.http_server import uvicorn_options
-
-    common = dict(
-        host=settings.host,
-        port=settings.port,
-        loop="auto",
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=int(settings.drain_timeout),
-        backlog=4096,
-        **uvicorn_options(settings),
-    )
     if settings.workers > 1:
-        # Each worker re-reads the settings from the environment (config file path included).
-        import uvicorn
-
+        # Each worker re-reads the settings from the environment: hand it what the command line said.
         if args.config:
             os.environ["GATEWAY_CONFIG"] = args.config
         os.environ["GATEWAY_HOST"], os.environ["GATEWAY_PORT"] = settings.host, str(settings.port)
-        # Several worker processes: uvicorn's supervisor forwards SIGTERM and each worker shuts down
-        # gracefully (in-flight requests finish within drain_timeout); /readyz does not flip first.
-        uvicorn.run("gateway.app:create_app_from_env", factory=True, workers=settings.workers, **common)
-        return 0
-    app = create_app(settings)
-    # Graceful drain on SIGTERM: /readyz turns 503, in-flight streams finish (gateway/drain.py).
-    serve(app, settings)
-    return 0
+        os.environ["GATEWAY_WORKERS"] = str(settings.workers)
+    # Graceful drain on SIGTERM, with one worker or several: /readyz turns 503, in-flight streams finish.
+    return serve(settings)
 
 
 def _config_check(args: argparse.Namespace) -> int:
@@ -157,15 +139,15 @@ def _keys_list(args: argparse.Namespace) -> int:
         print(f"llm-gateway: {e}", file=sys.stderr)
         return 1
     rows = [("ID", "TENANT", "SUBJECT", "MODELS", "STATE", "SHA256")]
-    for e in entries:
+    for entry in entries:
         rows.append(
             (
-                str(e.get("id")),
-                str(e.get("tenant", "default")),
-                str(e.get("subject") or "-"),
-                ",".join(e.get("models", ["*"])),
-                "revoked" if e.get("disabled") else "active",
-                str(e.get("sha256", ""))[:12] + "…",
+                str(entry.get("id")),
+                str(entry.get("tenant", "default")),
+                str(entry.get("subject") or "-"),
+                ",".join(entry.get("models", ["*"])),
+                "revoked" if entry.get("disabled") else "active",
+                str(entry.get("sha256", ""))[:12] + "…",
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -304,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    rc: int = args.func(args)
+    return rc
 
 
 if __name__ == "__main__":

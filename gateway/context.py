@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from gateway.auth.principal import Principal
+from gateway.outcome import Ending, Outcome, classify
 
 
 def new_request_id() -> str:
@@ -51,9 +52,12 @@ class RequestContext:
         "response_headers",
         "extra",
         "upstream_errors",
+        "ending",
     )
 
-    def __init__(self, request_id: str, route: str, method: str = "POST", client_ip: str | None = None) -> None:
+    def __init__(
+        self, request_id: str, route: str, method: str = "POST", client_ip: str | None = None
+    ) -> None:
         self.request_id = request_id
         self.route = route
         self.method = method
@@ -69,9 +73,8 @@ class RequestContext:
         # The parsed request body (dict) once read; observers may read it (audit content policy).
         self.body: dict[str, Any] | None = None
         self.status = 0
-        # allowed | unauthenticated | forbidden | rate_limited | invalid_request | not_found |
-        # upstream_error | overloaded | client_closed
-        self.decision = "allowed"
+        # The outcome label (gateway/outcome.py), set once when the request ends from ``ending``.
+        self.decision: Outcome = Outcome.ALLOWED
         self.reason: str | None = None
         self.error_message: str | None = None
         self.endpoint: str | None = None
@@ -97,6 +100,18 @@ class RequestContext:
         # One entry per upstream fault, retried or not: connect | timeout | http_5xx | stream_broken |
         # stream_idle_timeout | broken | no_healthy_replica (metrics count them by kind).
         self.upstream_errors: list[str] = []
+        # How the request ended when not normally (the first ending recorded wins); see gateway/outcome.py.
+        self.ending: Ending | None = None
+
+    def end(self, ending: Ending) -> None:
+        """Record how the request ended, unless an earlier ending was already recorded."""
+        if self.ending is None:
+            self.ending = ending
+
+    def classify(self) -> None:
+        """Set the outcome label and reason from the recorded ending (once, when the request ends)."""
+        self.decision, reason = classify(self.ending)
+        self.reason = self.reason or reason
 
     @property
     def duration(self) -> float:

@@ -9,7 +9,9 @@ Sequence when SIGTERM (or SIGINT) arrives:
    (code ``draining``) and ``data: [DONE]``, so clients see a clean end and can retry.
 3. Then uvicorn's own shutdown runs: listeners close, idle keep-alive connections close, the lifespan
    shutdown closes upstream sessions. Anything still running after a short grace is cancelled.
-A second signal skips the wait.
+A second signal skips the wait (one that follows the first within ``SAME_SIGNAL_WINDOW`` seconds is taken
+as the same one: a signal sent to the process group reaches a worker both directly and from its supervisor).
+With several workers (gateway/serve.py) every worker drains this way.
 
 Kubernetes ordering (see docs/operations.md): the gateway Pod gets a ``preStop`` sleep of a few seconds so
 the Service stops sending to it before SIGTERM arrives; ``terminationGracePeriodSeconds`` must exceed
@@ -23,34 +25,54 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import time
 from types import FrameType
-from typing import Any
 
 import uvicorn
 
-from gateway.settings import GatewaySettings
+from gateway.state import GatewayState
 
 log = logging.getLogger("gateway.drain")
 
 # uvicorn's wait for connections after the drain: short, the drain already waited for requests.
-SHUTDOWN_GRACE = 2.0
+SHUTDOWN_GRACE = 2
+SAME_SIGNAL_WINDOW = 1.0
+
+
+_early_signal: list[int] = []
+
+
+def catch_early_signals() -> None:
+    """Until the server runs, remember SIGTERM/SIGINT instead of dying; the server then drains at once."""
+
+    def remember(sig: int, frame: FrameType | None) -> None:
+        _early_signal.append(sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, remember)
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, state: Any, drain_timeout: float) -> None:
+    def __init__(self, config: uvicorn.Config, state: GatewayState, drain_timeout: float) -> None:
         super().__init__(config)
         self.state = state
         self.drain_timeout = drain_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._drain_task: asyncio.Task | None = None
+        self._drain_task: asyncio.Task[None] | None = None
+        self._first_signal = 0.0
 
-    async def startup(self, sockets=None) -> None:
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets=sockets)
+        if _early_signal:
+            self.handle_exit(_early_signal[0], None)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Not appended to uvicorn's captured signals: after a clean drain the process exits 0.
+        now = time.monotonic()
+        if self.state.draining and now - self._first_signal < SAME_SIGNAL_WINDOW:
+            return
         if self._drain_task is not None or self.state.draining or self._loop is None:
             log.warning("second signal %s: exiting now", signal.Signals(sig).name)
             if self.should_exit:
@@ -58,6 +80,7 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
             return
         self.state.draining = True
+        self._first_signal = now
         log.info(
             "signal %s: draining %d in-flight requests (up to %.0fs)",
             signal.Signals(sig).name,
@@ -84,20 +107,3 @@ class DrainingServer(uvicorn.Server):
         else:
             log.info("drained: no request in flight")
         self.should_exit = True
-
-
-def serve(app: Any, settings: GatewaySettings) -> None:
-    from gateway.http_server import uvicorn_options
-
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        loop="auto",
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=SHUTDOWN_GRACE,
-        backlog=4096,
-        **uvicorn_options(settings),
-    )
-    DrainingServer(config, app.state.gateway, settings.drain_timeout).run()

@@ -36,7 +36,7 @@ class RouteSpec:
     # used in metrics and audit (the path pattern, never a concrete id).
     upstream_path: str
     route_name: str
-    streamable: bool = False
+    streamable: bool = True
     request_transform: RequestTransform | None = None
     response_transform: ResponseTransform | None = None
     # The path clients call (Starlette pattern); defaults to ``route_name``.
@@ -108,6 +108,7 @@ RESPONSES_GET = RouteSpec(
     "/v1/responses/{response_id}",
     "/v1/responses/{id}",
     path="/v1/responses/{response_id}",
+    streamable=False,
     methods=("GET",),
     model_from="affinity",
     affinity_param="response_id",
@@ -118,6 +119,7 @@ RESPONSES_CANCEL = RouteSpec(
     "/v1/responses/{response_id}/cancel",
     "/v1/responses/{id}/cancel",
     path="/v1/responses/{response_id}/cancel",
+    streamable=False,
     model_from="affinity",
     affinity_param="response_id",
     usage="none",
@@ -126,6 +128,7 @@ RESPONSES_CANCEL = RouteSpec(
 EMBEDDINGS = RouteSpec(
     "/v1/embeddings",
     "/v1/embeddings",
+    streamable=False,
     usage="prompt_only",
     text_fields=("input",),
     feature="embed (pooling runner)",
@@ -133,6 +136,7 @@ EMBEDDINGS = RouteSpec(
 SCORE = RouteSpec(
     "/v1/score",
     "/v1/score",
+    streamable=False,
     usage="prompt_only",
     text_fields=("text_1", "text_2", "queries", "documents"),
     feature=_SCORE,
@@ -140,23 +144,44 @@ SCORE = RouteSpec(
 SCORE_ALIAS = RouteSpec(
     "/score",
     "/score",
+    streamable=False,
     usage="prompt_only",
     text_fields=("text_1", "text_2", "queries", "documents"),
     feature=_SCORE,
 )
 RERANK = RouteSpec(
-    "/v1/rerank", "/v1/rerank", usage="prompt_only", text_fields=("query", "documents"), feature=_SCORE
+    "/v1/rerank",
+    "/v1/rerank",
+    streamable=False,
+    usage="prompt_only",
+    text_fields=("query", "documents"),
+    feature=_SCORE,
 )
 RERANK_ALIAS = RouteSpec(
-    "/rerank", "/rerank", usage="prompt_only", text_fields=("query", "documents"), feature=_SCORE
+    "/rerank",
+    "/rerank",
+    streamable=False,
+    usage="prompt_only",
+    text_fields=("query", "documents"),
+    feature=_SCORE,
 )
 RERANK_V2 = RouteSpec(
-    "/v2/rerank", "/v2/rerank", usage="prompt_only", text_fields=("query", "documents"), feature=_SCORE
+    "/v2/rerank",
+    "/v2/rerank",
+    streamable=False,
+    usage="prompt_only",
+    text_fields=("query", "documents"),
+    feature=_SCORE,
 )
 TOKENIZE = RouteSpec(
-    "/tokenize", "/tokenize", usage="none", text_fields=("messages", "prompt"), feature="any model"
+    "/tokenize",
+    "/tokenize",
+    streamable=False,
+    usage="none",
+    text_fields=("messages", "prompt"),
+    feature="any model",
 )
-DETOKENIZE = RouteSpec("/detokenize", "/detokenize", usage="none", feature="any model")
+DETOKENIZE = RouteSpec("/detokenize", "/detokenize", streamable=False, usage="none", feature="any model")
 TRANSCRIPTIONS = RouteSpec(
     "/v1/audio/transcriptions",
     "/v1/audio/transcriptions",

@@ -68,8 +68,6 @@ class UpstreamTimeouts(StrictModel):
     idle: float | None = Field(default=None, gt=0)
     # Older single knob: when set, the default of both ``first_byte`` and ``idle`` (each wins when set).
     read: float | None = Field(default=None, gt=0)
-    # Sending the request body to the replica.
-    write: float = 30.0
     # Waiting for a free connection from the pool.
     pool: float = 30.0
     # Whole request, 0 = no limit beyond the per-phase ones (the default: a long stream is never cut).
@@ -100,7 +98,9 @@ class ModelConfig(StrictModel):
     name: str
     # Base URLs of vLLM servers (http://10.0.0.5:8000), or ``dns+http://name:port`` for every A/AAAA record
     # of a name, re-resolved periodically (a Kubernetes headless Service).
-    upstreams: list[str] = Field(default_factory=list, description="Base URLs of vLLM servers, e.g. http://10.0.0.5:8000")
+    upstreams: list[str] = Field(
+        default_factory=list, description="Base URLs of vLLM servers, e.g. http://10.0.0.5:8000"
+    )
     # Name the engine serves the model under, when it differs from the public one.
     upstream_model: str | None = None
     # A LoRA adapter: the configured model whose engines serve it (loaded there at start via
@@ -436,8 +436,6 @@ class GatewaySettings(BaseSettings):
     max_retries: int = 2
     # Drain: seconds in-flight requests get to finish after SIGTERM.
     drain_timeout: float = 30.0
-    # Forward W3C traceparent and X-Request-Id to engines.
-    forward_request_id: bool = True
     # One JSON line per request at INFO (request id, principal, model, status, tokens, TTFT, duration; never
     # prompt text): gateway/accesslog.py. false turns it off.
     access_log: bool = True

@@ -70,7 +70,12 @@ def read_request(
         if not model:
             raise _missing_model()
         if "file" not in form.files:
-            raise ApiError(400, "You must upload the audio as the multipart field 'file'.", param="file", code="missing_file")
+            raise ApiError(
+                400,
+                "You must upload the audio as the multipart field 'file'.",
+                param="file",
+                code="missing_file",
+            )
         if form.files["file"] == 0:
             raise ApiError(400, "The uploaded 'file' is empty.", param="file", code="empty_file")
         # Only the text fields: the audit content policy and stream detection read them; the bytes go as they came.
@@ -80,13 +85,25 @@ def read_request(
         stored = index.lookup(rid) if index is not None else None
         if stored is None or stored.principal != principal_id:
             # Another caller's response is as unknown as one that never existed.
-            raise ApiError(404, f"Response with id '{rid}' not found.", param=spec.affinity_param, code="response_not_found")
-        return SurfaceRequest({"model": stored.model}, stored.model, raw, content_type or "application/json", stored.endpoint, upstream_path)
+            raise ApiError(
+                404,
+                f"Response with id '{rid}' not found.",
+                param=spec.affinity_param,
+                code="response_not_found",
+            )
+        return SurfaceRequest(
+            {"model": stored.model},
+            stored.model,
+            raw,
+            content_type or "application/json",
+            stored.endpoint,
+            upstream_path,
+        )
     body = _json_object(raw)
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
+    name = body.get("model")
+    if not isinstance(name, str) or not name:
         raise _missing_model()
-    return SurfaceRequest(body, model, raw, "application/json", upstream_path=upstream_path)
+    return SurfaceRequest(body, name, raw, "application/json", upstream_path=upstream_path)
 
 
 def check_route_served(spec: RouteSpec, endpoints: list[Any], model: str) -> None:

@@ -11,8 +11,6 @@ import aiohttp
 
 from gateway.settings import ModelConfig, UpstreamTimeouts
 
-UpstreamConnectError = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, ConnectionResetError)
-
 
 def client_timeout(t: UpstreamTimeouts) -> aiohttp.ClientTimeout:
     # aiohttp owns the connection phases: `connect` covers waiting for a pooled connection plus

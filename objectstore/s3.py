@@ -113,19 +113,33 @@ def config_from_env(env: Mapping[str, str] | None = None) -> S3Config:
     if source not in CREDENTIAL_SOURCES:
         raise S3ConfigError(f"S3_CREDENTIALS must be one of {', '.join(CREDENTIAL_SOURCES)}, not {source!r}")
     token_file = get("AWS_WEB_IDENTITY_TOKEN_FILE")
-    full_uri, rel_uri = get("AWS_CONTAINER_CREDENTIALS_FULL_URI"), get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+    full_uri, rel_uri = (
+        get("AWS_CONTAINER_CREDENTIALS_FULL_URI"),
+        get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"),
+    )
     if source == "auto":
-        source = ("static" if access else "web-identity" if token_file else "container" if full_uri or rel_uri
-                  else "anonymous")
+        source = (
+            "static"
+            if access
+            else "web-identity"
+            if token_file
+            else "container"
+            if full_uri or rel_uri
+            else "anonymous"
+        )
     if source == "static" and not access:
         raise S3ConfigError("S3_CREDENTIALS=static needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
     role_arn = get("AWS_ROLE_ARN")
     if source == "web-identity" and not (token_file and role_arn):
-        raise S3ConfigError("web-identity credentials need AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN "
-                            f"(set: {', '.join(n for n, v in (('AWS_WEB_IDENTITY_TOKEN_FILE', token_file), ('AWS_ROLE_ARN', role_arn)) if v) or 'neither'})")
+        raise S3ConfigError(
+            "web-identity credentials need AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN "
+            f"(set: {', '.join(n for n, v in (('AWS_WEB_IDENTITY_TOKEN_FILE', token_file), ('AWS_ROLE_ARN', role_arn)) if v) or 'neither'})"
+        )
     if source == "container" and not (full_uri or rel_uri):
-        raise S3ConfigError("container credentials need AWS_CONTAINER_CREDENTIALS_FULL_URI or "
-                            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+        raise S3ConfigError(
+            "container credentials need AWS_CONTAINER_CREDENTIALS_FULL_URI or "
+            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"
+        )
     sts = get("AWS_ENDPOINT_URL_STS")
     if sts:
         _endpoint(sts, "AWS_ENDPOINT_URL_STS")
@@ -154,7 +168,9 @@ def _pool_kwargs(cfg: S3Config, max_connections: int, tls: bool = True) -> dict[
         "timeout": Timeout(connect=10, read=60),
         "maxsize": max(max_connections, 1) + 2,
         # Connection failures are retried a little; a mid-body failure is resumed by the caller (ranged GET).
-        "retries": Retry(total=3, connect=2, read=1, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+        "retries": Retry(
+            total=3, connect=2, read=1, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]
+        ),
     }
     if not tls:
         return pool_kw
@@ -181,7 +197,9 @@ class _ExplainedProvider(Provider):
     def _where(self) -> str:
         c = self.cfg
         if c.credentials == "web-identity":
-            sts = c.sts_endpoint or (f"https://sts.{c.region}.amazonaws.com" if c.region else "https://sts.amazonaws.com")
+            sts = c.sts_endpoint or (
+                f"https://sts.{c.region}.amazonaws.com" if c.region else "https://sts.amazonaws.com"
+            )
             return f"web identity (STS {sts}, role {c.role_arn}, token file {c.web_identity_token_file})"
         if c.credentials == "container":
             return f"the container credentials endpoint ({c.container_full_uri or 'http://169.254.170.2' + (c.container_relative_uri or '')})"
@@ -191,13 +209,19 @@ class _ExplainedProvider(Provider):
         try:
             return self.inner.retrieve()
         except (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError) as e:
-            raise CredentialsError(f"cannot reach {self._where()} for S3 credentials: "
-                                   f"{type(getattr(e, 'reason', e) or e).__name__}", unreachable=True) from None
+            raise CredentialsError(
+                f"cannot reach {self._where()} for S3 credentials: "
+                f"{type(getattr(e, 'reason', e) or e).__name__}",
+                unreachable=True,
+            ) from None
         except OSError as e:  # the token file
-            raise CredentialsError(f"cannot read credentials for {self._where()}: {e.strerror or e}",
-                                   unreachable=False) from None
+            raise CredentialsError(
+                f"cannot read credentials for {self._where()}: {e.strerror or e}", unreachable=False
+            ) from None
         except (ValueError, KeyError, TypeError, ET.ParseError) as e:
-            raise CredentialsError(f"getting S3 credentials from {self._where()} failed: {e}", unreachable=False) from None
+            raise CredentialsError(
+                f"getting S3 credentials from {self._where()} failed: {e}", unreachable=False
+            ) from None
 
 
 def credentials_provider(cfg: S3Config) -> Provider | None:
@@ -206,11 +230,19 @@ def credentials_provider(cfg: S3Config) -> Provider | None:
         return None
     http = urllib3.PoolManager(**{k: v for k, v in _pool_kwargs(cfg, 2).items() if k != "maxsize"})
     if cfg.credentials == "web-identity":
-        inner = IamAwsProvider(custom_endpoint=cfg.sts_endpoint, http_client=http, token_file=cfg.web_identity_token_file,
-                               role_arn=cfg.role_arn, role_session_name=cfg.role_session_name, region=cfg.region)
+        inner = IamAwsProvider(
+            custom_endpoint=cfg.sts_endpoint,
+            http_client=http,
+            token_file=cfg.web_identity_token_file,
+            role_arn=cfg.role_arn,
+            role_session_name=cfg.role_session_name,
+            region=cfg.region,
+        )
     elif cfg.credentials == "container":
         # The authorization token (AWS_CONTAINER_AUTHORIZATION_TOKEN[_FILE]) is read by the provider itself.
-        inner = IamAwsProvider(http_client=http, full_uri=cfg.container_full_uri, relative_uri=cfg.container_relative_uri)
+        inner = IamAwsProvider(
+            http_client=http, full_uri=cfg.container_full_uri, relative_uri=cfg.container_relative_uri
+        )
     else:
         inner = IamAwsProvider(http_client=http)
     return _ExplainedProvider(inner, cfg)
@@ -235,7 +267,9 @@ def make_client(cfg: S3Config | None = None, *, max_connections: int = 10) -> Mi
 
 
 def _is_tls_error(e: BaseException) -> bool:
-    return isinstance(e, urllib3.exceptions.SSLError) or isinstance(getattr(e, "reason", None), urllib3.exceptions.SSLError)
+    return isinstance(e, urllib3.exceptions.SSLError) or isinstance(
+        getattr(e, "reason", None), urllib3.exceptions.SSLError
+    )
 
 
 def is_unreachable(e: BaseException) -> bool:
@@ -252,8 +286,15 @@ def is_unreachable(e: BaseException) -> bool:
     return isinstance(e, (urllib3.exceptions.HTTPError, OSError))
 
 
-_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken",
-                     "ExpiredToken", "AuthorizationHeaderMalformed", "InvalidSecurity"}
+_CREDENTIAL_CODES = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AccessDenied",
+    "InvalidToken",
+    "ExpiredToken",
+    "AuthorizationHeaderMalformed",
+    "InvalidSecurity",
+}
 _CREDENTIAL_HINTS = {
     "static": "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the key's permissions",
     "web-identity": "check AWS_ROLE_ARN and the role's permissions",
@@ -272,16 +313,22 @@ def describe_error(e: BaseException, cfg: S3Config, what: str, bucket: str | Non
         if code == "NoSuchBucket":
             return f"bucket {bucket or e.bucket_name!r} does not exist at {cfg.url} ({what})"
         if code in _CREDENTIAL_CODES:
-            return (f"S3 at {cfg.url} rejected the credentials ({code}) while {what}: "
-                    f"{_CREDENTIAL_HINTS.get(cfg.credentials, _CREDENTIAL_HINTS['static'])}")
+            return (
+                f"S3 at {cfg.url} rejected the credentials ({code}) while {what}: "
+                f"{_CREDENTIAL_HINTS.get(cfg.credentials, _CREDENTIAL_HINTS['static'])}"
+            )
         return f"S3 error {code or 'unknown'} while {what}: {e.message}"
     if isinstance(e, ServerError):
         return f"S3 at {cfg.url} answered HTTP {e.status_code} while {what}"
     if isinstance(e, InvalidResponseError):
         return f"S3 at {cfg.url} sent an invalid response while {what} (is this an S3 endpoint?)"
     if _is_tls_error(e):
-        return (f"TLS handshake with {cfg.url} failed while {what}: {getattr(e, 'reason', e)} "
-                "(set AWS_CA_BUNDLE to the CA that signed the endpoint's certificate)")
+        return (
+            f"TLS handshake with {cfg.url} failed while {what}: {getattr(e, 'reason', e)} "
+            "(set AWS_CA_BUNDLE to the CA that signed the endpoint's certificate)"
+        )
     if isinstance(e, (urllib3.exceptions.HTTPError, OSError)):
-        return f"cannot reach S3 endpoint {cfg.url} while {what}: {type(getattr(e, 'reason', e) or e).__name__}"
+        return (
+            f"cannot reach S3 endpoint {cfg.url} while {what}: {type(getattr(e, 'reason', e) or e).__name__}"
+        )
     return f"{type(e).__name__} while {what}: {e}"

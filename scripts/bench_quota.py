@@ -158,7 +158,7 @@ async def bench(args, url: str) -> dict:
     for backend in ("memory", "redis"):
         for shape in ("rpm", "full"):
             for conc in args.concurrency:
-                adm = QuotaAdmission(settings(backend, shape, url), {}, CollectorRegistry())
+                adm = QuotaAdmission(settings(backend, shape, url), CollectorRegistry())
                 try:
                     row = await run_one(adm, args.requests, conc)
                 finally:

@@ -35,6 +35,7 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("QUICKSTART_PORT", "8080", "gateway port (OPENAI_BASE_URL)"),
     ("QUICKSTART_ENGINE_PORT", "8000", "vLLM engine port"),
     ("QUICKSTART_METRICS_PORT", "9400", "engine metrics exporter port (ENGINE_METRICS_PORT)"),
+    ("QUICKSTART_GATEWAY_METRICS_PORT", "9091", "gateway /metrics port (GATEWAY_METRICS_PORT)"),
     ("QUICKSTART_S3_PORT", "9100", "embedded S3 server port"),
     ("QUICKSTART_DIR", ".cache/quickstart", "state: demo model, S3 data, weight cache, API key, logs"),
     ("QUICKSTART_MODEL_NAME", "tiny-chat", "the model name clients send"),
@@ -43,7 +44,8 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("VENV", ".venv", "the virtualenv scripts/bootstrap makes and quickstart runs from"),
     ("PYTHON", "python3", "the interpreter (3.11+) that creates the virtualenv"),
 )
-PORTS = {"gateway": "QUICKSTART_PORT", "engine": "QUICKSTART_ENGINE_PORT", "metrics": "QUICKSTART_METRICS_PORT", "s3": "QUICKSTART_S3_PORT"}
+PORTS = {"gateway": "QUICKSTART_PORT", "engine": "QUICKSTART_ENGINE_PORT", "metrics": "QUICKSTART_METRICS_PORT",
+         "gateway-metrics": "QUICKSTART_GATEWAY_METRICS_PORT", "s3": "QUICKSTART_S3_PORT"}
 DEFAULTS = {name: default for name, default, _ in VARIABLES}
 
 USAGE = """usage: scripts/quickstart [--help]
@@ -332,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             "    tenant: local\n"
             "    models: [\"*\"]\n"
         )
-        metrics_port = pick_port(9091)
+        metrics_port = ports["gateway-metrics"]
         gw_env = {"GATEWAY_CONFIG": str(cfg), "GATEWAY_PORT": str(gw_port), "GATEWAY_METRICS_PORT": str(metrics_port)}
         gw, gw_log = stack.start("gateway", [py, "-m", "gateway", "serve"], gw_env)
         wait_ok(f"http://127.0.0.1:{gw_port}/readyz", gw, 60, "gateway", gw_log)

@@ -225,7 +225,7 @@ def seal_orphan(sink: FileSink, pid: int) -> str | None:
         started = (head.get("audit_meta") or {}).get("started") or started
         segment = (head.get("audit") or {}).get("segment")
     chained = last is not None and isinstance(last.get("audit"), dict)
-    if chained and (last.get("event") or {}).get("action") != FOOTER:
+    if last is not None and chained and (last.get("event") or {}).get("action") != FOOTER:
         a = last["audit"]
         try:
             chain = Chain(a["segment"], int(a["seq"]) + 1, line_hash(lines[-1]))

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from gateway.auth.apikeys import ApiKeyStore
 from gateway.auth.principal import ANONYMOUS, Principal
 from gateway.errors import ApiError
+
+if TYPE_CHECKING:
+    from gateway.auth.tokens import JwtVerifier
 
 # Bearer credentials longer than this are rejected before any parsing.
 MAX_CREDENTIAL_BYTES = 8192
@@ -72,7 +77,7 @@ class Authenticator:
         keys: ApiKeyStore,
         *,
         enabled: bool = True,
-        token_verifier=None,
+        token_verifier: JwtVerifier | None = None,
         max_credential_bytes: int = MAX_CREDENTIAL_BYTES,
     ) -> None:
         self.keys = keys

@@ -1,4 +1,4 @@
-"""The Admission hook: overload wait, then quotas (reserve at admission, settle on real usage).
+"""The quota step of the admission chain: reserve at admission, settle on real usage.
 
 Per request: the buckets that apply are a cached lookup, the reservation is arithmetic on what the proxy
 already parsed (``prompt_chars``, ``max_tokens``), and the limiter is called once (one Redis round trip with
@@ -14,6 +14,7 @@ import os
 import time
 from collections import deque
 
+from prometheus_client import CollectorRegistry
 from redis.exceptions import RedisError
 
 from gateway.context import RequestContext
@@ -21,10 +22,16 @@ from gateway.errors import ApiError
 from gateway.hooks import NO_TICKET, Ticket
 from gateway.quota.config import QuotaSettings
 from gateway.quota.fallback import ReplicaCount, mirror, share
-from gateway.quota.limits import Bucket, LimitTable, estimate_prompt_tokens, format_reset, rate_limit_headers
+from gateway.quota.limits import (
+    Bucket,
+    Decision,
+    LimitTable,
+    estimate_prompt_tokens,
+    format_reset,
+    rate_limit_headers,
+)
 from gateway.quota.memory import MemoryLimiter
 from gateway.quota.metrics import QuotaMetrics
-from gateway.quota.overload import OverloadGuard
 from gateway.quota.redis_backend import RedisLimiter
 from gateway.routes import ROUTES_BY_NAME
 
@@ -41,7 +48,14 @@ class QuotaTicket:
 
     __slots__ = ("admission", "limiter", "buckets", "cost", "lease")
 
-    def __init__(self, admission: QuotaAdmission, limiter, buckets: tuple[Bucket, ...], cost: int, lease: str) -> None:
+    def __init__(
+        self,
+        admission: QuotaAdmission,
+        limiter: MemoryLimiter | RedisLimiter,
+        buckets: tuple[Bucket, ...],
+        cost: int,
+        lease: str,
+    ) -> None:
         self.admission = admission
         self.limiter = limiter
         self.buckets = buckets
@@ -58,7 +72,7 @@ class QuotaTicket:
             delta = 0  # a stream cut short without usage: keep the reservation
         ctx.extra["quota_settled_tokens"] = self.cost + delta
         limiter = self.limiter
-        if limiter.backend == "memory":
+        if isinstance(limiter, MemoryLimiter):
             limiter.release(self.buckets, self.lease, delta)
             return
         try:
@@ -70,32 +84,38 @@ class QuotaTicket:
 
 
 class QuotaAdmission:
-    def __init__(self, settings: QuotaSettings, pools: dict, registry) -> None:
+    """Admission step: refuses a request larger than a TPM limit at once, then enforces the limits."""
+
+    name = "quota"
+
+    def __init__(
+        self, settings: QuotaSettings, registry: CollectorRegistry, metrics: QuotaMetrics | None = None
+    ) -> None:
         self.settings = settings
         self.table = LimitTable(settings)
-        self.metrics = QuotaMetrics(registry)
+        self.metrics = metrics or QuotaMetrics(registry)
         self.local = MemoryLimiter()
         self.remote: RedisLimiter | None = None
         if settings.backend == "redis":
             self.remote = RedisLimiter(
-                settings.redis_url, prefix=settings.key_prefix, timeout=settings.redis_timeout,
-                lease_seconds=settings.concurrency_lease, max_connections=settings.redis_max_connections,
+                settings.redis_url,
+                prefix=settings.key_prefix,
+                timeout=settings.redis_timeout,
+                lease_seconds=settings.concurrency_lease,
+                max_connections=settings.redis_max_connections,
             )
             self.metrics.backend_up.labels("redis").set(1)
-        self.overload = OverloadGuard(settings.overload, pools, self.metrics) if settings.overload.enabled else None
         self.has_limits = settings.has_limits
         self._down_until = 0.0
         self._down = False
         self._last_log = 0.0
         self._deferred: deque[tuple[tuple[Bucket, ...], str, int]] = deque(maxlen=_MAX_DEFERRED)
-        self._replay: asyncio.Task | None = None
+        self._replay: asyncio.Task[None] | None = None
         self.replicas: ReplicaCount | None = None
 
     # -- the hook -------------------------------------------------------------------------------------------
 
     async def admit(self, ctx: RequestContext) -> Ticket:
-        if self.overload is not None and ctx.model is not None:
-            await self.overload.wait(ctx.model)
         p = ctx.principal
         if not self.has_limits or p is None or ctx.model is None:
             return NO_TICKET
@@ -128,7 +148,10 @@ class QuotaAdmission:
                 429,
                 f"Rate limit reached for '{ctx.model}' on {what}. Please try again in {format_reset(wait)}.",
                 code="rate_limit_exceeded",
-                headers={"retry-after": str(max(math.ceil(wait), 1)), "retry-after-ms": str(math.ceil(wait * 1000))},
+                headers={
+                    "retry-after": str(max(math.ceil(wait), 1)),
+                    "retry-after-ms": str(math.ceil(wait * 1000)),
+                },
                 reason="rate_limited",
             )
         return QuotaTicket(self, limiter, buckets, cost, lease)
@@ -140,7 +163,9 @@ class QuotaAdmission:
         spec = ROUTES_BY_NAME.get(ctx.route)
         if spec is not None and not spec.counts_tokens:
             return 0  # tokenize/detokenize, reading a stored response: authorized and rate-limited, never charged
-        prompt = estimate_prompt_tokens(ctx.prompt_chars, len(msgs) if isinstance(msgs, list) else 0, self.settings)
+        prompt = estimate_prompt_tokens(
+            ctx.prompt_chars, len(msgs) if isinstance(msgs, list) else 0, self.settings
+        )
         if spec is not None and not spec.reserves_completion:
             return prompt  # embeddings, score, rerank: the prompt is all there is
         completion = ctx.max_tokens if ctx.max_tokens is not None else self.settings.default_max_tokens
@@ -151,7 +176,9 @@ class QuotaAdmission:
 
     # -- backends -------------------------------------------------------------------------------------------
 
-    async def _acquire(self, buckets: tuple[Bucket, ...], cost: int, lease: str):
+    async def _acquire(
+        self, buckets: tuple[Bucket, ...], cost: int, lease: str
+    ) -> tuple[MemoryLimiter | RedisLimiter, Decision]:
         remote = self.remote
         if remote is None:
             return self.local, self.local.acquire(buckets, cost, lease)
@@ -197,10 +224,18 @@ class QuotaAdmission:
             self.metrics.backend_up.labels(self.remote.backend).set(0)
         if first or now - self._last_log >= _LOG_EVERY:
             self._last_log = now
-            action = "enforcing local per-replica limits (fail open)" if self.settings.on_backend_error == "open" else "refusing requests with 503 (fail closed)"
+            action = (
+                "enforcing local per-replica limits (fail open)"
+                if self.settings.on_backend_error == "open"
+                else "refusing requests with 503 (fail closed)"
+            )
             log.error(
                 "quota backend %s unreachable (%s: %s)%s; %s",
-                self.remote.backend, type(e).__name__, str(e)[:200], " while settling" if settle else "", action,
+                self.remote.backend,
+                type(e).__name__,
+                str(e)[:200],
+                " while settling" if settle else "",
+                action,
                 extra={"quota_backend": self.remote.backend, "quota_mode": self.settings.on_backend_error},
             )
 
@@ -231,10 +266,3 @@ class QuotaAdmission:
             await self.replicas.stop()
         if self.remote is not None:
             await self.remote.close()
-
-
-def build_admission(settings: QuotaSettings, pools: dict, registry) -> QuotaAdmission | None:
-    """The admission hook for these settings, or None when quotas and overload protection are both off."""
-    if not settings.active:
-        return None
-    return QuotaAdmission(settings, pools, registry)

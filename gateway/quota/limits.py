@@ -54,7 +54,7 @@ class LimitTable:
 
     def __init__(self, settings: QuotaSettings) -> None:
         self.settings = settings
-        self._cache: dict[tuple[str, str | None, str, str], tuple[Bucket, ...]] = {}
+        self._cache: dict[tuple[str, tuple[str, ...], str, str], tuple[Bucket, ...]] = {}
 
     def buckets(self, pid: str, names: tuple[str, ...], tenant: str, model: str) -> tuple[Bucket, ...]:
         """The buckets of principal ``pid`` (namespaced by credential kind, ``Principal.id``), whose limits are

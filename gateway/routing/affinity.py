@@ -17,10 +17,10 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
-from gateway.prompt import content_text
+from gateway.prompt import CHARS_PER_TOKEN_ID, content_text
 
 
 class _Loaded(Protocol):
@@ -60,10 +60,14 @@ def prompt_prefix(body: dict[str, Any] | None, limit: int) -> str | None:
         if isinstance(p, str):
             parts.append(p)
             n = len(p)
-        elif isinstance(p, list) and p and all(isinstance(t, int) for t in p[: limit // 4 + 1]):
-            # Token ids: count ~4 characters per token.
-            toks = p[: limit // 4]
-            if len(toks) * 4 < limit:
+        elif (
+            isinstance(p, list)
+            and p
+            and all(isinstance(t, int) for t in p[: limit // CHARS_PER_TOKEN_ID + 1])
+        ):
+            # Token ids: each counts as CHARS_PER_TOKEN_ID characters.
+            toks = p[: limit // CHARS_PER_TOKEN_ID]
+            if len(toks) * CHARS_PER_TOKEN_ID < limit:
                 return None
             return ",".join(map(str, toks))
     if n < limit:
@@ -90,7 +94,7 @@ class HashRing:
         self._keys = [p for p, _ in points]
         self._urls = [u for _, u in points]
 
-    def walk(self, key: int):
+    def walk(self, key: int) -> Iterator[str]:
         """Distinct URLs in ring order starting at ``key``."""
         if not self._keys:
             return

@@ -74,7 +74,8 @@ def test_busy_port_names_the_variable(tmp_path: Path) -> None:
         s.listen()
         busy = s.getsockname()[1]
         ports = {"QUICKSTART_PORT": free_port(), "QUICKSTART_ENGINE_PORT": busy}
-        ports |= {"QUICKSTART_S3_PORT": free_port(), "QUICKSTART_METRICS_PORT": free_port()}
+        ports |= {"QUICKSTART_S3_PORT": free_port(), "QUICKSTART_METRICS_PORT": free_port(),
+                  "QUICKSTART_GATEWAY_METRICS_PORT": free_port()}
         r = subprocess.run(
             [PY, str(REPO / "scripts/quickstart.py")],
             capture_output=True,
@@ -94,6 +95,7 @@ def test_stack_serves_readme_examples_reuses_and_stops_on_sighup(tmp_path: Path)
         "QUICKSTART_ENGINE_PORT": free_port(),
         "QUICKSTART_S3_PORT": free_port(),
         "QUICKSTART_METRICS_PORT": free_port(),
+        "QUICKSTART_GATEWAY_METRICS_PORT": free_port(),
     }
     env = _env(state, **ports)
     err = open(tmp_path / "quickstart.err", "wb")  # noqa: SIM115

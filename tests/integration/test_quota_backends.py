@@ -55,7 +55,7 @@ def backend_url(request):
 
 async def test_rpm_exact_under_concurrency(backend_url):
     backend, url = backend_url
-    adm = QuotaAdmission(settings(backend, url, rpm=10), {}, CollectorRegistry())
+    adm = QuotaAdmission(settings(backend, url, rpm=10), CollectorRegistry())
     try:
         results = await asyncio.gather(*(try_admit(adm, request()) for _ in range(30)))
         refused = [r for r in results if isinstance(r, ApiError)]
@@ -68,7 +68,7 @@ async def test_rpm_exact_under_concurrency(backend_url):
 
 async def test_concurrency_limit_exact_and_released(backend_url):
     backend, url = backend_url
-    adm = QuotaAdmission(settings(backend, url, max_concurrent=3), {}, CollectorRegistry())
+    adm = QuotaAdmission(settings(backend, url, max_concurrent=3), CollectorRegistry())
     try:
         results = await asyncio.gather(*(try_admit(adm, request()) for _ in range(12)))
         tickets = [r for r in results if not isinstance(r, ApiError)]
@@ -82,8 +82,8 @@ async def test_concurrency_limit_exact_and_released(backend_url):
 
 async def test_two_limiter_instances_share_one_redis_limit(redis_server):
     s = settings("redis", redis_server.url, rpm=10)
-    a = QuotaAdmission(s, {}, CollectorRegistry())
-    b = QuotaAdmission(s, {}, CollectorRegistry())
+    a = QuotaAdmission(s, CollectorRegistry())
+    b = QuotaAdmission(s, CollectorRegistry())
     try:
         results = await asyncio.gather(*(try_admit(a if i % 2 else b, request()) for i in range(24)))
         assert sum(not isinstance(r, ApiError) for r in results) == 10
@@ -96,7 +96,7 @@ async def test_two_limiter_instances_share_one_redis_limit(redis_server):
 
 async def test_redis_settlement_moves_the_counter_by_real_usage(redis_server):
     s = settings("redis", redis_server.url, tpm=120)  # 0.5 s of TAT per token
-    adm = QuotaAdmission(s, {}, CollectorRegistry())
+    adm = QuotaAdmission(s, CollectorRegistry())
     r = redis_server.client()
     key = s.key_prefix + "p:key:alice:t"
     try:
@@ -129,7 +129,7 @@ async def test_redis_settlement_moves_the_counter_by_real_usage(redis_server):
 async def test_concurrency_lease_expires_when_a_replica_dies(redis_server):
     s = settings("redis", redis_server.url, max_concurrent=1)
     s.concurrency_lease = 0.3
-    adm = QuotaAdmission(s, {}, CollectorRegistry())
+    adm = QuotaAdmission(s, CollectorRegistry())
     try:
         assert not isinstance(await try_admit(adm, request()), ApiError)  # never settled
         assert isinstance(await try_admit(adm, request()), ApiError)
@@ -147,7 +147,7 @@ async def test_redis_down_fail_open_uses_local_limits(own_redis, caplog):
     s = settings("redis", own_redis.url, rpm=3)
     s.redis_retry_interval = 0.0
     reg = CollectorRegistry()
-    adm = QuotaAdmission(s, {}, reg)
+    adm = QuotaAdmission(s, reg)
     try:
         assert not isinstance(await try_admit(adm, request()), ApiError)
         own_redis.stop()
@@ -174,7 +174,7 @@ async def test_redis_down_fail_closed_answers_503(own_redis, caplog):
     s = settings("redis", own_redis.url, rpm=100, tpm=10_000)
     s.on_backend_error = "closed"
     reg = CollectorRegistry()
-    adm = QuotaAdmission(s, {}, reg)
+    adm = QuotaAdmission(s, reg)
     try:
         ticket = await adm.admit(request())
         own_redis.stop()
@@ -199,7 +199,7 @@ async def test_settlement_missed_during_outage_is_replayed(own_redis):
     s.redis_retry_interval = 0.0
     s.redis_timeout = 0.5
     reg = CollectorRegistry()
-    adm = QuotaAdmission(s, {}, reg)
+    adm = QuotaAdmission(s, reg)
     r = own_redis.client()
     try:
         ctx = request(max_tokens=50)

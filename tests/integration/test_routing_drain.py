@@ -4,6 +4,7 @@ deadline ends with an error event and [DONE] rather than a cut connection."""
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -72,11 +73,14 @@ def test_sigterm_during_streams_completes_them(engine, routing_gateway):
     assert gw.proc.proc.wait(60) == 0
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_streams_still_running_at_the_drain_deadline_end_with_an_error_event(
-    fake_upstream_factory, routing_gateway
+    fake_upstream_factory, routing_gateway, workers
 ):
     fake = fake_upstream_factory("ok")  # ~10 ms per token: 3000 tokens outlast the 1 s drain deadline
-    gw = routing_gateway(gateway_config([fake.url], drain_timeout=1))
+    # The signal goes to the whole process group: with several workers each gets it directly and from the
+    # supervisor, and must still drain (not take the second copy as "exit now").
+    gw = routing_gateway(gateway_config([fake.url], drain_timeout=1, workers=workers))
     body = {"model": MODEL, "prompt": "x", "max_tokens": 3000, "stream": True}
     lines = []
     with httpx.stream("POST", gw.url + "/v1/completions", json=body, headers=AUTH, timeout=60) as r:
@@ -88,4 +92,45 @@ def test_streams_still_running_at_the_drain_deadline_end_with_an_error_event(
     assert r.status_code == 200 and done
     assert 1 < len(events) < 3000
     assert events[-1]["error"]["code"] == "draining"
+    assert gw.proc.proc.wait(30) == 0
+
+
+def test_several_workers_drain_like_one(fake_upstream_factory, routing_gateway):
+    """SIGTERM to the supervisor only (as Kubernetes sends it to PID 1): every worker turns not-ready and
+    refuses new work, the running stream completes in full, then everything exits cleanly."""
+    fake = fake_upstream_factory("ok")  # ~10 ms per token: 300 tokens take about 3 s
+    gw = routing_gateway(gateway_config([fake.url], drain_timeout=60, workers=2))
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 300, "stream": True}
+    started = threading.Event()
+    result: list = []
+
+    def run() -> None:
+        lines = []
+        with httpx.stream("POST", gw.url + "/v1/completions", json=body, headers=AUTH, timeout=60) as r:
+            for line in r.iter_lines():
+                lines.append(line)
+                started.set()
+            result.append((r.status_code, lines))
+        started.set()
+
+    t = threading.Thread(target=run)
+    t.start()
+    assert started.wait(30)
+    os.kill(gw.proc.pid, signal.SIGTERM)
+    # Draining: every worker answers not-ready (several probes in a row land on both workers).
+    statuses: list[int] = []
+    for _ in range(200):
+        statuses.append(httpx.get(gw.url + "/readyz", timeout=5).status_code)
+        if statuses[-8:] == [503] * 8:
+            break
+    assert statuses[-8:] == [503] * 8
+    refused = httpx.post(gw.url + "/v1/completions", json={**body, "stream": False}, headers=AUTH, timeout=30)
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
+    assert t.is_alive()
+    t.join(60)
+    status, lines = result[0]
+    events, done = sse_events(lines)
+    assert status == 200 and done
+    assert not any("error" in e for e in events)
+    assert len(events) == 300
     assert gw.proc.proc.wait(30) == 0

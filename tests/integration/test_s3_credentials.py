@@ -33,7 +33,9 @@ class CredentialEndpoint:
 
         class Handler(BaseHTTPRequestHandler):
             def _answer(self) -> None:
-                outer.requests.append((self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
+                outer.requests.append(
+                    (self.command, self.path, {k.lower(): v for k, v in self.headers.items()})
+                )
                 expires = (datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
                 if status != 200:
                     body, ctype = b"<Error><Code>AccessDenied</Code></Error>", "application/xml"
@@ -47,8 +49,14 @@ class CredentialEndpoint:
                     ).encode()
                     ctype = "application/xml"
                 else:  # container credentials
-                    body = json.dumps({"AccessKeyId": access_key, "SecretAccessKey": secret_key,
-                                       "Token": session_token, "Expiration": expires}).encode()
+                    body = json.dumps(
+                        {
+                            "AccessKeyId": access_key,
+                            "SecretAccessKey": secret_key,
+                            "Token": session_token,
+                            "Expiration": expires,
+                        }
+                    ).encode()
                     ctype = "application/json"
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)
@@ -97,9 +105,14 @@ def test_web_identity_credentials_for_push_and_pull(tmp_path, s3_server, bucket)
     try:
         jwt = tmp_path / "token"
         jwt.write_text("eyJ.projected-service-account-token.sig")
-        env = {**_no_static_keys(s3_server.env()), "S3_ENDPOINT_URL": proxy.endpoint,
-               "AWS_WEB_IDENTITY_TOKEN_FILE": str(jwt), "AWS_ROLE_ARN": "arn:aws:iam::123456789012:role/llm-weights",
-               "AWS_ROLE_SESSION_NAME": "engine-0", "AWS_ENDPOINT_URL_STS": sts.url}
+        env = {
+            **_no_static_keys(s3_server.env()),
+            "S3_ENDPOINT_URL": proxy.endpoint,
+            "AWS_WEB_IDENTITY_TOKEN_FILE": str(jwt),
+            "AWS_ROLE_ARN": "arn:aws:iam::123456789012:role/llm-weights",
+            "AWS_ROLE_SESSION_NAME": "engine-0",
+            "AWS_ENDPOINT_URL_STS": sts.url,
+        }
         model = make_model(tmp_path / "m", {"config.json": 100, "w.safetensors": MiB})
         push(model, f"s3://{bucket}/m", env)
         out = pull_json(f"s3://{bucket}/m", tmp_path / "cache", env)
@@ -111,21 +124,33 @@ def test_web_identity_credentials_for_push_and_pull(tmp_path, s3_server, bucket)
             q = parse_qs(urlparse(path).query)
             assert method == "POST" and q["Action"] == ["AssumeRoleWithWebIdentity"]
             assert q["WebIdentityToken"] == [jwt.read_text()]
-            assert q["RoleArn"] == ["arn:aws:iam::123456789012:role/llm-weights"] and q["RoleSessionName"] == ["engine-0"]
+            assert q["RoleArn"] == ["arn:aws:iam::123456789012:role/llm-weights"] and q[
+                "RoleSessionName"
+            ] == ["engine-0"]
         # Every S3 request was signed with the temporary credentials' session token.
         assert proxy.requests() and len(_signed_with_token(proxy, token)) == len(proxy.requests())
 
         # STS refusing is one line naming the role and the STS endpoint.
         denied = CredentialEndpoint("x", "y", "z", status=403)
         try:
-            r = run_engine_cli("pull", f"s3://{bucket}/m", "--cache-dir", str(tmp_path / "c2"),
-                               env={**env, "AWS_ENDPOINT_URL_STS": denied.url})
+            r = run_engine_cli(
+                "pull",
+                f"s3://{bucket}/m",
+                "--cache-dir",
+                str(tmp_path / "c2"),
+                env={**env, "AWS_ENDPOINT_URL_STS": denied.url},
+            )
             assert_one_line_error(r, "web identity", denied.url, "llm-weights", "403")
         finally:
             denied.close()
         # A web identity without its role is a settings error, named.
-        r = run_engine_cli("pull", f"s3://{bucket}/m", "--cache-dir", str(tmp_path / "c2"),
-                           env={k: v for k, v in env.items() if k != "AWS_ROLE_ARN"})
+        r = run_engine_cli(
+            "pull",
+            f"s3://{bucket}/m",
+            "--cache-dir",
+            str(tmp_path / "c2"),
+            env={k: v for k, v in env.items() if k != "AWS_ROLE_ARN"},
+        )
         assert_one_line_error(r, "AWS_ROLE_ARN")
     finally:
         sts.close()
@@ -137,15 +162,19 @@ def test_container_credentials_and_an_unreachable_credentials_endpoint(tmp_path,
     creds = CredentialEndpoint(s3_server.access_key, s3_server.secret_key, token)
     proxy = CountingProxy(s3_server.port)
     try:
-        env = {**_no_static_keys(s3_server.env()), "S3_ENDPOINT_URL": proxy.endpoint,
-               "AWS_CONTAINER_CREDENTIALS_FULL_URI": creds.url + "/v1/credentials",
-               "AWS_CONTAINER_AUTHORIZATION_TOKEN": "pod-identity-auth"}
+        env = {
+            **_no_static_keys(s3_server.env()),
+            "S3_ENDPOINT_URL": proxy.endpoint,
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI": creds.url + "/v1/credentials",
+            "AWS_CONTAINER_AUTHORIZATION_TOKEN": "pod-identity-auth",
+        }
         model = make_model(tmp_path / "m", {"config.json": 100})
         push(model, f"s3://{bucket}/m", env)
         cache = tmp_path / "cache"
         first = pull_json(f"s3://{bucket}/m", cache, env)
-        assert [(m, p, h.get("authorization")) for m, p, h in creds.requests] == \
-            [("GET", "/v1/credentials", "pod-identity-auth")] * 2
+        assert [(m, p, h.get("authorization")) for m, p, h in creds.requests] == [
+            ("GET", "/v1/credentials", "pod-identity-auth")
+        ] * 2
         assert proxy.requests() and len(_signed_with_token(proxy, token)) == len(proxy.requests())
 
         # The credentials endpoint down counts as the source being unreachable: the verified copy is used.
@@ -158,8 +187,9 @@ def test_container_credentials_and_an_unreachable_credentials_endpoint(tmp_path,
         proxy.close()
 
 
-def test_audit_archive_reads_the_same_settings_tls_ca_bundle_and_session_token(tmp_path, s3_server, tls_ca,
-                                                                                monkeypatch):
+def test_audit_archive_reads_the_same_settings_tls_ca_bundle_and_session_token(
+    tmp_path, s3_server, tls_ca, monkeypatch
+):
     """The gateway's archive with the engine's variables: an https endpoint signed by a private CA
     (AWS_CA_BUNDLE) and temporary credentials (session token) from a container credentials endpoint."""
     from gateway.audit.archive import Archiver
@@ -172,7 +202,13 @@ def test_audit_archive_reads_the_same_settings_tls_ca_bundle_and_session_token(t
     creds = CredentialEndpoint(s3_server.access_key, s3_server.secret_key, token)
     proxy = CountingProxy(s3_server.port, tls=server_ctx)
     try:
-        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
+        for k in (
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "SSL_CERT_FILE",
+            "REQUESTS_CA_BUNDLE",
+        ):
             monkeypatch.delenv(k, raising=False)
         monkeypatch.setenv("S3_ENDPOINT_URL", proxy.endpoint)
         monkeypatch.setenv("AWS_REGION", s3_server.region)
@@ -207,3 +243,36 @@ def test_audit_archive_reads_the_same_settings_tls_ca_bundle_and_session_token(t
     finally:
         creds.close()
         proxy.close()
+
+
+def test_gateway_refuses_to_start_with_wrong_archive_s3_settings(tmp_path):
+    """A wrong S3 setting for the audit archive stops `llm-gateway serve` with one line naming the variable."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import gateway_config
+    from tests.support import REPO
+
+    cfg = gateway_config(
+        ["http://127.0.0.1:9"],
+        audit={"enabled": True, "path": str(tmp_path / "audit.jsonl"), "archive_bucket": "audit"},
+    )
+    (tmp_path / "gw.yaml").write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "GATEWAY_"))}
+    env.update(PYTHONPATH=str(REPO), S3_ENDPOINT_URL="http://127.0.0.1:9", AWS_WEB_IDENTITY_TOKEN_FILE="/t")
+    r = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(tmp_path / "gw.yaml"), "--port", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=str(REPO),
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert (
+        r.stderr.strip().splitlines()[-1].startswith("llm-gateway: invalid S3 settings for the audit archive")
+    )
+    assert "AWS_ROLE_ARN" in r.stderr

@@ -6,12 +6,16 @@ import pytest
 
 from gateway.auth.apikeys import ApiKeyStore, digest
 from gateway.context import RequestContext
-from gateway.proxy import _normalize_error, _take_stream_usage, prompt_chars
+from gateway.prompt import prompt_chars
+from gateway.proxy.respond import normalize_error as _normalize_error
+from gateway.proxy.sse import Usage, take_usage
 from gateway.routing.pool import Endpoint, EndpointPool, parse_engine_metrics
 from gateway.settings import ApiKeyConfig, GatewaySettings
 
 CONTENT = b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
-USAGE = b'data: {"id":"c1","choices":[],"usage":{"prompt_tokens":8,"completion_tokens":3,"total_tokens":11}}\n\n'
+USAGE = (
+    b'data: {"id":"c1","choices":[],"usage":{"prompt_tokens":8,"completion_tokens":3,"total_tokens":11}}\n\n'
+)
 DONE = b"data: [DONE]\n\n"
 
 
@@ -20,31 +24,64 @@ def ctx() -> RequestContext:
 
 
 def test_usage_chunk_is_recorded_and_stripped_when_client_did_not_ask():
-    c = ctx()
-    out = _take_stream_usage(c, CONTENT + USAGE + DONE, hide=True)
+    out, usage = take_usage(CONTENT + USAGE + DONE, hide=True)
     assert out == CONTENT + DONE
-    assert (c.prompt_tokens, c.completion_tokens) == (8, 3)
+    assert usage == Usage(8, 3)
 
 
 def test_usage_chunk_is_kept_byte_identical_when_client_asked():
-    c = ctx()
-    out = _take_stream_usage(c, CONTENT + USAGE + DONE, hide=False)
+    out, usage = take_usage(CONTENT + USAGE + DONE, hide=False)
     assert out == CONTENT + USAGE + DONE
-    assert c.total_tokens == 11
+    assert usage is not None and usage.prompt_tokens + usage.completion_tokens == 11
 
 
 def test_continuous_usage_on_content_chunks_is_never_stripped():
     chunk = b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"x"}}],"usage":{"prompt_tokens":8,"completion_tokens":1,"total_tokens":9}}\n\n'
-    c = ctx()
-    assert _take_stream_usage(c, chunk, hide=True) == chunk
-    assert c.completion_tokens == 1
+    out, usage = take_usage(chunk, hide=True)
+    assert out == chunk
+    assert usage is not None and usage.completion_tokens == 1
+
+
+@pytest.mark.parametrize(
+    "usage_event",
+    [
+        b'data: {"id": "c1", "choices": [], "usage": {"prompt_tokens": 8, "completion_tokens": 3}}\n\n',
+        b'data:{"id":"c1","choices":[],"usage" : {"prompt_tokens":8,"completion_tokens":3}}\n\n',
+        b'event: message\ndata: {"choices":[],\n  "usage":{"prompt_tokens":8,"completion_tokens":3}}\n\n'.replace(
+            b"\n  ", b" "
+        ),
+    ],
+)
+def test_usage_is_found_whatever_the_spacing(usage_event):
+    out, usage = take_usage(CONTENT + usage_event + DONE, hide=True)
+    assert usage == Usage(8, 3)
+    assert out == CONTENT + DONE
+
+
+def test_null_usage_is_not_usage():
+    chunk = b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"x"}}],"usage":null}\n\n'
+    assert take_usage(chunk, hide=True) == (chunk, None)
+
+
+def test_embeddings_usage_counts_total_minus_prompt_as_completion():
+    out, usage = take_usage(
+        b'data: {"choices":[],"usage":{"prompt_tokens":4,"total_tokens":4}}\n\n', hide=False
+    )
+    assert usage == Usage(4, 0)
 
 
 @pytest.mark.parametrize(
     "body, expected",
     [
         ({"messages": [{"role": "user", "content": "hello"}, {"role": "system", "content": "abc"}]}, 8),
-        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hey"}, {"type": "image_url"}]}]}, 3),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "text", "text": "hey"}, {"type": "image_url"}]}
+                ]
+            },
+            3,
+        ),
         ({"prompt": "abcd"}, 4),
         ({"prompt": ["ab", "cde"]}, 5),
         ({"prompt": [1, 2, 3]}, 0),
@@ -58,7 +95,9 @@ def test_prompt_chars(body, expected):
 
 
 def test_error_normalization_keeps_openai_errors_and_wraps_others():
-    good = json.dumps({"error": {"message": "bad", "type": "BadRequestError", "param": None, "code": 400}}).encode()
+    good = json.dumps(
+        {"error": {"message": "bad", "type": "BadRequestError", "param": None, "code": 400}}
+    ).encode()
     assert _normalize_error(good, 400) == good
     wrapped = json.loads(_normalize_error(b'{"detail":"Not Found"}', 404))
     assert wrapped["error"]["message"] == "Not Found"
@@ -68,10 +107,12 @@ def test_error_normalization_keeps_openai_errors_and_wraps_others():
 
 
 def test_api_key_store_matches_digest_and_ignores_disabled():
-    store = ApiKeyStore([
-        ApiKeyConfig(id="a", sha256=digest("sk-a"), tenant="t1", models=["m1"]),
-        ApiKeyConfig(id="b", sha256="sha256:" + digest("sk-b"), disabled=True),
-    ])
+    store = ApiKeyStore(
+        [
+            ApiKeyConfig(id="a", sha256=digest("sk-a"), tenant="t1", models=["m1"]),
+            ApiKeyConfig(id="b", sha256="sha256:" + digest("sk-b"), disabled=True),
+        ]
+    )
     p = store.lookup("sk-a")
     assert p is not None and p.key_id == "a" and p.tenant == "t1" and p.may_use("m1") and not p.may_use("m2")
     assert store.lookup("sk-b") is None
@@ -97,7 +138,9 @@ def test_settings_from_yaml_and_env(tmp_path, monkeypatch):
 
 
 def test_least_outstanding_pick_skips_unhealthy_and_excluded():
-    pool = EndpointPool("m", [Endpoint("a", in_flight=3), Endpoint("b", in_flight=1), Endpoint("c", healthy=False)])
+    pool = EndpointPool(
+        "m", [Endpoint("a", in_flight=3), Endpoint("b", in_flight=1), Endpoint("c", healthy=False)]
+    )
     assert pool.pick().url == "b"
     assert pool.pick(exclude={"b"}).url == "a"
     pool.endpoints[1].engine_waiting = 5

@@ -12,13 +12,22 @@ from __future__ import annotations
 import asyncio
 import time
 
+from gateway.context import RequestContext
 from gateway.errors import ApiError
+from gateway.hooks import Ticket
 from gateway.quota.config import OverloadSettings
+from gateway.quota.metrics import QuotaMetrics
 from gateway.routing.pool import EndpointPool
 
 
 class OverloadGuard:
-    def __init__(self, settings: OverloadSettings, pools: dict[str, EndpointPool], metrics=None) -> None:
+    """The admission chain's last step: waits (bounded) while every healthy replica's queue is long."""
+
+    name = "overload"
+
+    def __init__(
+        self, settings: OverloadSettings, pools: dict[str, EndpointPool], metrics: QuotaMetrics | None = None
+    ) -> None:
         self.settings = settings
         self.pools = pools
         self.metrics = metrics
@@ -50,6 +59,11 @@ class OverloadGuard:
             reason="overloaded",
         )
 
+    async def admit(self, ctx: RequestContext) -> Ticket | None:
+        if ctx.model is not None:
+            await self.wait(ctx.model)
+        return None
+
     async def wait(self, model: str) -> None:
         """Returns once the model can take the request; raises a 503 ApiError when it cannot in time."""
         if not self.overloaded(model):
@@ -57,7 +71,11 @@ class OverloadGuard:
         s = self.settings
         n = self.waiting.get(model, 0)
         if n >= s.max_queued:
-            raise self._refuse(model, "queue_full", f"The model '{model}' is overloaded and its admission queue is full; retry later.")
+            raise self._refuse(
+                model,
+                "queue_full",
+                f"The model '{model}' is overloaded and its admission queue is full; retry later.",
+            )
         self.waiting[model] = n + 1
         m = self.metrics
         if m is not None:

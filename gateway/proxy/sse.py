@@ -1,0 +1,122 @@
+"""Server-sent events as bytes: pure functions, no I/O, no request state.
+
+Events are separated by a blank line (``\\n\\n``, what vLLM and OpenAI send). The relay forwards complete
+events only and keeps a partial trailing event for the next read. Of all the events it relays the gateway
+reads one: the usage chunk, found by a cheap byte test and then parsed as JSON, so ``"usage": {`` and
+``"usage":{``, ``data: {`` and ``data:{`` are all understood.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+DONE = b"data: [DONE]"
+DONE_EVENT = b"data: [DONE]\n\n"
+_SEP = b"\n\n"
+USAGE_KEY = b'"usage"'
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts an engine reported (``None`` where it reported nothing usable)."""
+
+    prompt_tokens: int | None
+    completion_tokens: int | None
+
+
+def usage_of(obj: Any) -> Usage | None:
+    """The usage in a response object's ``usage`` field (embeddings report no completion tokens)."""
+    if not isinstance(obj, dict):
+        return None
+    usage = obj.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    pt, ct, total = usage.get("prompt_tokens"), usage.get("completion_tokens"), usage.get("total_tokens")
+    prompt = pt if isinstance(pt, int) else None
+    if isinstance(ct, int):
+        return Usage(prompt, ct)
+    if prompt is not None and isinstance(total, int):
+        return Usage(prompt, total - prompt)
+    return Usage(prompt, None)
+
+
+def split_complete(buf: bytes) -> tuple[bytes, bytes]:
+    """(complete events, partial rest) of a buffer."""
+    cut = buf.rfind(_SEP)
+    if cut < 0:
+        return b"", buf
+    return buf[: cut + 2], buf[cut + 2 :]
+
+
+def has_complete_event(buf: bytes) -> bool:
+    return _SEP in buf
+
+
+def may_hold_usage(events: bytes) -> bool:
+    """A cheap test: could these events hold a usage object? (``"usage":null`` does not count.)"""
+    return USAGE_KEY in events and _USAGE_OBJECT.search(events) is not None
+
+
+def _data_of(event: bytes) -> bytes | None:
+    """The data of one event (its ``data:`` lines joined), or None if it has none."""
+    parts = []
+    for line in event.split(b"\n"):
+        if line.startswith(b"data:"):
+            value = line[5:]
+            parts.append(value[1:] if value.startswith(b" ") else value)
+    return b"\n".join(parts) if parts else None
+
+
+def _usage_event(event: bytes) -> tuple[Usage | None, bool]:
+    """(usage, is the usage-only chunk) of one event that may hold usage."""
+    data = _data_of(event)
+    if data is None or not data.lstrip().startswith(b"{"):
+        return None, False
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return None, False
+    return usage_of(obj), isinstance(obj, dict) and obj.get("choices") == []
+
+
+def _read_event(event: bytes, hide: bool) -> tuple[Usage | None, bool]:
+    """(usage in this event, drop the event)."""
+    if USAGE_KEY not in event or _USAGE_OBJECT.search(event) is None:
+        return None, False
+    found, usage_only = _usage_event(event)
+    return found, found is not None and hide and usage_only
+
+
+def take_usage(events: bytes, hide: bool) -> tuple[bytes, Usage | None]:
+    """Read the usage out of complete events; drop the usage-only chunk (``"choices":[]``) when ``hide``.
+
+    Returns the events to relay (byte-identical when nothing is dropped) and the last usage seen."""
+    if not may_hold_usage(events):
+        return events, None
+    kept: list[bytes] = []
+    usage: Usage | None = None
+    dropped = False
+    for ev in events.split(_SEP):
+        if not ev:
+            continue
+        found, drop = _read_event(ev, hide)
+        usage = found or usage
+        if drop:
+            dropped = True
+        else:
+            kept.append(ev)
+    if not dropped:
+        return events, usage
+    return b"".join(e + _SEP for e in kept), usage
+
+
+def ends_with_done(data: bytes) -> bool:
+    return data.rstrip().endswith(DONE)
+
+
+def is_event_stream(status: int, content_type: str) -> bool:
+    return status == 200 and content_type.startswith("text/event-stream")
