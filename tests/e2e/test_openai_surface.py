@@ -171,7 +171,7 @@ def test_forced_tool_call_returns_parseable_arguments(sdk):
 # -- Responses API ------------------------------------------------------------------------------------------
 
 
-def test_responses_create_retrieve_and_audit(gw, sdk, audit_path):
+def test_responses_create_retrieve_and_audit(gw, engine, sdk, audit_path):
     raw = sdk.responses.with_raw_response.create(
         model=MODEL, input="hello", max_output_tokens=6, extra_headers={"x-request-id": "req-resp-plain"}
     )
@@ -193,6 +193,20 @@ def test_responses_create_retrieve_and_audit(gw, sdk, audit_path):
             other.responses.retrieve(resp.id)
     with pytest.raises(openai.NotFoundError):
         sdk.responses.retrieve("resp_doesnotexist0000")
+    # Cancel goes to the same replica (the engine answers: a finished response cannot be cancelled, or it is
+    # returned as it is); the gateway's own "not found" is not what comes back.
+    r = httpx.post(
+        f"{gw.base_url}/responses/{resp.id}/cancel",
+        headers={"authorization": f"Bearer {KEY_ALL}", "x-request-id": "req-resp-cancel"},
+        timeout=60,
+    )
+    assert r.status_code == 200 or r.json()["error"].get("code") != "response_not_found", r.text
+    assert audit_records(audit_path, "req-resp-cancel")["llm"]["upstream"] == engine.url
+    # Metrics carry the route pattern, never the id.
+    from tests.fixtures_routing import gateway_metric
+
+    assert gateway_metric(gw, "llm_gateway_requests_total", route="/v1/responses/{id}", model=MODEL) >= 1
+    assert gateway_metric(gw, "llm_gateway_requests_total", route="/v1/responses", model=MODEL) >= 1
 
 
 def test_responses_stream_typed_events_and_settled_usage(gw, sdk, audit_path):
