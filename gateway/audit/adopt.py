@@ -98,8 +98,14 @@ class WorkerFiles:
         with _flock(os.path.join(self.root, DIR_LOCK)):
             fd = os.open(lock_path(self.path), os.O_RDWR | os.O_CREAT, 0o640)
             try:
-                # Blocking: a worker still adopting a dead predecessor with our (reused) pid finishes first.
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                # Adopters hold a pid's lock only under the directory lock, which we hold: busy means another
+                # writer of this very process (two apps on one path), never a dead worker.
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise RuntimeError(
+                    f"audit: {self.path} is already held by another writer in this process"
+                ) from None
             except BaseException:
                 os.close(fd)
                 raise
