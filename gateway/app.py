@@ -27,6 +27,7 @@ from gateway.metrics_server import MetricsServer
 from gateway.proxy import ProxyEndpoint
 from gateway.proxy.routes import PROXIED_ROUTES
 from gateway.quota.metrics import QuotaMetrics
+from gateway.responses_api import ResponseIndex
 from gateway.routing.discovery import DnsDiscovery, DnsTarget, parse_upstreams
 from gateway.routing.pool import EndpointPool, HealthChecker
 from gateway.routing.router import Router
@@ -92,6 +93,8 @@ def _pools(settings: GatewaySettings) -> tuple[dict[str, EndpointPool], DnsTarge
     pools: dict[str, EndpointPool] = {}
     dns_targets: DnsTargets = {}
     for m in settings.models:
+        if m.base is not None:
+            continue  # a LoRA adapter: served by its base model's pool
         static, dns = parse_upstreams(m.upstreams)
         pools[m.name] = EndpointPool.from_urls(m.name, static, settings.routing)
         if dns:
@@ -136,12 +139,13 @@ def _lifespan(  # type: ignore[no-untyped-def]
             except OSError as e:
                 raise SystemExit(f"llm-gateway: cannot serve metrics on port {settings.metrics_port}: {e}") from e
             state.closers.append(ms.stop)
-        state.sessions = {m.name: make_session(m) for m in settings.models}
+        state.sessions = {m.name: make_session(m) for m in settings.models if m.base is None}
         health = state.health = HealthChecker(
             list(state.pools.values()),
             settings.health_interval,
             settings.health_timeout,
             settings.routing.unhealthy_after,
+            api_keys={m.name: m.upstream_api_key for m in settings.models if m.base is None},
         )
         if dns_targets:
             # Resolve once before the first probe round so DNS-named replicas are probed with the rest.
@@ -203,6 +207,8 @@ def create_app(
         settings=settings, auth=auth, pools=pools, router=router, admission=chain, metrics=metrics
     )
     state.observers.append(metrics)
+    if settings.responses_index_size:
+        state.responses = ResponseIndex(settings.responses_index_size)
     if settings.access_log:
         state.observers.append(AccessLog())
     if quota is not None:
