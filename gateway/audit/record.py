@@ -34,6 +34,7 @@ from typing import Any
 
 from gateway.context import RequestContext
 from gateway.prompt import content_text
+from gateway.routes import ROUTES_BY_NAME, route_texts
 
 ECS_VERSION = "8.11.0"
 
@@ -145,7 +146,9 @@ def build_record(ctx: RequestContext, content: str = "none", redactor=None) -> d
     if p is not None:
         llm["auth"] = {"kind": p.kind, "key_id": p.key_id}
     if content != "none":
-        msgs = prompt_messages(ctx.body)
+        spec = ROUTES_BY_NAME.get(ctx.route)
+        # Each route's own text fields (a rerank's query and documents, a response's instructions and input).
+        msgs = (route_texts(spec, ctx.body) if spec is not None else None) or prompt_messages(ctx.body)
         if msgs:
             if content == "hash":
                 llm["prompt"] = {"sha256": prompt_sha256(msgs)}

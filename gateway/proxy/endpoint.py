@@ -26,11 +26,13 @@ from gateway.proxy.request import (
     closing,
     header,
     parse_request,
+    parse_surface_request,
     read_body,
     read_json,
 )
 from gateway.proxy.respond import send_error
 from gateway.state import GatewayState
+from gateway.surface import check_route_served, principal_key, read_request, settle_uncounted
 
 log = logging.getLogger("gateway.proxy")
 
@@ -95,6 +97,8 @@ class ProxyEndpoint:
             scope.get("client"),
             state.settings.limits.max_request_id_chars,
         )
+        if self.spec.model_from == "affinity":
+            ctx.extra["url_path"] = scope.get("path", "")[:512]
         if state.tracing is not None:
             state.tracing.on_request_start(ctx, headers)
         ticket: Ticket = NO_TICKET
@@ -102,7 +106,7 @@ class ProxyEndpoint:
         try:
             # authenticate from the headers, then read the body (size- and time-limited)
             raw = await self._read(ctx, headers, receive)
-            req = self._parse(ctx, raw, headers)  # parse: the JSON into a ProxyRequest
+            req = self._parse(ctx, raw, headers, scope.get("path_params") or {})  # parse: into a ProxyRequest
             ticket = await state.admission.admit(ctx)  # authorize -> quota -> audit back-pressure -> overload
             await self._forward(ctx, req, receive, send)  # route -> forward -> relay
         except ApiError as e:
@@ -126,6 +130,7 @@ class ProxyEndpoint:
         finally:
             state.in_flight -= 1
             ctx.finished = time.perf_counter()
+            settle_uncounted(self.spec, ctx)  # tokenize and reads of a stored response are never charged
             await settle(ticket, ctx)
             await observe(state.observers, ctx)
 
@@ -145,21 +150,26 @@ class ProxyEndpoint:
         (413) and a body that does not arrive within ``limits.body_timeout`` (408)."""
         state = self.state
         limits = state.settings.limits
-        if ctx.method != "POST":
-            raise ApiError(405, f"Method {ctx.method} not allowed; use POST.", code="method_not_allowed")
+        spec = self.spec
+        if ctx.method not in spec.methods:
+            allowed = " or ".join(spec.methods)
+            raise ApiError(405, f"Method {ctx.method} not allowed; use {allowed}.", code="method_not_allowed")
         if state.draining:
             raise ApiError(
                 503, "The gateway is shutting down; retry.", code="draining", headers={"retry-after": "1"}
             )
+        limit = state.settings.max_body_bytes
+        if spec.body_limit_setting:  # audio uploads have their own limit
+            limit = getattr(state.settings, spec.body_limit_setting)
         content_length = header(headers, b"content-length")
         try:
             ctx.principal = await state.auth.authenticate(headers)
-            check_declared_length(content_length, state.settings.max_body_bytes)
+            check_declared_length(content_length, limit)
         except ApiError as e:
             raise closing(e) from None
         try:
             async with asyncio.timeout(limits.body_timeout):
-                raw = await read_body(receive, state.settings.max_body_bytes, content_length)
+                raw = await read_body(receive, limit, content_length)
         except TimeoutError:
             raise ApiError(
                 408,
@@ -172,9 +182,28 @@ class ProxyEndpoint:
         ctx.bytes_in = len(raw)
         return raw
 
-    def _parse(self, ctx: RequestContext, raw: bytes, headers: Headers) -> ProxyRequest:
-        """The JSON body, validated into the immutable ProxyRequest (400/404)."""
+    def _parse(
+        self, ctx: RequestContext, raw: bytes, headers: Headers, path_params: dict[str, str]
+    ) -> ProxyRequest:
+        """The body (JSON, or a multipart form) or the stored response named in the path, validated into the
+        immutable ProxyRequest (400/404)."""
         settings = self.state.settings
+        spec = self.spec
+        if spec.model_from != "json":
+            ct = header(headers, b"content-type")
+            sreq = read_request(
+                spec,
+                raw,
+                ct.decode("latin-1") if ct else "",
+                path_params,
+                principal_key(ctx.principal),
+                self.state.responses,
+            )
+            ctx.body = sreq.body
+            ctx.model = sreq.model
+            req = parse_surface_request(spec, sreq, headers, ctx.request_id, settings)
+            _describe(ctx, req)
+            return req
         body, raw = read_json(self.spec, raw, settings)
         ctx.body = body
         model = body.get("model")
@@ -190,13 +219,16 @@ class ProxyEndpoint:
         if state.tracing is not None:
             up_headers = dict(up_headers)
             state.tracing.on_forward(ctx, up_headers)
+        pool = state.pools[req.pool_name]
+        check_route_served(self.spec, pool.endpoints, req.model.name)  # nothing an engine lacks is forwarded
         job = Forward(
             ctx=ctx,
             req=req,
             headers=up_headers,
-            pool=state.pools[req.model.name],
-            session=state.sessions[req.model.name],
+            pool=pool,
+            session=state.sessions[req.pool_name],
             router=state.router,
             drain=state,
+            responses=state.responses,
         )
         await forward(job, receive, send)

@@ -15,13 +15,14 @@ from typing import Any
 
 from gateway.errors import ApiError
 from gateway.prompt import prompt_chars
+from gateway.routes import RequestTransform, ResponseTransform, RouteSpec
 from gateway.settings import GatewaySettings, ModelConfig
+from gateway.surface import SurfaceRequest, form_stream, size_request
 
 Headers = list[tuple[bytes, bytes]]
 Message = Mapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
-RequestTransform = Callable[[dict[str, Any], GatewaySettings], dict[str, Any]]
-ResponseTransform = Callable[[dict[str, Any]], dict[str, Any]]
+__all__ = ["RequestTransform", "ResponseTransform", "RouteSpec"]
 
 # Client headers passed on to the engine (W3C trace context).
 _FORWARDED_HEADERS = (b"traceparent", b"tracestate")
@@ -29,17 +30,6 @@ _FORWARDED_HEADERS = (b"traceparent", b"tracestate")
 
 class ClientLeft(Exception):
     """The client disconnected while its request was being read or relayed."""
-
-
-@dataclass(frozen=True, slots=True)
-class RouteSpec:
-    """One proxied route: the engine path it forwards to, and what it accepts."""
-
-    upstream_path: str
-    route_name: str
-    streamable: bool = True
-    request_transform: RequestTransform | None = None
-    response_transform: ResponseTransform | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +49,12 @@ class ProxyRequest:
     session_id: str | None
     # Headers for the engine: content type, request id, trace context, the engine's key.
     upstream_headers: dict[str, str]
+    # The model whose replicas serve it (itself, or a LoRA adapter's base), the engine path (placeholders
+    # filled) and method, and the one replica that must serve it (a stored response lives there), if any.
+    pool_name: str = ""
+    upstream_path: str = ""
+    method: str = "POST"
+    pinned_endpoint: str | None = None
 
 
 def header(headers: Headers, name: bytes) -> bytes | None:
@@ -181,15 +177,6 @@ def _stream(body: dict[str, Any], route: RouteSpec) -> bool:
     return stream
 
 
-def _max_tokens(body: dict[str, Any]) -> int | None:
-    mt = body.get("max_completion_tokens", body.get("max_tokens"))
-    if mt is not None and (not isinstance(mt, int) or isinstance(mt, bool) or mt < 0):
-        raise ApiError(
-            400, "'max_tokens' must be a non-negative integer.", param="max_tokens", code="invalid_type"
-        )
-    return mt
-
-
 def _stream_options(body: dict[str, Any]) -> dict[str, Any] | None:
     so = body.get("stream_options")
     if so is not None and not isinstance(so, dict):
@@ -213,8 +200,10 @@ def _upstream_body(body: dict[str, Any], raw: bytes, mcfg: ModelConfig, force_us
     return raw
 
 
-def _upstream_headers(headers: Headers, request_id: str, mcfg: ModelConfig) -> dict[str, str]:
-    out = {"content-type": "application/json", "x-request-id": request_id}
+def _upstream_headers(
+    headers: Headers, request_id: str, mcfg: ModelConfig, content_type: str = "application/json"
+) -> dict[str, str]:
+    out = {"content-type": content_type, "x-request-id": request_id}
     for name in _FORWARDED_HEADERS:
         v = header(headers, name)
         if v is not None:
@@ -251,9 +240,9 @@ def parse_request(
     """Validate a parsed body; raises ApiError (400/404) naming the culprit."""
     mcfg = _model_config(requested_model(body), settings)
     stream = _stream(body, route)
-    max_tokens = _max_tokens(body)
-    wants_usage = False
-    if stream:
+    max_tokens = size_request(route, body)
+    wants_usage = not route.forces_stream_usage  # nothing added to the request: nothing to hide
+    if stream and route.forces_stream_usage:
         so = _stream_options(body)
         wants_usage = bool(so and so.get("include_usage"))
     session_header = settings.routing.session_header
@@ -265,7 +254,38 @@ def parse_request(
         stream=stream,
         client_wants_usage=wants_usage,
         max_tokens=max_tokens,
-        prompt_chars=prompt_chars(body),
+        prompt_chars=prompt_chars(body) if route.counts_tokens else 0,
         session_id=_session_id(headers, session_header.lower().encode("latin-1") if session_header else None),
         upstream_headers=_upstream_headers(headers, request_id, mcfg),
+        pool_name=settings.pool_name(mcfg.name),
+        upstream_path=route.upstream_path,
+        method=route.methods[0],
+    )
+
+
+def parse_surface_request(
+    route: RouteSpec, sreq: SurfaceRequest, headers: Headers, request_id: str, settings: GatewaySettings
+) -> ProxyRequest:
+    """A request whose model is not in a JSON body (a multipart form, a stored response's id); its bytes go
+    to the engine as they came."""
+    mcfg = _model_config(sreq.model, settings)
+    stream = route.model_from == "form" and form_stream(sreq.body)
+    if stream and not route.streamable:
+        raise ApiError(400, "This endpoint does not support streaming.", param="stream", code="invalid_value")
+    session_header = settings.routing.session_header
+    return ProxyRequest(
+        route=route,
+        model=mcfg,
+        body=sreq.body,
+        upstream_body=sreq.raw,
+        stream=stream,
+        client_wants_usage=True,
+        max_tokens=size_request(route, sreq.body),
+        prompt_chars=0,
+        session_id=_session_id(headers, session_header.lower().encode("latin-1") if session_header else None),
+        upstream_headers=_upstream_headers(headers, request_id, mcfg, sreq.content_type),
+        pool_name=settings.pool_name(mcfg.name),
+        upstream_path=sreq.upstream_path,
+        method=route.methods[0],
+        pinned_endpoint=sreq.pinned_endpoint,
     )
