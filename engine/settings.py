@@ -63,6 +63,9 @@ class EngineSettings(BaseSettings):
     enable_prefix_caching: bool = True
     # Split long prefills into chunks batched with decodes; unset: vLLM's default.
     enable_chunked_prefill: bool | None = None
+    # vLLM's scheduling policy: "fcfs" (vLLM's default) or "priority" (requests carry a `priority`, lower runs
+    # first; the gateway's fair queue sends its class's priority when fair_queue.engine_priority is on).
+    scheduling_policy: Literal["fcfs", "priority"] | None = None
     # CUDA graphs on by default; eager only as an explicit opt-out (always eager on CPU).
     enforce_eager: bool = False
     # CPU build only: KV cache size (vLLM --kv-cache-memory-bytes), e.g. "64M" or "4G".

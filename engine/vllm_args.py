@@ -23,6 +23,7 @@ OWNED_FLAGS = {
     "--pipeline-parallel-size",
     "--quantization",
     "--enforce-eager",
+    "--scheduling-policy",
     "--kv-cache-memory-bytes",
     "--api-key",
     "--shutdown-timeout",
@@ -101,6 +102,8 @@ def build_vllm_command(
         cmd += ["--enable-prefix-caching"] if s.enable_prefix_caching else ["--no-enable-prefix-caching"]
     if s.enable_chunked_prefill is not None:
         cmd += ["--enable-chunked-prefill"] if s.enable_chunked_prefill else ["--no-enable-chunked-prefill"]
+    if s.scheduling_policy:
+        cmd += ["--scheduling-policy", s.scheduling_policy]
     if s.quantization:
         cmd += ["--quantization", s.quantization]
     if s.kv_cache_dtype:

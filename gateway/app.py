@@ -200,12 +200,20 @@ def create_app(
 
             worker_files = WorkerFiles(settings.audit.path)
         audit = AuditWriter.from_settings(_audit_settings(settings.audit))
+    fair = None
+    if settings.fair_queue.enabled:
+        from gateway.fairqueue.admission import FairQueueStep
+
+        fair = FairQueueStep(settings.fair_queue, pools, metrics.registry)
     # The admission chain, in the order requests meet it (gateway/admission/__init__.py).
     quota_stats = QuotaMetrics() if settings.quota.active else None
-    chain, quota = build_admission_chain(settings.quota, auth, pools, quota_stats, audit)
+    chain, quota = build_admission_chain(settings.quota, auth, pools, quota_stats, audit, fair)
     state = GatewayState(
         settings=settings, auth=auth, pools=pools, router=router, admission=chain, metrics=metrics
     )
+    if fair is not None:
+        state.admission_waits = True
+        state.closers.append(fair.close)
     state.observers.append(metrics)
     if settings.responses_index_size:
         state.responses = ResponseIndex(settings.responses_index_size)

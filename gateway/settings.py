@@ -25,6 +25,7 @@ from configkit import (
     one_line,
 )
 from gateway.audit.config import AuditSettings
+from gateway.fairqueue.config import FairQueueSettings
 from gateway.quota.config import QuotaSettings
 
 
@@ -456,6 +457,8 @@ class GatewaySettings(BaseSettings):
     access_log: bool = True
     # Quotas (requests/tokens per minute, concurrency) and overload protection: gateway/quota/config.py.
     quota: QuotaSettings = Field(default_factory=QuotaSettings)
+    # Per-replica slots, weighted fair queuing, priority classes, shedding: gateway/fairqueue/config.py.
+    fair_queue: FairQueueSettings = Field(default_factory=FairQueueSettings)
     # The audit log (gateway/audit/): one record per request, off by default.
     audit: AuditSettings = Field(default_factory=AuditSettings)
     # JWT issuers and role -> model mapping (gateway/auth/tokens.py).

@@ -46,6 +46,9 @@ class GatewayState:
     # Run at shutdown, in order, after in-flight requests ended.
     closers: list[Closer] = field(default_factory=list)
     in_flight: int = 0
+    # True when an admission step may hold a request for a while (the fair queue): the endpoint then watches
+    # for the client leaving while it waits.
+    admission_waits: bool = False
     # Set on SIGTERM: /readyz answers 503 and new proxied requests get 503 (gateway/drain.py).
     draining: bool = False
     # Set when the drain deadline passed: streams still running end with an error event.

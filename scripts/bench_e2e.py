@@ -52,8 +52,10 @@ def main() -> None:
         return asyncio.run(run_load(name, url, a.model, concurrency=c, requests=n, prompt_tokens=a.prompt_tokens,
                                     max_tokens=a.max_tokens, vocab=a.vocab, api_key=key, seed=seed))
 
+    # Every (level, round, target) gets prompts of its own: with prefix caching on, a target sent prompts
+    # another target already ran would hit the engine's cache and look faster than it is.
     for name, url, key in targets:
-        w = load(name, url, key, min(8, a.warmup), a.warmup, 999)
+        w = load(name, url, key, min(8, a.warmup), a.warmup, f"warmup/{name}")
         print(f"warmup {name}: {w.summary()['ok']}/{a.warmup} ok", file=sys.stderr)
     rows = []
     for c in levels:
@@ -61,7 +63,7 @@ def main() -> None:
         runs: dict[str, list[RunResult]] = {name: [] for name, _, _ in targets}
         for rnd in range(a.rounds):
             for name, url, key in targets:
-                runs[name].append(load(name, url, key, c, n, rnd))
+                runs[name].append(load(name, url, key, c, n, f"{c}/{rnd}/{name}"))
         row = {"concurrency": c, "requests_per_round": n}
         for name, rs in runs.items():
             merged = RunResult(name, c, sum(r.wall for r in rs), [s for r in rs for s in r.samples])

@@ -106,6 +106,10 @@ ENGINE_SETTINGS = obj(
         "maxNumBatchedTokens": NONNEG,
         "dtype": {"enum": ["auto", "half", "float16", "bfloat16", "float", "float32"]},
         "kvCacheDtype": STR,
+        "schedulingPolicy": {
+            "enum": ["", "fcfs", "priority"],
+            "description": "ENGINE_SCHEDULING_POLICY; priority honours the gateway's priority classes",
+        },
         "enablePrefixCaching": BOOL,
         "extraArgs": {"type": "string", "description": "any other vLLM arguments (ENGINE_EXTRA_ARGS)"},
         "pullConcurrency": POS,

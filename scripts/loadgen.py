@@ -144,7 +144,7 @@ async def run_load(
     max_tokens: int,
     vocab: int,
     api_key: str | None = None,
-    seed: int = 0,
+    seed: int | str = 0,
 ) -> RunResult:
     """``requests`` requests, ``concurrency`` in flight at a time (closed loop)."""
     rng = random.Random(seed)

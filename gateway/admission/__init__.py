@@ -8,14 +8,15 @@
    (429), reserved now and settled on real usage by the step's ticket.
 3. ``audit_backpressure``: while the audit queue is full, hold (``on_full: block``) or refuse (503).
 4. ``overload``: while every replica's queue is long, wait (bounded) for one to drain; 503 past the bound.
+5. ``fair_queue`` (``gateway/fairqueue/``, when enabled): a slot per request, N per replica; the rest wait
+   in the gateway, ordered by class, then weighted fair share of tenant and principal; shed (503 +
+   Retry-After) when the predicted wait exceeds the class's budget. Its ticket frees the slot.
 
 Model access comes before the size check so that a caller who may not use a model never learns its limits.
 Waiting steps come last, so that no request waits only to be refused by a cheap check after the wait.
 
 A step (``gateway.hooks.AdmissionStep``) refuses by raising, passes by returning None, or returns a Ticket
-for what it holds until the request ends. A future step that holds a per-replica concurrency slot and
-orders waiters by weighted fair queuing fits the same shape: it waits in ``admit``, and its ticket frees the
-slot in ``settle``; it goes after ``overload`` (or replaces it). When a step refuses (or the client leaves
+for what it holds until the request ends. When a step refuses (or the client leaves
 while a step waits), the tickets of the steps before it are settled at once: reservations are returned.
 """
 
@@ -120,6 +121,7 @@ def build_admission_chain(
     pools: dict[str, EndpointPool],
     stats: QuotaMetrics | None = None,
     audit: AuditWriter | None = None,
+    fair_queue: AdmissionStep | None = None,
 ) -> tuple[AdmissionChain, QuotaAdmission | None]:
     """The admission chain for these settings (and the quota step, whose backend must be closed at shutdown).
     The quota and overload steps count into ``stats`` (exported by gateway/metrics/).
@@ -135,6 +137,8 @@ def build_admission_chain(
         steps.append(AuditBackpressure(audit))
     if quota.enabled and quota.overload.enabled:
         steps.append(OverloadGuard(quota.overload, pools, metrics))
+    if fair_queue is not None:
+        steps.append(fair_queue)
     return AdmissionChain(steps), quota_step
 
 

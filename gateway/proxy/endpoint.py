@@ -8,6 +8,7 @@ quota ticket is settled and the observers are called exactly once, whatever happ
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
@@ -17,7 +18,7 @@ from gateway.context import RequestContext, client_request_id, new_request_id
 from gateway.errors import ApiError
 from gateway.hooks import NO_TICKET, Headers, Observer, Ticket
 from gateway.outcome import CLIENT_GONE
-from gateway.proxy.forward import Forward, forward
+from gateway.proxy.forward import Forward, _watch_disconnect, forward
 from gateway.proxy.request import (
     ClientLeft,
     ProxyRequest,
@@ -29,6 +30,7 @@ from gateway.proxy.request import (
     parse_surface_request,
     read_body,
     read_json,
+    upstream_body,
 )
 from gateway.proxy.respond import send_error
 from gateway.state import GatewayState
@@ -80,6 +82,20 @@ def _describe(ctx: RequestContext, req: ProxyRequest) -> None:
         ctx.extra["session_id"] = req.session_id
 
 
+# Engine routes whose JSON request takes vLLM's ``priority`` (generation; not embeddings, audio, ...).
+_PRIORITY_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
+def _with_engine_priority(ctx: RequestContext, req: ProxyRequest) -> ProxyRequest:
+    """The fair queue's class as vLLM's request ``priority`` (engines running --scheduling-policy priority)."""
+    prio = ctx.extra.get("engine_priority")
+    if prio is None or req.upstream_path not in _PRIORITY_PATHS:
+        return req
+    force_usage = req.stream and not req.client_wants_usage
+    raw = upstream_body(dict(req.body, priority=prio), b"", req.model, force_usage)
+    return dataclasses.replace(req, upstream_body=raw)
+
+
 class ProxyEndpoint:
     """ASGI app for one OpenAI route (``spec.upstream_path``), e.g. ``/v1/chat/completions``."""
 
@@ -107,7 +123,12 @@ class ProxyEndpoint:
             # authenticate from the headers, then read the body (size- and time-limited)
             raw = await self._read(ctx, headers, receive)
             req = self._parse(ctx, raw, headers, scope.get("path_params") or {})  # parse: into a ProxyRequest
-            ticket = await state.admission.admit(ctx)  # authorize -> quota -> audit back-pressure -> overload
+            # authorize -> quota -> audit back-pressure -> overload -> fair queue
+            if state.admission_waits:
+                ticket = await self._admit_watching(ctx, headers, receive)
+            else:
+                ticket = await state.admission.admit(ctx)
+            req = _with_engine_priority(ctx, req)
             await self._forward(ctx, req, receive, send)  # route -> forward -> relay
         except ApiError as e:
             await send_error(ctx, send, e)
@@ -133,6 +154,17 @@ class ProxyEndpoint:
             settle_uncounted(self.spec, ctx)  # tokenize and reads of a stored response are never charged
             await settle(ticket, ctx)
             await observe(state.observers, ctx)
+
+    async def _admit_watching(self, ctx: RequestContext, headers: Headers, receive: Receive) -> Ticket:
+        """Admission that may wait (the fair queue): the client leaving while it waits cancels it, which
+        gives back its place (and anything the earlier steps hold)."""
+        ctx.extra["request_headers"] = headers  # the fair queue reads its class header (and drops this)
+        watcher = asyncio.ensure_future(_watch_disconnect(receive, ctx, asyncio.current_task()))
+        try:
+            return await self.state.admission.admit(ctx)
+        finally:
+            watcher.cancel()
+            ctx.extra.pop("request_headers", None)
 
     @staticmethod
     def _client_left(ctx: RequestContext) -> None:

@@ -186,7 +186,7 @@ def _stream_options(body: dict[str, Any]) -> dict[str, Any] | None:
     return so
 
 
-def _upstream_body(body: dict[str, Any], raw: bytes, mcfg: ModelConfig, force_usage: bool) -> bytes:
+def upstream_body(body: dict[str, Any], raw: bytes, mcfg: ModelConfig, force_usage: bool) -> bytes:
     """The bytes for the engine: the client's own unless the model name or stream options must change."""
     changed = not raw
     if mcfg.upstream_model and mcfg.upstream_model != body["model"]:
@@ -250,7 +250,7 @@ def parse_request(
         route=route,
         model=mcfg,
         body=body,
-        upstream_body=_upstream_body(body, raw, mcfg, stream and not wants_usage),
+        upstream_body=upstream_body(body, raw, mcfg, stream and not wants_usage),
         stream=stream,
         client_wants_usage=wants_usage,
         max_tokens=max_tokens,

@@ -604,3 +604,12 @@ def test_tool_structured_output_and_lora_settings_reach_the_engine() -> None:
     assert s.allow_runtime_lora and s.lora_enabled and not s.tool_call_structural_tags
     plain = env_of(pod_spec(render({"models": [{"name": "m", "source": "s3://models/m"}]}).engines()[0])["containers"][0])
     assert not any(k in plain for k in ("ENGINE_TOOL_CALL_PARSER", "ENGINE_RUNNER", "ENGINE_RESPONSES_STORE"))
+
+
+def test_scheduling_policy_reaches_the_engine_only_when_set() -> None:
+    values = copy.deepcopy(TP2_PVC)
+    values["models"][0]["settings"]["schedulingPolicy"] = "priority"
+    (w,) = render(values).engines()
+    assert env_of(pod_spec(w)["containers"][0])["ENGINE_SCHEDULING_POLICY"] == "priority"
+    (w,) = render(TP2_PVC).engines()
+    assert "ENGINE_SCHEDULING_POLICY" not in env_of(pod_spec(w)["containers"][0])

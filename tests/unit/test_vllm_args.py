@@ -93,6 +93,14 @@ def test_bad_settings_are_rejected(bad):
         EngineSettings(model="/m", **bad)
 
 
+def test_scheduling_policy_reaches_vllm_only_when_set():
+    cmd = build_vllm_command(EngineSettings(model="/m", scheduling_policy="priority"), "/m", device="cuda")
+    assert _flag(cmd, "--scheduling-policy") == "priority"
+    assert "--scheduling-policy" not in build_vllm_command(EngineSettings(model="/m"), "/m", device="cpu")
+    with pytest.raises(EngineArgsError, match="--scheduling-policy"):
+        build_vllm_command(EngineSettings(model="/m", extra_args="--scheduling-policy fcfs"), "/m", device="cpu")
+    with pytest.raises(ValueError):
+        EngineSettings(model="/m", scheduling_policy="lifo")
 def test_api_key_reaches_vllm_through_its_environment_never_argv():
     s = EngineSettings(model="/m", api_key="sk-engine-secret")
     cmd = build_vllm_command(s, "/m", device="cuda")

@@ -113,6 +113,10 @@ containers:
       {{- end }}
       - name: ENGINE_DTYPE
         value: {{ $s.dtype | quote }}
+      {{- with $s.schedulingPolicy }}
+      - name: ENGINE_SCHEDULING_POLICY
+        value: {{ . | quote }}
+      {{- end }}
       {{- with $s.kvCacheDtype }}
       - name: ENGINE_KV_CACHE_DTYPE
         value: {{ . | quote }}
