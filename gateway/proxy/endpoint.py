@@ -16,8 +16,9 @@ from typing import Any
 from gateway.context import RequestContext, new_request_id
 from gateway.errors import ApiError
 from gateway.hooks import NO_TICKET, Headers, Observer, Ticket
+from gateway.http_server import CONNECTION_KEY
 from gateway.outcome import CLIENT_GONE
-from gateway.proxy.forward import Forward, forward
+from gateway.proxy.forward import DisconnectHook, Forward, forward
 from gateway.proxy.request import (
     ClientLeft,
     ProxyRequest,
@@ -93,7 +94,8 @@ class ProxyEndpoint:
             ctx.principal = await state.auth.authenticate(headers)  # authenticate
             req = self._parse(ctx, raw, headers)  # parse: the JSON into a ProxyRequest
             ticket = await state.admission.admit(ctx)  # authorize -> quota -> audit back-pressure -> overload
-            await self._forward(ctx, req, receive, send)  # route -> forward -> relay
+            conn = scope.get(CONNECTION_KEY)
+            await self._forward(ctx, req, receive, send, conn)  # route -> forward -> relay
         except ApiError as e:
             await send_error(ctx, send, e)
         except ClientLeft:
@@ -149,7 +151,14 @@ class ProxyEndpoint:
         _describe(ctx, req)
         return req
 
-    async def _forward(self, ctx: RequestContext, req: ProxyRequest, receive: Receive, send: Send) -> None:
+    async def _forward(
+        self,
+        ctx: RequestContext,
+        req: ProxyRequest,
+        receive: Receive,
+        send: Send,
+        connection: DisconnectHook | None = None,
+    ) -> None:
         state = self.state
         up_headers = req.upstream_headers
         if state.tracing is not None:
@@ -164,4 +173,4 @@ class ProxyEndpoint:
             router=state.router,
             drain=state,
         )
-        await forward(job, receive, send)
+        await forward(job, receive, send, connection)
