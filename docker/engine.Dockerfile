@@ -8,11 +8,8 @@ ARG VLLM_VERSION=v0.24.0
 FROM vllm/vllm-openai:${VLLM_VERSION}
 
 WORKDIR /opt/private-llm
-COPY pyproject.toml README.md* ./
-COPY gateway ./gateway
-COPY engine ./engine
-COPY objectstore ./objectstore
-COPY configkit ./configkit
+# pyproject.toml, README.md and our packages (gateway/, engine/, objectstore/, ...: what .dockerignore lets through).
+COPY . ./
 # vLLM and torch come with the base image and are not touched: only our package and its small dependencies
 # are added (pip keeps every requirement the image already satisfies).
 RUN python3 -m pip install --no-cache-dir . "nvidia-ml-py>=12" \

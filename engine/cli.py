@@ -101,7 +101,7 @@ def _run(args: argparse.Namespace) -> int:
         for c in commands(s, plan, cmd, s.python or sys.executable):
             print(shlex.join(c))
         return 0
-    env = vllm_environment(device, os.environ, s.api_key)
+    env = vllm_environment(device, os.environ, s.api_key, s)
     host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
     if plan.is_group:
         from engine.group_run import run_group
@@ -146,9 +146,17 @@ def _config_check(args: argparse.Namespace) -> int:
 
 
 def _make_test_model(args: argparse.Namespace) -> int:
-    from engine.testmodel import build_test_model
+    from engine.testmodel import build_embedding_model, build_lora_adapter, build_test_model
 
-    out = build_test_model(args.out, seed=args.seed, shape=args.shape, weights=not args.no_weights)
+    if args.kind == "embed":
+        out = build_embedding_model(args.out, seed=args.seed)
+    elif args.kind == "lora":
+        if not args.base:
+            print("llm-engine make-test-model: --kind lora needs --base DIR (the generator)", file=sys.stderr)
+            return 2
+        out = build_lora_adapter(args.base, args.out, seed=args.seed)
+    else:
+        out = build_test_model(args.out, seed=args.seed, shape=args.shape, weights=not args.no_weights)
     print(out)
     return 0
 
@@ -192,6 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument(
         "--no-weights", action="store_true", help="config + tokenizer only (for --load-format dummy)"
     )
+    m.add_argument(
+        "--kind",
+        default="generate",
+        choices=["generate", "embed", "lora"],
+        help="generate: a Llama generator; embed: a BERT embedding model (embeddings, score, rerank); "
+        "lora: a PEFT LoRA adapter for the generator given with --base",
+    )
+    m.add_argument("--base", help="with --kind lora: the generator's directory (built by this command)")
     m.set_defaults(func=_make_test_model)
     try:
         from engine import weights_cli
@@ -199,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         weights_cli.register(sub)
     except ImportError:
         pass
+    from engine import lora
+
+    lora.register(sub)
     args = p.parse_args(argv)
     return args.func(args)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from configkit import ConfigError, check_environment, one_line
@@ -67,12 +67,67 @@ class EngineSettings(BaseSettings):
     enforce_eager: bool = False
     # CPU build only: KV cache size (vLLM --kv-cache-memory-bytes), e.g. "64M" or "4G".
     cpu_kv_cache: str | None = "1G"
+    # What vLLM runs the model as: None = as the checkpoint says (vLLM's "auto").
+    runner: str | None = Field(
+        default=None,
+        description="vLLM --runner: generate (text generation) or pooling (embeddings, score, rerank); unset = auto",
+    )
+    convert: str | None = Field(
+        default=None,
+        description="vLLM --convert: serve a generator checkpoint as a pooling model (embed or classify); unset = auto",
+    )
+    # Tools: the OpenAI `tools`/`tool_choice` parameters need a parser for the model's tool-call format.
+    enable_auto_tool_choice: bool = Field(
+        default=False,
+        description="vLLM --enable-auto-tool-choice: the model may decide to call tools (tool_choice=auto)",
+    )
+    tool_call_parser: str | None = Field(
+        default=None,
+        description="vLLM --tool-call-parser (e.g. hermes, llama3_json, mistral, openai): the model's tool-call format; "
+        "needed for tool_choice=auto and named tool choices",
+    )
+    tool_call_structural_tags: bool = Field(
+        default=True,
+        description="constrain tool calls with the model's own tool-call markup (vLLM's default); false: a named or "
+        "required tool_choice is decoded as JSON matching the tool's schema, which honours "
+        "structured_outputs_disable_any_whitespace (VLLM_ENFORCE_STRICT_TOOL_CALLING=0)",
+    )
+    reasoning_parser: str | None = Field(
+        default=None, description="vLLM --reasoning-parser (e.g. deepseek_r1, qwen3)"
+    )
+    responses_store: bool = Field(
+        default=False,
+        description="keep Responses API results in the engine's memory so GET /v1/responses/{id} and cancel work "
+        "(VLLM_ENABLE_RESPONSES_API_STORE; memory grows with every stored response)",
+    )
+    # Structured output (response_format json_schema, guided decoding).
+    structured_outputs_backend: str | None = Field(
+        default=None,
+        description="vLLM structured-output backend: auto, xgrammar, guidance, outlines, lm-format-enforcer",
+    )
+    structured_outputs_disable_any_whitespace: bool = Field(
+        default=False,
+        description="JSON output without free whitespace between tokens (random or weak models otherwise emit endless "
+        "whitespace inside JSON); needs the xgrammar or guidance backend (xgrammar is chosen when none is set)",
+    )
     # LoRA adapters: name=path-or-s3-uri, comma separated (pulled and verified like the model).
-    lora_modules: str | None = None
-    # LoRA adapters active in one batch; unset: vLLM's default.
-    max_loras: int | None = None
-    # Largest LoRA rank accepted; unset: vLLM's default.
-    max_lora_rank: int | None = None
+    lora_modules: str | None = Field(
+        default=None,
+        description="LoRA adapters served at start: name=path-or-s3-uri,... (s3:// ones pulled and verified)",
+    )
+    enable_lora: bool = Field(
+        default=False,
+        description="vLLM --enable-lora without adapters at start (adapters loaded at run time)",
+    )
+    max_loras: int | None = Field(default=None, gt=0, description="vLLM --max-loras: adapters in one batch")
+    max_lora_rank: int | None = Field(
+        default=None, gt=0, description="vLLM --max-lora-rank: largest adapter rank"
+    )
+    allow_runtime_lora: bool = Field(
+        default=False,
+        description="let `llm-engine lora add/remove` load and unload adapters while vLLM runs "
+        "(VLLM_ALLOW_RUNTIME_LORA_UPDATING; the engine port must only be reachable by the gateway)",
+    )
     # vLLM's own API key for its OpenAI server (the gateway sends it); from a Secret. Passed to vLLM through
     # its environment (VLLM_API_KEY), never on its command line.
     api_key: str | None = None
@@ -138,6 +193,47 @@ class EngineSettings(BaseSettings):
         if v not in ("auto", "cpu", "cuda", "gpu"):
             raise ValueError("device must be auto, cpu or cuda")
         return "cuda" if v == "gpu" else v
+
+    @field_validator("runner")
+    @classmethod
+    def _runner(cls, v: str | None) -> str | None:
+        if v is not None and v not in ("auto", "generate", "pooling"):
+            raise ValueError("runner must be auto, generate or pooling")
+        return None if v == "auto" else v
+
+    @field_validator("convert")
+    @classmethod
+    def _convert(cls, v: str | None) -> str | None:
+        if v is not None and v not in ("auto", "none", "embed", "classify"):
+            raise ValueError("convert must be auto, none, embed or classify")
+        return None if v == "auto" else v
+
+    @field_validator("structured_outputs_backend")
+    @classmethod
+    def _so_backend(cls, v: str | None) -> str | None:
+        allowed = ("auto", "xgrammar", "guidance", "outlines", "lm-format-enforcer")
+        if v is not None and v not in allowed:
+            raise ValueError(f"structured_outputs_backend must be one of {', '.join(allowed)}")
+        return v
+
+    @model_validator(mode="after")
+    def _combinations(self) -> EngineSettings:
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ValueError(
+                "enable_auto_tool_choice needs tool_call_parser (ENGINE_TOOL_CALL_PARSER, e.g. hermes)"
+            )
+        if self.structured_outputs_disable_any_whitespace and self.structured_outputs_backend in (
+            "outlines",
+            "lm-format-enforcer",
+        ):
+            raise ValueError(
+                "structured_outputs_disable_any_whitespace needs the xgrammar or guidance backend"
+            )
+        return self
+
+    @property
+    def lora_enabled(self) -> bool:
+        return bool(self.enable_lora or self.lora_modules or self.allow_runtime_lora)
 
     @field_validator("dtype")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 from collections.abc import Mapping
 
@@ -38,6 +39,17 @@ OWNED_FLAGS = {
     "--data-parallel-rpc-port",
     "--data-parallel-start-rank",
     "--enable-expert-parallel",
+    # OpenAI features (tools, structured output, pooling models, LoRA).
+    "--runner",
+    "--convert",
+    "--tool-call-parser",
+    "--enable-auto-tool-choice",
+    "--reasoning-parser",
+    "--structured-outputs-config",
+    "--enable-lora",
+    "--lora-modules",
+    "--max-loras",
+    "--max-lora-rank",
 }
 
 
@@ -81,7 +93,12 @@ def build_vllm_command(
         cmd += ["--seed", str(s.seed)]
     if s.load_format:
         cmd += ["--load-format", s.load_format]
-    cmd += ["--enable-prefix-caching"] if s.enable_prefix_caching else ["--no-enable-prefix-caching"]
+    if s.runner == "pooling":
+        # Encoder (bidirectional) pooling models cannot use the prefix cache; vLLM decides for pooling models.
+        if not s.enable_prefix_caching:
+            cmd += ["--no-enable-prefix-caching"]
+    else:
+        cmd += ["--enable-prefix-caching"] if s.enable_prefix_caching else ["--no-enable-prefix-caching"]
     if s.enable_chunked_prefill is not None:
         cmd += ["--enable-chunked-prefill"] if s.enable_chunked_prefill else ["--no-enable-chunked-prefill"]
     if s.quantization:
@@ -110,8 +127,23 @@ def build_vllm_command(
         cmd += ["--enforce-eager"]
         if s.cpu_kv_cache:
             cmd += ["--kv-cache-memory-bytes", s.cpu_kv_cache]
-    if lora_dirs:
-        cmd += ["--enable-lora", "--lora-modules", *(f"{n}={p}" for n, p in lora_dirs.items())]
+    if s.runner:
+        cmd += ["--runner", s.runner]
+    if s.convert:
+        cmd += ["--convert", s.convert]
+    if s.tool_call_parser:
+        cmd += ["--tool-call-parser", s.tool_call_parser]
+    if s.enable_auto_tool_choice:
+        cmd += ["--enable-auto-tool-choice"]
+    if s.reasoning_parser:
+        cmd += ["--reasoning-parser", s.reasoning_parser]
+    so = structured_outputs_config(s)
+    if so:
+        cmd += ["--structured-outputs-config", json.dumps(so, separators=(",", ":"))]
+    if lora_dirs or s.lora_enabled:
+        cmd += ["--enable-lora"]
+        if lora_dirs:
+            cmd += ["--lora-modules", *(f"{n}={p}" for n, p in lora_dirs.items())]
         if s.max_loras:
             cmd += ["--max-loras", str(s.max_loras)]
         if s.max_lora_rank:
@@ -133,9 +165,25 @@ def build_vllm_command(
     return cmd + extra
 
 
-def vllm_environment(device: str, base: Mapping[str, str], api_key: str | None = None) -> dict[str, str]:
-    """Environment for the vLLM process: CPU-build knobs that make it start fast on small machines, and the
-    API key (VLLM_API_KEY: never on the command line, where ``ps`` shows it to every user)."""
+def structured_outputs_config(s: EngineSettings) -> dict[str, object]:
+    """vLLM's --structured-outputs-config from the typed settings (empty: vLLM's defaults)."""
+    out: dict[str, object] = {}
+    backend = s.structured_outputs_backend
+    if s.structured_outputs_disable_any_whitespace:
+        out["disable_any_whitespace"] = True
+        if backend in (None, "auto"):
+            backend = "xgrammar"  # vLLM accepts the option only with xgrammar or guidance
+    if backend:
+        out["backend"] = backend
+    return out
+
+
+def vllm_environment(
+    device: str, base: Mapping[str, str], api_key: str | None = None, settings: EngineSettings | None = None
+) -> dict[str, str]:
+    """Environment for the vLLM process: CPU-build knobs that make it start fast on small machines, the
+    API key (VLLM_API_KEY: never on the command line, where ``ps`` shows it to every user), and the switches
+    some settings are (run-time LoRA, the Responses store, tool-call decoding)."""
     env = {k: v for k, v in base.items() if not k.startswith("ENGINE_")}
     if api_key:
         env["VLLM_API_KEY"] = api_key
@@ -143,6 +191,12 @@ def vllm_environment(device: str, base: Mapping[str, str], api_key: str | None =
     env.setdefault("DO_NOT_TRACK", "1")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if settings is not None and settings.allow_runtime_lora:
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    if settings is not None and not settings.tool_call_structural_tags:
+        env["VLLM_ENFORCE_STRICT_TOOL_CALLING"] = "0"
+    if settings is not None and settings.responses_store:
+        env["VLLM_ENABLE_RESPONSES_API_STORE"] = "1"
     if device == "cpu":
         env.setdefault("VLLM_TARGET_DEVICE", "cpu")
         env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

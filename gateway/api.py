@@ -7,6 +7,7 @@ each); unmatched routes are recorded too, under a fixed route label so metric la
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
@@ -14,10 +15,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from gateway.context import RequestContext
+from gateway.context import RequestContext, response_request_id
 from gateway.errors import ApiError
 from gateway.metrics_server import render, token_ok
 from gateway.proxy.endpoint import observe, request_context
+from gateway.routing.catalog import merged
+from gateway.settings import ModelConfig
 from gateway.state import GatewayState
 
 log = logging.getLogger("gateway")
@@ -43,15 +46,38 @@ class GatewayApi:
         if e is not None:
             ctx.end(e)
             ctx.error_message = e.message
-        resp.headers["x-request-id"] = ctx.request_id
+        resp.headers["x-request-id"] = response_request_id(ctx).decode()
         await observe(self.state.observers, ctx)
         return resp
 
     async def _error(self, ctx: RequestContext, e: ApiError) -> Response:
         return await self._finish(ctx, error_response(e), e)
 
-    def _model_card(self, name: str, owned_by: str) -> dict[str, object]:
-        return {"id": name, "object": "model", "created": int(self.state.started), "owned_by": owned_by}
+    def _model_card(self, m: ModelConfig) -> dict[str, Any] | None:
+        """A model as /v1/models lists it: the gateway's fields plus what its engines report (cached from the
+        health probes: no engine round trip per request). An adapter is listed only while an engine serves it."""
+        state = self.state
+        out: dict[str, Any] = {
+            "id": m.name,
+            "object": "model",
+            "created": int(state.started),
+            "owned_by": m.owned_by,
+        }
+        pool = state.pools.get(state.settings.pool_name(m.name))
+        view = merged(pool.endpoints) if pool is not None else None
+        engine_name = m.upstream_model or m.name
+        if m.base is not None:
+            if view is None or not view.serves_model(engine_name):
+                return None
+            out["parent"] = m.base
+        if view is not None:
+            reported = view.models.get(engine_name, {})
+            if not isinstance(reported.get("max_model_len"), int) and m.base is not None:
+                base = state.settings.model(m.base)
+                reported = view.models.get((base.upstream_model if base else None) or m.base, {})
+            if isinstance(reported.get("max_model_len"), int):
+                out["max_model_len"] = reported["max_model_len"]
+        return out
 
     async def list_models(self, request: Request) -> Response:
         ctx = _context(request, "/v1/models")
@@ -60,7 +86,7 @@ class GatewayApi:
         except ApiError as e:
             return await self._error(ctx, e)
         models = self.state.settings.models
-        data = [self._model_card(m.name, m.owned_by) for m in models if principal.may_use(m.name)]
+        data = [c for m in models if principal.may_use(m.name) and (c := self._model_card(m)) is not None]
         return await self._finish(ctx, JSONResponse({"object": "list", "data": data}))
 
     async def get_model(self, request: Request) -> Response:
@@ -71,14 +97,15 @@ class GatewayApi:
             principal = ctx.principal = await self.state.auth.authenticate(request.scope["headers"])
             ctx.model = name
             m = self.state.settings.model(name)
-            if m is None:
+            card = self._model_card(m) if m is not None else None
+            if card is None:
                 raise ApiError(
                     404, f"The model '{name}' does not exist.", param="model", code="model_not_found"
                 )
             self.state.auth.authorize(principal, name)
         except ApiError as e:
             return await self._error(ctx, e)
-        return await self._finish(ctx, JSONResponse(self._model_card(m.name, m.owned_by)))
+        return await self._finish(ctx, JSONResponse(card))
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})

@@ -25,14 +25,15 @@ from gateway.auth.apikeys import ApiKeyStore
 from gateway.auth.tokens import JwtVerifier
 from gateway.errors import ApiError
 from gateway.hooks import Observer
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import GatewayMetrics, TelemetrySources
 from gateway.metrics_server import MetricsServer
 from gateway.proxy import ProxyEndpoint
 from gateway.proxy.routes import PROXIED_ROUTES
+from gateway.quota.metrics import QuotaMetrics
+from gateway.responses_api import ResponseIndex
 from gateway.routing.discovery import DnsDiscovery, DnsTarget, parse_upstreams
 from gateway.routing.pool import EndpointPool, HealthChecker
 from gateway.routing.router import Router
-from gateway.routing.telemetry import RoutingCollector
 from gateway.settings import GatewaySettings
 from gateway.state import Closer, GatewayState
 from gateway.upstream import make_session
@@ -95,6 +96,8 @@ def _pools(settings: GatewaySettings) -> tuple[dict[str, EndpointPool], DnsTarge
     pools: dict[str, EndpointPool] = {}
     dns_targets: DnsTargets = {}
     for m in settings.models:
+        if m.base is not None:
+            continue  # a LoRA adapter: served by its base model's pool
         static, dns = parse_upstreams(m.upstreams)
         pools[m.name] = EndpointPool.from_urls(m.name, static, settings.routing)
         if dns:
@@ -139,12 +142,13 @@ def _lifespan(  # type: ignore[no-untyped-def]
             except OSError as e:
                 raise SystemExit(f"llm-gateway: cannot serve metrics on port {settings.metrics_port}: {e}") from e
             state.closers.append(ms.stop)
-        state.sessions = {m.name: make_session(m) for m in settings.models}
+        state.sessions = {m.name: make_session(m) for m in settings.models if m.base is None}
         health = state.health = HealthChecker(
             list(state.pools.values()),
             settings.health_interval,
             settings.health_timeout,
             settings.routing.unhealthy_after,
+            api_keys={m.name: m.upstream_api_key for m in settings.models if m.base is None},
         )
         if dns_targets:
             # Resolve once before the first probe round so DNS-named replicas are probed with the rest.
@@ -222,7 +226,6 @@ def create_app(
     pools, dns_targets = _pools(settings)
     metrics = GatewayMetrics.from_settings(settings)
     router = Router(settings.routing, settings.max_retries)
-    metrics.registry.register(RoutingCollector(pools, router))
     audit = None
     worker_files = None
     if settings.audit.enabled:
@@ -234,11 +237,14 @@ def create_app(
             worker_files = WorkerFiles(settings.audit.path)
         audit = AuditWriter.from_settings(_audit_settings(settings.audit))
     # The admission chain, in the order requests meet it (gateway/admission/__init__.py).
-    chain, quota = build_admission_chain(settings.quota, auth, pools, metrics.registry, audit)
+    quota_stats = QuotaMetrics() if settings.quota.active else None
+    chain, quota = build_admission_chain(settings.quota, auth, pools, quota_stats, audit)
     state = GatewayState(
         settings=settings, auth=auth, pools=pools, router=router, admission=chain, metrics=metrics
     )
     state.observers.append(metrics)
+    if settings.responses_index_size:
+        state.responses = ResponseIndex(settings.responses_index_size)
     if settings.access_log:
         state.observers.append(AccessLog())
     if quota is not None:
@@ -246,7 +252,9 @@ def create_app(
     if audit is not None:
         state.audit = audit
         state.observers.append(audit)
-    metrics.bind_state(state)
+    metrics.bind(
+        TelemetrySources(pools=pools, router=router, quota=quota_stats, audit=audit, in_flight=lambda: state.in_flight)
+    )
     if settings.tracing.enabled:
         from gateway.tracing import RequestTracer
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import time
 from typing import Any
 
@@ -33,6 +34,25 @@ def new_request_id() -> str:
 def unique_id() -> str:
     """A short id unique among every process's ids (quota leases)."""
     return f"{_prefix}{next(_counter):x}"
+
+
+_CLIENT_ID_OK = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+def client_request_id(raw: bytes | None, max_chars: int = 128) -> str | None:
+    """A client's ``X-Request-Id`` if it is 1..max_chars of ``[A-Za-z0-9._:-]``; anything else is dropped."""
+    if not raw or len(raw) > max_chars:
+        return None
+    try:
+        value = raw.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    return value if _CLIENT_ID_OK.fullmatch(value) else None
+
+
+def response_request_id(ctx: RequestContext) -> bytes:
+    """The ``x-request-id`` sent back: the client's own when it sent a valid one, else ours."""
+    return (ctx.client_request_id or ctx.request_id).encode()
 
 
 class RequestContext:
@@ -74,12 +94,17 @@ class RequestContext:
         "extra",
         "upstream_errors",
         "ending",
+        "client_request_id",
     )
 
     def __init__(
         self, request_id: str, route: str, method: str = "POST", client_ip: str | None = None
     ) -> None:
+        # Ours, always generated: the audit event id, forwarded to the engine.
         self.request_id = request_id
+        # The client's X-Request-Id when it is well formed (see client_request_id()), echoed back and
+        # recorded as audit http.request.id; never our event id.
+        self.client_request_id: str | None = None
         self.route = route
         self.method = method
         self.client_ip = client_ip

@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.auth.principal import Principal
@@ -88,16 +88,33 @@ class Tracer(Observer, Protocol):
 
 
 class AuditSink(Protocol):
-    """Where audit records go. ``write`` is awaited by the writer task, so a network sink never blocks the
-    event loop; ``sync`` makes what was written durable (fsync for a file)."""
+    """Where the audit writer puts records (``gateway/audit/sink.py``: file, stdout; chosen by ``audit.sink``).
+    ``write`` is awaited by the writer task, so a network sink never blocks the event loop; ``sync`` makes
+    what was written durable (fsync for a file)."""
 
-    async def open(self) -> None: ...
+    # Called with each closed segment file (to archive it); a sink without segment files never calls it.
+    on_closed: Callable[[str], None] | None
 
-    async def write(self, records: Sequence[dict[str, Any]]) -> None: ...
+    async def open(self) -> None:
+        """Start (or continue, after a restart) the hash chain; called once before the first write."""
 
-    async def sync(self) -> None: ...
+    async def write(self, records: Sequence[dict[str, Any]]) -> None:
+        """Seal and write records, in order. Raises OSError on failure (the writer keeps them and retries)."""
 
-    async def close(self) -> None: ...
+    async def sync(self) -> None:
+        """Make everything written so far durable."""
+
+    def rotate_due_in(self) -> float | None:
+        """Seconds until a time-based rotation is due (None: never)."""
+
+    async def maybe_rotate(self) -> None:
+        """Rotate when a size or age limit is reached."""
+
+    def closed_segments(self) -> list[str]:
+        """Closed segment files left from earlier runs, not yet archived (oldest first)."""
+
+    async def close(self) -> None:
+        """At shutdown, after the last write: close the chain's current segment."""
 
 
 class _NoTicket:

@@ -23,8 +23,7 @@ log = logging.getLogger("gateway.metrics")
 
 
 def render(state: Any) -> bytes:
-    """The text exposition of the app's registry, with the in-flight gauge read now."""
-    state.metrics.in_flight.set(state.in_flight)
+    """The text exposition of the app's registry (scrape-time series are read now, by its collector)."""
     return generate_latest(state.metrics.registry)
 
 

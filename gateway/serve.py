@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import time
 from types import FrameType
 from typing import Any
@@ -59,14 +60,20 @@ def tune_gc(young_threshold: int) -> None:
     log.debug("gc: froze %d objects; thresholds %s", gc.get_freeze_count(), gc.get_threshold())
 
 
-def _run(settings: GatewaySettings, sockets: list[socket.socket] | None = None) -> None:
+# A worker's exit status when its app never started (a lifespan error): the supervisor stops then, since a new
+# worker would fail the same way.
+STARTUP_FAILURE = 3
+
+
+def _run(settings: GatewaySettings, sockets: list[socket.socket] | None = None) -> bool:
+    """Serve until drained; False when the app never started."""
     from gateway.app import create_app
 
     app = create_app(settings)
     tune_gc(settings.gc_young_threshold)
-    DrainingServer(uvicorn_config(app, settings), app.state.gateway, settings.drain_timeout).run(
-        sockets=sockets
-    )
+    server = DrainingServer(uvicorn_config(app, settings), app.state.gateway, settings.drain_timeout)
+    server.run(sockets=sockets)
+    return server.started
 
 
 def _worker(sockets: list[socket.socket]) -> None:
@@ -76,7 +83,8 @@ def _worker(sockets: list[socket.socket]) -> None:
     catch_early_signals()
     settings = GatewaySettings()
     logs.configure(settings.log_level)
-    _run(settings, sockets)
+    if not _run(settings, sockets):
+        sys.exit(STARTUP_FAILURE)
 
 
 class Supervisor:
@@ -112,6 +120,10 @@ class Supervisor:
 
     def _replace_dead(self) -> None:
         for i, p in enumerate(self.procs):
+            if not p.is_alive() and p.exitcode == STARTUP_FAILURE and not self.stopping:
+                log.error("worker %s could not start its app; stopping the gateway", p.pid)
+                self.signals.append(signal.SIGTERM)
+                return
             if not p.is_alive() and not self.stopping:
                 log.warning("worker %s exited with %s; starting a new one", p.pid, p.exitcode)
                 self.procs[i] = self._start()
@@ -139,5 +151,4 @@ def serve(settings: GatewaySettings) -> int:
     """Serve until SIGTERM/SIGINT and a clean drain; the process's exit status."""
     if settings.workers > 1:
         return Supervisor(settings).run()
-    _run(settings)
-    return 0
+    return 0 if _run(settings) else STARTUP_FAILURE

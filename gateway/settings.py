@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import unquote
 
 import yaml
@@ -103,6 +103,11 @@ class ModelConfig(StrictModel):
     )
     # Name the engine serves the model under, when it differs from the public one.
     upstream_model: str | None = None
+    # A LoRA adapter: the configured model whose engines serve it (loaded there at start via
+    # ENGINE_LORA_MODULES or at run time via `llm-engine lora add`). Requests go to that model's replicas
+    # with ``upstream_model`` (default: this name) as the engine's model; access rules, quotas and audit use
+    # this name. An adapter has no upstreams of its own.
+    base: str | None = Field(default=None, description="for a LoRA adapter: the model whose engines serve it")
     owned_by: str = "private-llm-stack"
     max_connections: int = 1024
     # Idle pooled connections are dropped after this many seconds; keep it below the engine's keep-alive
@@ -147,10 +152,25 @@ class ModelConfig(StrictModel):
 class RoutingSettings(StrictModel):
     """How the gateway chooses among a model's replicas and reacts to their faults (gateway/routing/)."""
 
-    # Prefix affinity: requests whose prompt shares its first ``prefix_chars`` characters (a system prompt,
-    # a conversation's start) go to the same replica (vLLM's prefix cache) via a consistent-hash ring.
-    prefix_affinity: bool = True
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "prefix_affinity" in data:
+            raise ValueError(
+                "routing.prefix_affinity was replaced by routing.policy: write 'policy: prefix_affinity' "
+                "(for true) or 'policy: least_outstanding' (for false)"
+            )
+        return data
+
+    # How a replica is chosen (gateway/routing/pipeline.py): prefix_affinity (prompts sharing their first
+    # prefix_chars characters go to one replica, for vLLM's prefix cache; others to the least outstanding),
+    # least_outstanding, power_of_two (the less outstanding of two drawn at random) or kv_cache_aware.
+    # A session header keeps a session on one replica under every policy.
+    policy: Literal["prefix_affinity", "least_outstanding", "power_of_two", "kv_cache_aware"] = "prefix_affinity"
+    # Characters of the prompt hashed into its affinity key (policy prefix_affinity).
     prefix_chars: int = Field(default=1024, ge=16)
+    # Policy kv_cache_aware: weight of the engine's KV-cache use (0..1) against its load (normalised to 0..1).
+    kv_cache_weight: float = Field(default=1.0, ge=0)
     # Bounded load: a replica takes an affinity request only while its load stays under
     # ceil(load_factor * mean load); a hot prefix spills over to the next replica on the ring.
     load_factor: float = Field(default=1.25, ge=1.0)
@@ -401,6 +421,10 @@ class GatewaySettings(BaseSettings):
     workers: int = Field(default=1, ge=1)
     # Largest request body accepted, bytes (413 above).
     max_body_bytes: int = 10 * 1024 * 1024
+    # Largest audio upload (multipart body of /v1/audio/transcriptions and /translations), bytes (413 above).
+    max_audio_bytes: int = Field(default=25 * 1024 * 1024, gt=0, description="largest audio upload in bytes")
+    # Responses API: response ids remembered per gateway process (to reach the replica that stores each).
+    responses_index_size: int = Field(default=100_000, ge=0, description="response ids remembered for GET/cancel")
     # Header, body-time and JSON limits (docs/security.md).
     limits: LimitSettings = Field(default_factory=LimitSettings)
     # Proxies (IPs or CIDRs, e.g. the ingress controller's Pod range) whose X-Forwarded-For/-Proto is believed.
@@ -469,6 +493,26 @@ class GatewaySettings(BaseSettings):
             _YamlSource(settings_cls, path),
             file_secret_settings,
         )
+
+    @model_validator(mode="after")
+    def _adapters_have_a_base(self) -> GatewaySettings:
+        names = {m.name: m for m in self.models}
+        for m in self.models:
+            if m.base is None:
+                continue
+            b = names.get(m.base)
+            if b is None:
+                raise ValueError(f"models[{m.name}]: base {m.base!r} is not a configured model")
+            if b.base is not None:
+                raise ValueError(f"models[{m.name}]: base {m.base!r} is itself an adapter")
+            if m.upstreams:
+                raise ValueError(f"models[{m.name}]: an adapter (base: {m.base}) has no upstreams of its own")
+        return self
+
+    def pool_name(self, name: str) -> str:
+        """The model whose replicas serve ``name`` (itself, or an adapter's base)."""
+        m = self.model(name)
+        return m.base if m is not None and m.base else name
 
     def model(self, name: str) -> ModelConfig | None:
         for m in self.models:

@@ -15,6 +15,7 @@ from gateway.settings import GatewaySettings
 if TYPE_CHECKING:
     from gateway.audit.writer import AuditWriter
     from gateway.metrics import GatewayMetrics
+    from gateway.responses_api import ResponseIndex
     from gateway.routing.discovery import DnsDiscovery
     from gateway.routing.pool import EndpointPool, HealthChecker
 
@@ -50,3 +51,5 @@ class GatewayState:
     # Set when the drain deadline passed: streams still running end with an error event.
     drain_expired: bool = False
     started: float = field(default_factory=time.time)
+    # Where stored Responses API objects live (GET/cancel by id go to that replica, for their creator).
+    responses: ResponseIndex | None = None

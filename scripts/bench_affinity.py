@@ -105,7 +105,7 @@ def run_mode(urls: list[str], model: str, affinity: bool, args, seed: int) -> di
         "api_keys": [{"id": "bench", "sha256": sha256_hex(KEY), "models": ["*"]}],
         "health_interval": 0.5,
         "routing": {
-            "prefix_affinity": affinity,
+            "policy": "prefix_affinity" if affinity else "least_outstanding",
             "prefix_chars": args.key_chars,
             "load_factor": args.load_factor,
         },

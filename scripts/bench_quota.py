@@ -34,12 +34,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from prometheus_client import CollectorRegistry  # noqa: E402
 
 from gateway.auth.principal import Principal  # noqa: E402
 from gateway.context import RequestContext  # noqa: E402
 from gateway.quota.admission import QuotaAdmission  # noqa: E402
 from gateway.quota.config import QuotaSettings  # noqa: E402
+from gateway.quota.metrics import QuotaMetrics  # noqa: E402
 
 BIG = 10**9
 
@@ -158,7 +158,7 @@ async def bench(args, url: str) -> dict:
     for backend in ("memory", "redis"):
         for shape in ("rpm", "full"):
             for conc in args.concurrency:
-                adm = QuotaAdmission(settings(backend, shape, url), CollectorRegistry())
+                adm = QuotaAdmission(settings(backend, shape, url), QuotaMetrics())
                 try:
                     row = await run_one(adm, args.requests, conc)
                 finally:

@@ -109,6 +109,23 @@ ENGINE_SETTINGS = obj(
         "enablePrefixCaching": BOOL,
         "extraArgs": {"type": "string", "description": "any other vLLM arguments (ENGINE_EXTRA_ARGS)"},
         "pullConcurrency": POS,
+        "runner": {"enum": ["", "generate", "pooling"], "description": "ENGINE_RUNNER: pooling for embedding/rerank models"},
+        "toolCallParser": {
+            "type": "string",
+            "description": "ENGINE_TOOL_CALL_PARSER (hermes, llama3_json, mistral, ...): the model's tool-call format",
+        },
+        "enableAutoToolChoice": {"type": "boolean", "description": "ENGINE_ENABLE_AUTO_TOOL_CHOICE (needs toolCallParser)"},
+        "toolCallStructuralTags": {
+            "type": "boolean",
+            "description": "ENGINE_TOOL_CALL_STRUCTURAL_TAGS: false = named tool choices decoded as schema-guided JSON",
+        },
+        "structuredOutputsDisableAnyWhitespace": {
+            "type": "boolean",
+            "description": "ENGINE_STRUCTURED_OUTPUTS_DISABLE_ANY_WHITESPACE: JSON output without free whitespace",
+        },
+        "responsesStore": {"type": "boolean", "description": "ENGINE_RESPONSES_STORE: GET /v1/responses/{id} and cancel"},
+        "allowRuntimeLora": {"type": "boolean", "description": "ENGINE_ALLOW_RUNTIME_LORA: `llm-engine lora add/remove`"},
+        "maxLoraRank": {**NONNEG, "description": "ENGINE_MAX_LORA_RANK; 0 = vLLM's default"},
     }
 )
 

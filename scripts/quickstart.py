@@ -304,6 +304,13 @@ def main(argv: list[str] | None = None) -> int:
             ENGINE_CACHE_DIR=str(STATE / "engine-cache"),
             ENGINE_CPU_KV_CACHE=os.environ.get("ENGINE_CPU_KV_CACHE", "64M"),
             ENGINE_MAX_MODEL_LEN="2048",
+            # OpenAI tools out of the box (a named tool_choice is decoded as JSON matching the tool's schema), and
+            # JSON output without free whitespace (random weights otherwise fill JSON with endless whitespace).
+            ENGINE_ENABLE_AUTO_TOOL_CHOICE="true",
+            ENGINE_TOOL_CALL_PARSER="hermes",
+            ENGINE_TOOL_CALL_STRUCTURAL_TAGS="false",
+            ENGINE_STRUCTURED_OUTPUTS_DISABLE_ANY_WHITESPACE="true",
+            ENGINE_RESPONSES_STORE="true",
             TMPDIR=str(tmp),
             OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
             VLLM_ENABLE_V1_MULTIPROCESSING="0",

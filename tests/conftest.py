@@ -40,10 +40,24 @@ def tiny_model_dir(test_cache_dir: Path) -> Path:
     return build_test_model(test_cache_dir / "tiny-seed0", seed=0)
 
 
+# The shared generator engine runs as the quickstart's demo engine does: OpenAI tools (hermes format; a named
+# tool_choice decoded as JSON matching the tool's schema), JSON without free whitespace, the Responses store,
+# and LoRA adapters loadable at run time (`llm-engine lora add`).
+GENERATOR_ENV = {
+    "ENGINE_ENABLE_AUTO_TOOL_CHOICE": "true",
+    "ENGINE_TOOL_CALL_PARSER": "hermes",
+    "ENGINE_TOOL_CALL_STRUCTURAL_TAGS": "false",
+    "ENGINE_STRUCTURED_OUTPUTS_DISABLE_ANY_WHITESPACE": "true",
+    "ENGINE_RESPONSES_STORE": "true",
+    "ENGINE_ALLOW_RUNTIME_LORA": "true",
+    "ENGINE_MAX_LORA_RANK": "8",
+}
+
+
 @pytest.fixture(scope="session")
 def engine(tiny_model_dir: Path) -> Iterator[Engine]:
     """One real vLLM CPU engine serving the tiny model as 'tiny', shared by the whole session."""
-    e = Engine(str(tiny_model_dir), served_name=MODEL)
+    e = Engine(str(tiny_model_dir), served_name=MODEL, extra_env=GENERATOR_ENV)
     try:
         yield e.wait_ready()
     finally:
@@ -101,4 +115,5 @@ def s3_server() -> Iterator[Any]:
 from tests.fixtures_auth import *  # noqa: F401,F403
 from tests.fixtures_quota import *  # noqa: F401,F403
 from tests.fixtures_routing import *  # noqa: F401,F403
+from tests.fixtures_surface import *  # noqa: F401,F403
 from tests.fixtures_weights import *  # noqa: F401,F403

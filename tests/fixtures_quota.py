@@ -102,7 +102,7 @@ class QueueingUpstream:
         return self
 
     def set_waiting(self, n: int) -> None:
-        httpx.post(f"{self.url}/sim/waiting", params={"n": n}, timeout=5).raise_for_status()
+        httpx.post(f"{self.url}/_mode", json={"waiting": n}, timeout=5).raise_for_status()
 
     def stop(self) -> None:
         self.proc.stop()

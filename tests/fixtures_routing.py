@@ -9,11 +9,11 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import PY, Gateway, Proc, free_port, wait_http
+from tests.support import PY, REPO, Gateway, Proc, free_port, wait_http
 
 
 class FakeUpstream:
-    """tests/fakes/fake_upstream.py as a subprocess; ``mode`` picks the fault it injects."""
+    """scripts/sim_upstream.py as a subprocess; ``mode`` picks the fault it injects (~10 ms per stream event)."""
 
     def __init__(self, mode: str = "ok", delay: float = 5.0) -> None:
         self.port = free_port()
@@ -21,14 +21,17 @@ class FakeUpstream:
         self.proc = Proc(
             [
                 PY,
-                "-m",
-                "tests.fakes.fake_upstream",
+                str(REPO / "scripts" / "sim_upstream.py"),
                 "--port",
                 str(self.port),
                 "--mode",
                 mode,
                 "--delay",
                 str(delay),
+                "--chunks",
+                "4",
+                "--chunk-delay",
+                "0.01",
             ],
             name=f"fake-{mode}",
         )

@@ -85,3 +85,121 @@ def scrape_names(text: str) -> set[str]:
         for sample in fam.samples:
             names.add(sample.name)
     return names
+
+
+# -- proving that alerts fire: series built from real scrapes, evaluated by promtool -------------------------
+
+SeriesKey = tuple[str, tuple[tuple[str, str], ...]]
+PROMTOOL_STEP = 15  # seconds: the scrape interval of configs/prometheus/prometheus.yml
+
+
+def scrape_samples(text: str, target: dict[str, str]) -> tuple[dict[SeriesKey, float], set[SeriesKey]]:
+    """The samples a Prometheus server would store from one successful scrape of ``target`` (its ``job`` and
+    ``instance`` labels added, plus ``up`` = 1), and which of them are cumulative (counters, histogram and
+    summary parts). ``_created`` samples are left out."""
+    values: dict[SeriesKey, float] = {}
+    cumulative: set[SeriesKey] = set()
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name.endswith("_created"):
+                continue
+            key = (s.name, tuple(sorted({**s.labels, **target}.items())))
+            values[key] = s.value
+            if fam.type in ("counter", "histogram", "summary", "gaugehistogram"):
+                cumulative.add(key)
+    values[("up", tuple(sorted(target.items())))] = 1.0
+    return values, cumulative
+
+
+def failed_scrape(target: dict[str, str]) -> dict[SeriesKey, float]:
+    """What Prometheus stores for a target it could not scrape: ``up`` = 0."""
+    return {("up", tuple(sorted(target.items()))): 0.0}
+
+
+def _num(v: float) -> str:
+    return repr(float(v)).replace("inf", "Inf")
+
+
+def _series(key: SeriesKey) -> str:
+    name, labels = key
+    return name + "{" + ",".join(f"{k}={json.dumps(v)}" for k, v in labels) + "}"
+
+
+def timeline(
+    quiet: dict[SeriesKey, float],
+    start: dict[SeriesKey, float],
+    end: dict[SeriesKey, float],
+    cumulative: set[SeriesKey],
+    quiet_steps: int,
+    active_steps: int,
+    names: set[str],
+) -> list[dict[str, str]]:
+    """promtool input series for the metrics in ``names``: ``quiet_steps`` scrapes of the state before the
+    condition was forced (``quiet``), then ``active_steps`` scrapes during which the condition persists as
+    observed between the two scrapes taken while it was forced (``start`` -> ``end``): a counter keeps growing
+    by what it grew between them (the traffic between two scrapes repeats every scrape interval), a gauge
+    keeps its trend (constant when it did not move)."""
+    out = []
+    for key in sorted(set(quiet) | set(start) | set(end)):
+        if key[0] not in names:
+            continue
+        if key in cumulative:
+            a = start.get(key, quiet.get(key, 0.0))
+            b = end.get(key, a)
+            values = f"{_num(a)}x{quiet_steps} {_num(a)}+{_num(max(b - a, 0.0))}x{active_steps}"
+        else:
+            q = quiet.get(key)
+            head = f"{_num(q)}x{quiet_steps}" if q is not None else f"_x{quiet_steps}"
+            b = end.get(key, start.get(key))
+            if b is None:
+                continue
+            d = b - start.get(key, b)
+            tail = f"{_num(b)}{'+' if d >= 0 else '-'}{_num(abs(d))}x{active_steps}"
+            values = f"{head} {tail}"
+        out.append({"series": _series(key), "values": values})
+    return out
+
+
+def alert_names_used(rules: list[dict[str, Any]]) -> set[str]:
+    return {n for r in rules for n in selector_names(r["expr"])}
+
+
+def promtool_alert_test(
+    path: Path,
+    series: list[dict[str, str]],
+    eval_after_steps: int,
+    firing: dict[str, dict[str, str]],
+) -> str:
+    """Write a promtool unit test over ``series`` that expects, ``eval_after_steps`` scrapes in, exactly the
+    alerts in ``firing`` (name -> labels a firing instance must carry) to be firing, or none at all when
+    ``firing`` is empty. Runs ``promtool test rules``; returns its output (raises on failure)."""
+    import subprocess
+
+    eval_time = f"{eval_after_steps * PROMTOOL_STEP}s"
+    checks: list[dict[str, Any]] = []
+    if firing:
+        for name, labels in sorted(firing.items()):
+            sel = ",".join(['alertstate="firing"', f"alertname={json.dumps(name)}"] + [f"{k}={json.dumps(v)}" for k, v in labels.items()])
+            checks.append(
+                {
+                    "expr": f"count by (alertname) (ALERTS{{{sel}}}) > bool 0",
+                    "eval_time": eval_time,
+                    "exp_samples": [{"labels": f"{{alertname={json.dumps(name)}}}", "value": 1}],
+                }
+            )
+        others = "|".join(sorted(firing))
+        checks.append(
+            {"expr": f'ALERTS{{alertstate="firing",alertname!~"{others}"}}', "eval_time": eval_time, "exp_samples": []}
+        )
+    else:
+        checks.append({"expr": "ALERTS", "eval_time": eval_time, "exp_samples": []})
+    doc = {
+        "rule_files": [str(ALERTS)],
+        "evaluation_interval": f"{PROMTOOL_STEP}s",
+        "tests": [{"interval": f"{PROMTOOL_STEP}s", "input_series": series, "promql_expr_test": checks}],
+    }
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    r = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise AssertionError(f"promtool test rules {path} failed:\n{r.stdout}{r.stderr}")
+    return r.stdout

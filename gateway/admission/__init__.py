@@ -25,8 +25,6 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry
-
 from gateway.admission.overload import OverloadGuard
 from gateway.auth.authenticator import unauthorized
 from gateway.context import RequestContext
@@ -120,17 +118,18 @@ def build_admission_chain(
     quota: QuotaSettings,
     auth: Authenticator,
     pools: dict[str, EndpointPool],
-    registry: CollectorRegistry,
+    stats: QuotaMetrics | None = None,
     audit: AuditWriter | None = None,
 ) -> tuple[AdmissionChain, QuotaAdmission | None]:
     """The admission chain for these settings (and the quota step, whose backend must be closed at shutdown).
+    The quota and overload steps count into ``stats`` (exported by gateway/metrics/).
 
     The order below is the order requests see; see the module's docstring for why."""
     steps: list[AdmissionStep] = [ModelAccess(auth)]
     quota_step: QuotaAdmission | None = None
-    metrics = QuotaMetrics(registry) if quota.active else None
+    metrics = stats
     if quota.enabled and quota.has_limits:
-        quota_step = QuotaAdmission(quota, registry, metrics=metrics)
+        quota_step = QuotaAdmission(quota, metrics)
         steps.append(quota_step)
     if audit is not None:
         steps.append(AuditBackpressure(audit))

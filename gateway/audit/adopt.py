@@ -29,13 +29,12 @@ import json
 import logging
 import os
 import re
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.audit.chain import FOOTER, HEADER, RECOVERY, Chain, line_hash
-from gateway.audit.sink import FileSink, _control_record, _fsync_dir, _stamp, _write_all
+from gateway.audit.sink import FileSink, _control_record, _fsync_dir, _write_all, set_torn_aside
 
 log = logging.getLogger("gateway.audit")
 
@@ -98,8 +97,14 @@ class WorkerFiles:
         with _flock(os.path.join(self.root, DIR_LOCK)):
             fd = os.open(lock_path(self.path), os.O_RDWR | os.O_CREAT, 0o640)
             try:
-                # Blocking: a worker still adopting a dead predecessor with our (reused) pid finishes first.
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                # Adopters hold a pid's lock only under the directory lock, which we hold: busy means another
+                # writer of this very process (two apps on one path), never a dead worker.
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise RuntimeError(
+                    f"audit: {self.path} is already held by another writer in this process"
+                ) from None
             except BaseException:
                 os.close(fd)
                 raise
@@ -204,16 +209,7 @@ def seal_orphan(sink: FileSink, pid: int) -> str | None:
     torn = data[cut + 1 :]
     torn_path = None
     if torn:
-        torn_path = f"{path}.torn-{_stamp(time.time())}"
-        with open(torn_path, "wb") as tf:
-            tf.write(torn)
-            tf.flush()
-            os.fsync(tf.fileno())
-        os.truncate(path, len(good))
-        log.warning(
-            "audit: torn last line cut off a dead worker's segment",
-            extra={"torn_bytes": len(torn), "torn_file": torn_path, "pid": pid},
-        )
+        torn_path = set_torn_aside(path, torn, len(good), "a dead worker's segment", pid=pid)
     lines = good.split(b"\n")[:-1]
     if not lines:
         os.remove(path)  # only a torn header: nothing was recorded (the torn bytes are kept aside)

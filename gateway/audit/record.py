@@ -36,6 +36,7 @@ import msgspec
 
 from gateway.context import RequestContext
 from gateway.prompt import content_text
+from gateway.routes import ROUTES_BY_NAME, route_texts
 
 ECS_VERSION = "8.11.0"
 
@@ -100,7 +101,7 @@ _IDENT_CACHE: dict[str, str] = {}
 _default_redactor: list[Any] = []
 
 
-def redact_identifier(value: str | None, redactor=None) -> str | None:
+def redact_identifier(value: str | None, redactor: Any = None) -> str | None:
     """An identifier (URL path, model name, user id, client request id) with personal data and secrets
     redacted, under every content policy: such values are chosen by callers and can carry a phone number or a
     pasted key. Results are cached (identifiers repeat)."""
@@ -147,7 +148,9 @@ def build_record(ctx: RequestContext, content: str = "none", redactor=None) -> d
     if p is not None:
         llm["auth"] = {"kind": p.kind, "key_id": p.key_id}
     if content != "none":
-        msgs = prompt_messages(ctx.body)
+        spec = ROUTES_BY_NAME.get(ctx.route)
+        # Each route's own text fields (a rerank's query and documents, a response's instructions and input).
+        msgs = (route_texts(spec, ctx.body) if spec is not None else None) or prompt_messages(ctx.body)
         if msgs:
             if content == "hash":
                 llm["prompt"] = {"sha256": prompt_sha256(msgs)}
@@ -180,7 +183,12 @@ def build_record(ctx: RequestContext, content: str = "none", redactor=None) -> d
         "organization": {"id": p.tenant if p is not None else None},
         "client": {"ip": ctx.client_ip},
         "http": {
-            "request": {"id": ctx.request_id, "method": ctx.method, "bytes": ctx.bytes_in},
+            # The client's own X-Request-Id when it sent a valid one (redacted like every identifier), else ours.
+            "request": {
+                "id": redact_identifier(ctx.client_request_id) or ctx.request_id,
+                "method": ctx.method,
+                "bytes": ctx.bytes_in,
+            },
             "response": {"status_code": ctx.status, "bytes": ctx.bytes_out},
         },
         "url": {"path": redact_identifier(ctx.extra.get("url_path", ctx.route))},

@@ -1,4 +1,10 @@
-"""Where sealed audit lines go: stdout, or a rotating segment file (with torn-line recovery at start).
+"""Where sealed audit lines go: the two implementations of ``AuditSink`` (declared in gateway/hooks.py),
+chosen by ``audit.sink`` through ``SINKS``: stdout, or a rotating segment file (with torn-line recovery at
+start).
+
+``write`` is a coroutine so that a sink that talks to a network (a log service, object storage) awaits its
+I/O instead of blocking the event loop. The built-in sinks write to the kernel (page cache) inline, which
+does not wait for a disk, and fsync in a thread.
 
 File layout (``path = /var/log/llm-gateway/audit.jsonl``)::
 
@@ -22,11 +28,13 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from gateway.audit.chain import FOOTER, GENESIS, HEADER, RECOVERY, Chain, line_hash, new_segment_id
+from gateway.audit.config import AuditSettings
 from gateway.audit.record import ECS_VERSION, iso_utc
+from gateway.hooks import AuditSink
 
 log = logging.getLogger("gateway.audit")
 
@@ -54,13 +62,14 @@ class StdoutSink:
         self.fd = fd
         self.chain = Chain(new_segment_id())
         self.bytes_written = 0
+        self.on_closed: Callable[[str], None] | None = None
 
     async def open(self) -> None:
         rec = _control_record(HEADER, "audit segment start")
         self._write([self.chain.seal(_with_header(rec, None))])
 
-    def write(self, recs: list[dict[str, Any]]) -> None:
-        self._write([self.chain.seal(r) for r in recs])
+    async def write(self, records: Sequence[dict[str, Any]]) -> None:
+        self._write([self.chain.seal(r) for r in records])
 
     def _write(self, lines: list[bytes]) -> None:
         _write_all(self.fd, b"".join(line + b"\n" for line in lines))
@@ -73,6 +82,9 @@ class StdoutSink:
 
     def rotate_due_in(self) -> float | None:
         return None
+
+    def closed_segments(self) -> list[str]:
+        return []
 
     async def close(self) -> None:
         return None
@@ -88,6 +100,24 @@ def _write_all(fd: int, buf: bytes) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+def set_torn_aside(path: str, torn: bytes, keep: int, what: str, **extra: Any) -> str:
+    """Move a torn last line (a write cut short by a crash) out of segment ``path``: its bytes are kept in
+    ``<path>.torn-<time>`` (fsynced, for forensics) and the file is cut to its first ``keep`` bytes.
+    Returns the torn file's path."""
+    torn_path = f"{path}.torn-{_stamp(time.time())}"
+    with open(torn_path, "wb") as tf:
+        tf.write(torn)
+        tf.flush()
+        os.fsync(tf.fileno())
+    os.truncate(path, keep)
+    log.warning(
+        "audit: torn last line cut off %s",
+        what,
+        extra={"torn_bytes": len(torn), "torn_file": torn_path, **extra},
+    )
+    return torn_path
 
 
 def _fsync_dir(path: str) -> None:
@@ -171,16 +201,7 @@ class FileSink:
         head = self._read_header()
         state = _chain_state(last)
         if torn:
-            torn_path = f"{self.path}.torn-{_stamp(time.time())}"
-            with open(torn_path, "wb") as tf:
-                tf.write(torn)
-                tf.flush()
-                os.fsync(tf.fileno())
-            os.truncate(self.path, good_end)
-            log.warning(
-                "audit: torn last line cut off the active segment",
-                extra={"torn_bytes": len(torn), "torn_file": torn_path},
-            )
+            torn_path = set_torn_aside(self.path, torn, good_end, "the active segment")
         if head is None and good_end == 0:
             os.remove(self.path)  # nothing but a torn line: start over (the torn bytes are kept aside)
             self._start_segment(None, GENESIS)
@@ -238,9 +259,9 @@ class FileSink:
 
     # -- writing --------------------------------------------------------------------------------------------
 
-    def write(self, recs: list[dict[str, Any]]) -> None:
+    async def write(self, records: Sequence[dict[str, Any]]) -> None:
         assert self.chain is not None
-        self._write_lines([self.chain.seal(r) for r in recs])
+        self._write_lines([self.chain.seal(r) for r in records])
 
     def _write_lines(self, lines: list[bytes]) -> None:
         buf = b"".join(line + b"\n" for line in lines)
@@ -310,3 +331,19 @@ def _chain_state(last: bytes) -> tuple[str, int, str, str | None] | None:
         return a["segment"], int(a["seq"]) + 1, line_hash(last), (obj.get("event") or {}).get("action")
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def _file_sink(settings: AuditSettings) -> AuditSink:
+    return FileSink(settings.path, settings.rotate_bytes, settings.rotate_seconds)
+
+
+def _stdout_sink(settings: AuditSettings) -> AuditSink:
+    return StdoutSink()
+
+
+# The sinks ``audit.sink`` may name.
+SINKS: dict[str, Callable[[AuditSettings], AuditSink]] = {"file": _file_sink, "stdout": _stdout_sink}
+
+
+def build_sink(settings: AuditSettings) -> AuditSink:
+    return SINKS[settings.sink](settings)

@@ -30,13 +30,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from gateway.audit.archive import Archiver
 from gateway.audit.config import AuditSettings
 from gateway.audit.record import build_record
 from gateway.audit.redact import Redactor
-from gateway.audit.sink import FileSink, StdoutSink
+from gateway.audit.sink import AuditSink, build_sink
 from gateway.context import RequestContext
 from gateway.errors import ApiError
 from gateway.hooks import Admission, Ticket
@@ -47,33 +48,39 @@ _STOP = object()
 _MAX_BATCH = 512
 
 
+@dataclass(frozen=True, slots=True)
+class AuditSnapshot:
+    """The writer's state for telemetry (gateway/metrics/ exports it)."""
+
+    queue_depth: int  # records accepted, not yet written
+    queue_capacity: int
+    records_written: int
+    write_errors: int  # failed writes and fsyncs (retried; records are kept)
+    backpressure: int  # new requests held or refused by the gate while the queue was full
+    full_waits: int  # observer calls that found the queue full and waited for room
+    fsyncs: int
+
+
 class AuditWriter:
     """Observer: one record per request via a bounded queue and a writer task (start()/stop() in lifespan)."""
 
     def __init__(
-        self, settings: AuditSettings, *, sink: Any = None, archiver: Archiver | None = None
+        self, settings: AuditSettings, *, sink: AuditSink | None = None, archiver: Archiver | None = None
     ) -> None:
         self.settings = settings
         self.redactor = (
             Redactor.from_settings(settings.redaction_patterns) if settings.content == "redacted" else None
         )
         self.archiver = archiver
-        if sink is None:
-            if settings.sink == "stdout":
-                sink = StdoutSink()
-            else:
-                sink = FileSink(
-                    settings.path, settings.rotate_bytes, settings.rotate_seconds, on_closed=self._closed
-                )
-        elif isinstance(sink, FileSink) and sink.on_closed is None:
-            sink.on_closed = self._closed
-        self.sink = sink
+        self.sink = sink if sink is not None else build_sink(settings)
+        if self.sink.on_closed is None:
+            self.sink.on_closed = self._closed
         self.queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=settings.queue_size)
         self._room = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._archive_q: asyncio.Queue[str | None] = asyncio.Queue()
-        self._archive_task: asyncio.Task | None = None
-        # Counters (the metrics observer may read them).
+        self._archive_task: asyncio.Task[None] | None = None
+        # Counters (exported through stats()).
         self.records_written = 0
         self.full_waits = 0  # observer calls that found the queue full and waited
         self.rejected = 0  # requests refused/held by the gate
@@ -97,6 +104,17 @@ class AuditWriter:
 
     def queue_depth(self) -> int:
         return self.queue.qsize()
+
+    def stats(self) -> AuditSnapshot:
+        return AuditSnapshot(
+            queue_depth=self.queue.qsize(),
+            queue_capacity=self.queue.maxsize,
+            records_written=self.records_written,
+            write_errors=self.write_errors,
+            backpressure=self.rejected,
+            full_waits=self.full_waits,
+            fsyncs=self.fsyncs,
+        )
 
     def is_full(self) -> bool:
         return self.queue.full()
@@ -124,7 +142,7 @@ class AuditWriter:
                 self._archive_loop(), name="audit-archive"
             )
         await self.sink.open()
-        if self.archiver is not None and isinstance(self.sink, FileSink):
+        if self.archiver is not None:
             for p in self.sink.closed_segments():
                 self._closed(p)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="audit-writer")
@@ -219,7 +237,7 @@ class AuditWriter:
         delay = 0.1
         while True:
             try:
-                self.sink.write(recs)
+                await self.sink.write(recs)
                 self.records_written += len(recs)
                 return
             except OSError as e:  # disk full, EIO: keep the records, retry; the queue applies back-pressure
@@ -260,7 +278,7 @@ class AuditWriter:
                     delay *= 2
 
 
-def _log_crash(task: asyncio.Task) -> None:
+def _log_crash(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         # Records stay queued; the full queue then holds/refuses new requests (never a silent drop).
         log.error("audit: the writer task died", exc_info=task.exception())
@@ -272,7 +290,7 @@ def _minimal_record(ctx: RequestContext) -> dict[str, Any]:
     return {
         "@timestamp": iso_utc(ctx.started_wall),
         "event": {"kind": "event", "action": ctx.route, "id": ctx.request_id},
-        "http": {"request": {"id": ctx.request_id}, "response": {"status_code": ctx.status}},
+        "http": {"request": {"id": ctx.client_request_id or ctx.request_id}, "response": {"status_code": ctx.status}},
         "llm": {"decision": ctx.decision, "reason": ctx.reason, "model": ctx.model},
     }
 

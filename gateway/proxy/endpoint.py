@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
-from gateway.context import RequestContext, new_request_id
+from gateway.context import RequestContext, client_request_id, new_request_id
 from gateway.errors import ApiError
 from gateway.hooks import NO_TICKET, Headers, Observer, Ticket
 from gateway.http_server import CONNECTION_KEY
@@ -23,13 +23,17 @@ from gateway.proxy.request import (
     ClientLeft,
     ProxyRequest,
     RouteSpec,
+    check_declared_length,
+    closing,
     header,
     parse_request,
+    parse_surface_request,
     read_body,
     read_json,
 )
 from gateway.proxy.respond import send_error
 from gateway.state import GatewayState
+from gateway.surface import check_route_served, principal_key, read_request, settle_uncounted
 
 log = logging.getLogger("gateway.proxy")
 
@@ -38,11 +42,14 @@ Receive = Callable[[], Awaitable[Mapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
-def request_context(headers: Headers, route: str, method: str, client: Any) -> RequestContext:
-    """The request context: the client's ``X-Request-Id`` (bounded) or a new one; start time; address."""
-    rid = header(headers, b"x-request-id")
-    request_id = rid.decode("latin-1")[:128] if rid else new_request_id()
-    return RequestContext(request_id, route, method, client[0] if client else None)
+def request_context(
+    headers: Headers, route: str, method: str, client: Any, max_id_chars: int = 128
+) -> RequestContext:
+    """The request context: a new request id of ours (the audit event id), the client's ``X-Request-Id`` kept
+    apart when well formed; start time; address."""
+    ctx = RequestContext(new_request_id(), route, method, client[0] if client else None)
+    ctx.client_request_id = client_request_id(header(headers, b"x-request-id"), max_id_chars)
+    return ctx
 
 
 async def observe(observers: list[Observer], ctx: RequestContext) -> None:
@@ -84,15 +91,23 @@ class ProxyEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = self.state
         headers: Headers = scope["headers"]
-        ctx = request_context(headers, self.spec.route_name, scope.get("method", "POST"), scope.get("client"))
+        ctx = request_context(
+            headers,
+            self.spec.route_name,
+            scope.get("method", "POST"),
+            scope.get("client"),
+            state.settings.limits.max_request_id_chars,
+        )
+        if self.spec.model_from == "affinity":
+            ctx.extra["url_path"] = scope.get("path", "")[:512]
         if state.tracing is not None:
             state.tracing.on_request_start(ctx, headers)
         ticket: Ticket = NO_TICKET
         state.in_flight += 1
         try:
-            raw = await self._read(ctx, headers, receive)  # parse: method, draining, body size
-            ctx.principal = await state.auth.authenticate(headers)  # authenticate
-            req = self._parse(ctx, raw, headers)  # parse: the JSON into a ProxyRequest
+            # authenticate from the headers, then read the body (size- and time-limited)
+            raw = await self._read(ctx, headers, receive)
+            req = self._parse(ctx, raw, headers, scope.get("path_params") or {})  # parse: into a ProxyRequest
             ticket = await state.admission.admit(ctx)  # authorize -> quota -> audit back-pressure -> overload
             conn = scope.get(CONNECTION_KEY)
             await self._forward(ctx, req, receive, send, conn)  # route -> forward -> relay
@@ -117,6 +132,7 @@ class ProxyEndpoint:
         finally:
             state.in_flight -= 1
             ctx.finished = time.perf_counter()
+            settle_uncounted(self.spec, ctx)  # tokenize and reads of a stored response are never charged
             await settle(ticket, ctx)
             await observe(state.observers, ctx)
 
@@ -127,21 +143,69 @@ class ProxyEndpoint:
         ctx.end(CLIENT_GONE)
 
     async def _read(self, ctx: RequestContext, headers: Headers, receive: Receive) -> bytes:
-        """Method and drain checks, then the body (refused with 413 past ``max_body_bytes``)."""
+        """Method and drain checks, the caller's identity from the headers, then the body (size- and
+        time-limited).
+
+        Nothing of the body is read before the caller is authenticated: a request without a valid credential
+        is answered 401 at once (no ``100 Continue``), and the connection is closed when a body was coming,
+        so it costs the gateway no body buffering. The same for a declared ``Content-Length`` over the limit
+        (413) and a body that does not arrive within ``limits.body_timeout`` (408)."""
         state = self.state
-        if ctx.method != "POST":
-            raise ApiError(405, f"Method {ctx.method} not allowed; use POST.", code="method_not_allowed")
+        limits = state.settings.limits
+        spec = self.spec
+        if ctx.method not in spec.methods:
+            allowed = " or ".join(spec.methods)
+            raise ApiError(405, f"Method {ctx.method} not allowed; use {allowed}.", code="method_not_allowed")
         if state.draining:
             raise ApiError(
                 503, "The gateway is shutting down; retry.", code="draining", headers={"retry-after": "1"}
             )
-        raw = await read_body(receive, state.settings.max_body_bytes, header(headers, b"content-length"))
+        limit = state.settings.max_body_bytes
+        if spec.body_limit_setting:  # audio uploads have their own limit
+            limit = getattr(state.settings, spec.body_limit_setting)
+        content_length = header(headers, b"content-length")
+        try:
+            ctx.principal = await state.auth.authenticate(headers)
+            check_declared_length(content_length, limit)
+        except ApiError as e:
+            raise closing(e) from None
+        try:
+            async with asyncio.timeout(limits.body_timeout):
+                raw = await read_body(receive, limit, content_length)
+        except TimeoutError:
+            raise ApiError(
+                408,
+                f"The request body was not received within {limits.body_timeout:g} s.",
+                code="request_timeout",
+                headers={"connection": "close"},
+            ) from None
+        except ApiError as e:
+            raise closing(e) from None
         ctx.bytes_in = len(raw)
         return raw
 
-    def _parse(self, ctx: RequestContext, raw: bytes, headers: Headers) -> ProxyRequest:
-        """The JSON body, validated into the immutable ProxyRequest (400/404)."""
+    def _parse(
+        self, ctx: RequestContext, raw: bytes, headers: Headers, path_params: dict[str, str]
+    ) -> ProxyRequest:
+        """The body (JSON, or a multipart form) or the stored response named in the path, validated into the
+        immutable ProxyRequest (400/404)."""
         settings = self.state.settings
+        spec = self.spec
+        if spec.model_from != "json":
+            ct = header(headers, b"content-type")
+            sreq = read_request(
+                spec,
+                raw,
+                ct.decode("latin-1") if ct else "",
+                path_params,
+                principal_key(ctx.principal),
+                self.state.responses,
+            )
+            ctx.body = sreq.body
+            ctx.model = sreq.model
+            req = parse_surface_request(spec, sreq, headers, ctx.request_id, settings)
+            _describe(ctx, req)
+            return req
         body, raw = read_json(self.spec, raw, settings)
         ctx.body = body
         model = body.get("model")
@@ -164,13 +228,16 @@ class ProxyEndpoint:
         if state.tracing is not None:
             up_headers = dict(up_headers)
             state.tracing.on_forward(ctx, up_headers)
+        pool = state.pools[req.pool_name]
+        check_route_served(self.spec, pool.endpoints, req.model.name)  # nothing an engine lacks is forwarded
         job = Forward(
             ctx=ctx,
             req=req,
             headers=up_headers,
-            pool=state.pools[req.model.name],
-            session=state.sessions[req.model.name],
+            pool=pool,
+            session=state.sessions[req.pool_name],
             router=state.router,
             drain=state,
+            responses=state.responses,
         )
         await forward(job, receive, send, connection)

@@ -30,7 +30,9 @@ from gateway.proxy.relay import FAULT_OF, DrainFlag, StreamLimits, relay_stream
 from gateway.proxy.request import ProxyRequest
 from gateway.proxy.respond import Send, send_whole
 from gateway.proxy.sse import has_complete_event, is_event_stream
+from gateway.responses_api import ResponseIndex, ResponsesStream
 from gateway.routing.pool import Endpoint, EndpointPool
+from gateway.surface import remember_response
 
 Receive = Callable[[], Awaitable[Mapping[str, Any]]]
 
@@ -83,6 +85,8 @@ class Forward:
     session: aiohttp.ClientSession
     router: Router
     drain: DrainFlag
+    # Where stored Responses API objects live (recorded when the engine creates one).
+    responses: ResponseIndex | None = None
     total_at: float | None = None
     last_fault: UpstreamFault | None = None
 
@@ -119,7 +123,10 @@ async def _open(job: Forward, url: str) -> tuple[aiohttp.ClientResponse, bytes, 
     resp: aiohttp.ClientResponse | None = None
     try:
         async with asyncio.timeout_at(deadline):
-            resp = await job.session.post(url, data=job.req.upstream_body, headers=job.headers)
+            req = job.req
+            resp = await job.session.request(
+                req.method, url, data=req.upstream_body or None, headers=job.headers
+            )
             job.ctx.ttfb = time.perf_counter() - job.ctx.started
             if resp.status >= 500:
                 raise UpstreamFault(
@@ -163,7 +170,7 @@ async def _attempt(job: Forward, ep: Endpoint, send: Send) -> bool:
     resp: aiohttp.ClientResponse | None = None
     try:
         try:
-            resp, first, streamed = await _open(job, ep.url + job.req.route.upstream_path)
+            resp, first, streamed = await _open(job, ep.url + job.req.upstream_path)
         except UpstreamFault as f:
             verdict = f.kind.value
             job.last_fault = f
@@ -176,11 +183,20 @@ async def _attempt(job: Forward, ep: Endpoint, send: Send) -> bool:
         verdict = "ok"
         if streamed:
             limits = StreamLimits(job.req.model.timeouts.idle_s, job.total_at, job.drain)
-            end = await relay_stream(ctx, resp, first, send, limits)
+            route = job.req.route
+            typed = ResponsesStream() if route.usage == "responses" else None
+
+            def on_response_id(rid: str) -> None:
+                remember_response(route, ctx, job.responses, rid)
+
+            end = await relay_stream(ctx, resp, first, send, limits, typed, on_response_id)
             verdict = FAULT_OF.get(end, "ok") if end is not None else "ok"
         else:
             ctype = resp.headers.get("content-type", "")
-            await send_whole(ctx, resp.status, ctype, first, send, job.req.route.response_transform)
+            route = job.req.route
+            await send_whole(
+                ctx, resp.status, ctype, first, send, route.response_transform, route, job.responses
+            )
         return True
     finally:
         ep.in_flight -= 1
@@ -215,8 +231,20 @@ def _no_replica(job: Forward, tried: set[str]) -> ApiError:
 
 async def _attempts(job: Forward, send: Send) -> None:
     tried: set[str] = set()
+    pinned = job.req.pinned_endpoint
     while True:
-        ep = job.router.pick(job.pool, job.ctx, exclude=tried)
+        if pinned is not None:
+            # A stored response lives on one replica: that one or none (never retried elsewhere).
+            ep = next((e for e in job.pool.endpoints if e.url == pinned and e.url not in tried), None)
+            if ep is None and not tried:
+                raise ApiError(
+                    404,
+                    "The replica that stored this response is gone.",
+                    param=job.req.route.affinity_param,
+                    code="response_not_found",
+                )
+        else:
+            ep = job.router.pick(job.pool, job.ctx, exclude=tried)
         if ep is None:
             raise _no_replica(job, tried)
         tried.add(ep.url)

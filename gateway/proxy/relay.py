@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,6 +21,8 @@ from gateway.errors import sse_error_event
 from gateway.outcome import StreamEnd
 from gateway.proxy.respond import Send, start_stream
 from gateway.proxy.sse import DONE_EVENT, USAGE_KEY, ends_with_done, split_complete, take_usage
+from gateway.responses_api import ResponsesStream
+from gateway.routes import usage_tokens
 
 
 class _DrainDeadline(Exception):
@@ -82,17 +85,49 @@ def _tail(end: StreamEnd, error: BaseException | None = None) -> bytes:
 
 
 class _Relay:
-    """One stream's relay state: the request context, where events go, and whether usage is hidden."""
+    """One stream's relay state: the request context, where events go, and whether usage is hidden.
 
-    __slots__ = ("ctx", "send", "hide_usage", "saw_done")
+    A Responses API stream (``typed``) is relayed as it is: its typed events carry the response id (in
+    ``response.created``) and the usage (in the terminal event, which also marks a complete stream: it has
+    no ``[DONE]``)."""
 
-    def __init__(self, ctx: RequestContext, send: Send) -> None:
+    __slots__ = ("ctx", "send", "hide_usage", "saw_done", "typed", "on_response_id", "id_seen")
+
+    def __init__(
+        self,
+        ctx: RequestContext,
+        send: Send,
+        typed: ResponsesStream | None = None,
+        on_response_id: Callable[[str], None] | None = None,
+    ) -> None:
         self.ctx = ctx
         self.send = send
         self.hide_usage = not ctx.client_wants_usage
         self.saw_done = False
+        self.typed = typed
+        self.on_response_id = on_response_id
+        self.id_seen = False
+
+    def _typed(self, events: bytes) -> bytes:
+        typed = self.typed
+        assert typed is not None
+        typed.feed(events)
+        if typed.response_id and not self.id_seen:
+            self.id_seen = True
+            if self.on_response_id is not None:
+                self.on_response_id(typed.response_id)
+        if typed.usage is not None:
+            pt, ct = usage_tokens("responses", typed.usage)
+            if pt is not None:
+                self.ctx.prompt_tokens = pt
+            if ct is not None:
+                self.ctx.completion_tokens = ct
+        self.saw_done = self.saw_done or typed.terminal is not None
+        return events
 
     def usage(self, events: bytes) -> bytes:
+        if self.typed is not None:
+            return self._typed(events)
         events, usage = take_usage(events, self.hide_usage)
         if usage is not None:
             if usage.prompt_tokens is not None:
@@ -102,7 +137,7 @@ class _Relay:
         return events
 
     async def events(self, events: bytes) -> None:
-        if USAGE_KEY in events:  # the cheap test first: most events hold no usage
+        if self.typed is not None or USAGE_KEY in events:  # the cheap test first: most events hold no usage
             events = self.usage(events)
             if not events:
                 return
@@ -124,7 +159,7 @@ class _Relay:
         if buf.strip():
             # The stream ended without a final blank line: pass on what is left as it is.
             buf = self.usage(buf)
-            self.saw_done = self.saw_done or ends_with_done(buf)
+            self.saw_done = self.saw_done or (self.typed is None and ends_with_done(buf))
         if self.saw_done:
             return buf, None
         return buf + _tail(StreamEnd.TRUNCATED), StreamEnd.TRUNCATED
@@ -151,12 +186,18 @@ async def _pump(relay: _Relay, content: aiohttp.StreamReader, buf: bytes, limits
 
 
 async def relay_stream(
-    ctx: RequestContext, resp: aiohttp.ClientResponse, first: bytes, send: Send, limits: StreamLimits
+    ctx: RequestContext,
+    resp: aiohttp.ClientResponse,
+    first: bytes,
+    send: Send,
+    limits: StreamLimits,
+    typed: ResponsesStream | None = None,
+    on_response_id: Callable[[str], None] | None = None,
 ) -> StreamEnd | None:
     """Relay a stream whose first event(s) are in ``first``. Returns None, or how the stream ended early
     (the client then got an error event and a clean end of the stream)."""
     await start_stream(ctx, resp.status, send)
-    relay = _Relay(ctx, send)
+    relay = _Relay(ctx, send, typed, on_response_id)
     end: StreamEnd | None
     try:
         rest = await _pump(relay, resp.content, first, limits)

@@ -15,13 +15,14 @@ from typing import Any
 
 from gateway.errors import ApiError
 from gateway.prompt import prompt_chars
+from gateway.routes import RequestTransform, ResponseTransform, RouteSpec
 from gateway.settings import GatewaySettings, ModelConfig
+from gateway.surface import SurfaceRequest, form_stream, size_request
 
 Headers = list[tuple[bytes, bytes]]
 Message = Mapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
-RequestTransform = Callable[[dict[str, Any], GatewaySettings], dict[str, Any]]
-ResponseTransform = Callable[[dict[str, Any]], dict[str, Any]]
+__all__ = ["RequestTransform", "ResponseTransform", "RouteSpec"]
 
 # Client headers passed on to the engine (W3C trace context).
 _FORWARDED_HEADERS = (b"traceparent", b"tracestate")
@@ -29,17 +30,6 @@ _FORWARDED_HEADERS = (b"traceparent", b"tracestate")
 
 class ClientLeft(Exception):
     """The client disconnected while its request was being read or relayed."""
-
-
-@dataclass(frozen=True, slots=True)
-class RouteSpec:
-    """One proxied route: the engine path it forwards to, and what it accepts."""
-
-    upstream_path: str
-    route_name: str
-    streamable: bool = True
-    request_transform: RequestTransform | None = None
-    response_transform: ResponseTransform | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +49,12 @@ class ProxyRequest:
     session_id: str | None
     # Headers for the engine: content type, request id, trace context, the engine's key.
     upstream_headers: dict[str, str]
+    # The model whose replicas serve it (itself, or a LoRA adapter's base), the engine path (placeholders
+    # filled) and method, and the one replica that must serve it (a stored response lives there), if any.
+    pool_name: str = ""
+    upstream_path: str = ""
+    method: str = "POST"
+    pinned_endpoint: str | None = None
 
 
 def header(headers: Headers, name: bytes) -> bytes | None:
@@ -72,15 +68,26 @@ def _too_large(limit: int) -> ApiError:
     return ApiError(413, f"Request body is larger than the limit of {limit} bytes.", code="request_too_large")
 
 
+def closing(e: ApiError) -> ApiError:
+    """``e``, answered with ``connection: close``: sent before the request's body was read, so the
+    connection cannot carry another request (and the unread body is never read)."""
+    e.headers.setdefault("connection", "close")
+    return e
+
+
+def check_declared_length(content_length: bytes | None, limit: int) -> None:
+    """A declared ``Content-Length`` that is not a number (400) or above ``limit`` (413), before any read."""
+    if content_length is None:
+        return
+    if not content_length.isdigit() or len(content_length) > 18:
+        raise ApiError(400, "Invalid Content-Length header.", code="invalid_content_length")
+    if int(content_length) > limit:
+        raise _too_large(limit)
+
+
 async def read_body(receive: Receive, limit: int, content_length: bytes | None) -> bytes:
     """The whole request body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
-    if content_length is not None:
-        try:
-            declared = int(content_length)
-        except ValueError:
-            raise ApiError(400, "Invalid Content-Length header.") from None
-        if declared > limit:
-            raise _too_large(limit)
+    check_declared_length(content_length, limit)
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -98,15 +105,46 @@ async def read_body(receive: Receive, limit: int, content_length: bytes | None) 
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def parse_json_object(raw: bytes) -> dict[str, Any]:
+def _too_deep(limit: int) -> ApiError:
+    return ApiError(
+        400, f"The request body nests arrays/objects deeper than {limit} levels.", code="invalid_json"
+    )
+
+
+def check_depth(obj: Any, limit: int) -> None:
+    """400 when ``obj`` nests lists/dicts deeper than ``limit`` (iterative: no recursion of our own)."""
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            raise _too_deep(limit)
+        children = node.values() if isinstance(node, dict) else node
+        for child in children:
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+
+
+def parse_json_object(raw: bytes, max_depth: int = 64) -> dict[str, Any]:
+    """The body as a JSON object; any malformed body (bad syntax, bad encoding, too deep, not an object)
+    is a 400 ``invalid_request_error``, never a 500."""
     if not raw:
         raise ApiError(400, "The request body is empty; expected a JSON object.", code="invalid_json")
+    if json.detect_encoding(raw) != "utf-8":
+        # RFC 8259: JSON between systems is UTF-8 (json.loads would also take UTF-16/32 and a BOM).
+        raise ApiError(400, "The request body must be UTF-8 encoded JSON.", code="invalid_json")
     try:
         body = json.loads(raw)
+    except RecursionError:
+        raise _too_deep(max_depth) from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"The request body is not valid JSON: {e}", code="invalid_json") from None
+        raise ApiError(
+            400, f"The request body is not valid JSON: {str(e)[:200]}", code="invalid_json"
+        ) from None
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
+    # Fewer brackets than the limit cannot nest deeper than it: the walk is only for bodies that might.
+    if raw.count(b"[") + raw.count(b"{") > max_depth:
+        check_depth(body, max_depth)
     return body
 
 
@@ -139,15 +177,6 @@ def _stream(body: dict[str, Any], route: RouteSpec) -> bool:
     return stream
 
 
-def _max_tokens(body: dict[str, Any]) -> int | None:
-    mt = body.get("max_completion_tokens", body.get("max_tokens"))
-    if mt is not None and (not isinstance(mt, int) or isinstance(mt, bool) or mt < 0):
-        raise ApiError(
-            400, "'max_tokens' must be a non-negative integer.", param="max_tokens", code="invalid_type"
-        )
-    return mt
-
-
 def _stream_options(body: dict[str, Any]) -> dict[str, Any] | None:
     so = body.get("stream_options")
     if so is not None and not isinstance(so, dict):
@@ -171,8 +200,10 @@ def _upstream_body(body: dict[str, Any], raw: bytes, mcfg: ModelConfig, force_us
     return raw
 
 
-def _upstream_headers(headers: Headers, request_id: str, mcfg: ModelConfig) -> dict[str, str]:
-    out = {"content-type": "application/json", "x-request-id": request_id}
+def _upstream_headers(
+    headers: Headers, request_id: str, mcfg: ModelConfig, content_type: str = "application/json"
+) -> dict[str, str]:
+    out = {"content-type": content_type, "x-request-id": request_id}
     for name in _FORWARDED_HEADERS:
         v = header(headers, name)
         if v is not None:
@@ -192,7 +223,7 @@ def _session_id(headers: Headers, session_header: bytes | None) -> str | None:
 def read_json(route: RouteSpec, raw: bytes, settings: GatewaySettings) -> tuple[dict[str, Any], bytes]:
     """The body as a JSON object (after the route's transform), and the raw bytes still valid for it
     (empty when the transform changed the body)."""
-    body = parse_json_object(raw)
+    body = parse_json_object(raw, settings.limits.max_json_depth)
     if route.request_transform is not None:
         return route.request_transform(body, settings), b""
     return body, raw
@@ -209,9 +240,9 @@ def parse_request(
     """Validate a parsed body; raises ApiError (400/404) naming the culprit."""
     mcfg = _model_config(requested_model(body), settings)
     stream = _stream(body, route)
-    max_tokens = _max_tokens(body)
-    wants_usage = False
-    if stream:
+    max_tokens = size_request(route, body)
+    wants_usage = not route.forces_stream_usage  # nothing added to the request: nothing to hide
+    if stream and route.forces_stream_usage:
         so = _stream_options(body)
         wants_usage = bool(so and so.get("include_usage"))
     session_header = settings.routing.session_header
@@ -223,7 +254,38 @@ def parse_request(
         stream=stream,
         client_wants_usage=wants_usage,
         max_tokens=max_tokens,
-        prompt_chars=prompt_chars(body),
+        prompt_chars=prompt_chars(body) if route.counts_tokens else 0,
         session_id=_session_id(headers, session_header.lower().encode("latin-1") if session_header else None),
         upstream_headers=_upstream_headers(headers, request_id, mcfg),
+        pool_name=settings.pool_name(mcfg.name),
+        upstream_path=route.upstream_path,
+        method=route.methods[0],
+    )
+
+
+def parse_surface_request(
+    route: RouteSpec, sreq: SurfaceRequest, headers: Headers, request_id: str, settings: GatewaySettings
+) -> ProxyRequest:
+    """A request whose model is not in a JSON body (a multipart form, a stored response's id); its bytes go
+    to the engine as they came."""
+    mcfg = _model_config(sreq.model, settings)
+    stream = route.model_from == "form" and form_stream(sreq.body)
+    if stream and not route.streamable:
+        raise ApiError(400, "This endpoint does not support streaming.", param="stream", code="invalid_value")
+    session_header = settings.routing.session_header
+    return ProxyRequest(
+        route=route,
+        model=mcfg,
+        body=sreq.body,
+        upstream_body=sreq.raw,
+        stream=stream,
+        client_wants_usage=True,
+        max_tokens=size_request(route, sreq.body),
+        prompt_chars=0,
+        session_id=_session_id(headers, session_header.lower().encode("latin-1") if session_header else None),
+        upstream_headers=_upstream_headers(headers, request_id, mcfg, sreq.content_type),
+        pool_name=settings.pool_name(mcfg.name),
+        upstream_path=sreq.upstream_path,
+        method=route.methods[0],
+        pinned_endpoint=sreq.pinned_endpoint,
     )

@@ -11,11 +11,13 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from gateway.context import RequestContext
+from gateway.context import RequestContext, response_request_id
 from gateway.errors import ApiError, error_body
 from gateway.outcome import CLIENT_GONE, UpstreamStatus
-from gateway.proxy.request import ResponseTransform
 from gateway.proxy.sse import usage_of
+from gateway.responses_api import ResponseIndex
+from gateway.routes import ResponseTransform, RouteSpec
+from gateway.surface import remember_response, take_usage
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
@@ -49,14 +51,24 @@ def normalize_error(data: bytes, status: int) -> bytes:
     return error_body(text, "upstream_error" if status >= 500 else "invalid_request_error", None, None)
 
 
-def _success_body(ctx: RequestContext, data: bytes, transform: ResponseTransform | None) -> bytes:
+def _success_body(
+    ctx: RequestContext,
+    data: bytes,
+    transform: ResponseTransform | None,
+    route: RouteSpec | None = None,
+    responses: ResponseIndex | None = None,
+) -> bytes:
     try:
         obj = json.loads(data)
     except ValueError:
         return data
     if not isinstance(obj, dict):
         return data
-    record_usage(ctx, obj)
+    if route is None:
+        record_usage(ctx, obj)
+    else:  # the route's own usage fields; a response the engine stored is remembered with its replica
+        take_usage(route, ctx, obj.get("usage"))
+        remember_response(route, ctx, responses, obj)
     if transform is None:
         return data
     return json.dumps(transform(obj), ensure_ascii=False).encode()
@@ -69,17 +81,19 @@ async def send_whole(
     data: bytes,
     send: Send,
     transform: ResponseTransform | None = None,
+    route: RouteSpec | None = None,
+    responses: ResponseIndex | None = None,
 ) -> None:
     """A complete (non-streamed) answer from the engine, passed on; a non-200 one in OpenAI's error shape."""
     ctx.status = status
     headers = [(b"content-type", content_type.encode("latin-1") or JSON_CT[1])]
     if status == 200:
-        data = _success_body(ctx, data, transform)
+        data = _success_body(ctx, data, transform, route, responses)
     else:
         ctx.end(UpstreamStatus(status))
         data = normalize_error(data, status)
         headers[0] = JSON_CT
-    headers.append((b"x-request-id", ctx.request_id.encode()))
+    headers.append((b"x-request-id", response_request_id(ctx)))
     headers.extend(ctx.response_headers)
     ctx.first_token_at = time.perf_counter()
     ctx.ttft = ctx.first_token_at - ctx.started
@@ -91,7 +105,7 @@ async def send_whole(
 
 async def start_stream(ctx: RequestContext, status: int, send: Send) -> None:
     ctx.status = status
-    headers = [_SSE_HEADERS[0], (b"x-request-id", ctx.request_id.encode())]
+    headers = [_SSE_HEADERS[0], (b"x-request-id", response_request_id(ctx))]
     headers.extend(ctx.response_headers)
     headers.extend(_SSE_HEADERS[1:])
     ctx.extra["response_started"] = True
@@ -107,7 +121,11 @@ async def send_error(ctx: RequestContext, send: Send, e: ApiError) -> None:
         return
     body = e.body()
     ctx.bytes_out = len(body)
-    headers = [JSON_CT, (b"x-request-id", ctx.request_id.encode())]
+    headers = [
+        JSON_CT,
+        (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", response_request_id(ctx)),
+    ]
     headers.extend((k.encode(), v.encode()) for k, v in e.headers.items())
     headers.extend(ctx.response_headers)
     try:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.errors import ApiError
-from gateway.proxy.request import RouteSpec
+from gateway.routes import PROXIED_ROUTES as OPENAI_ROUTES
+from gateway.routes import RouteSpec
 from gateway.settings import GatewaySettings
 
 
@@ -36,19 +37,18 @@ def generate_response(obj: dict[str, Any]) -> dict[str, Any]:
     return {"response": choices[0].get("text", ""), "model": obj.get("model"), "usage": obj.get("usage")}
 
 
-# (public path, spec)
+GENERATE = RouteSpec(
+    "/v1/completions",
+    "/generate",
+    streamable=False,
+    request_transform=generate_request,
+    response_transform=generate_response,
+    text_fields=("prompt",),
+    feature="generate",
+)
+
+# (public path, spec): every OpenAI route of gateway/routes.py, then the seed's /generate.
 PROXIED_ROUTES: tuple[tuple[str, RouteSpec], ...] = (
-    ("/v1/chat/completions", RouteSpec("/v1/chat/completions", "/v1/chat/completions")),
-    ("/v1/completions", RouteSpec("/v1/completions", "/v1/completions")),
-    ("/v1/embeddings", RouteSpec("/v1/embeddings", "/v1/embeddings", streamable=False)),
-    (
-        "/generate",
-        RouteSpec(
-            "/v1/completions",
-            "/generate",
-            streamable=False,
-            request_transform=generate_request,
-            response_transform=generate_response,
-        ),
-    ),
+    *((spec.public_path, spec) for spec in OPENAI_ROUTES),
+    ("/generate", GENERATE),
 )

@@ -13,7 +13,6 @@ import math
 import time
 from collections import deque
 
-from prometheus_client import CollectorRegistry
 from redis.exceptions import RedisError
 
 from gateway.context import RequestContext, unique_id
@@ -32,6 +31,7 @@ from gateway.quota.limits import (
 from gateway.quota.memory import MemoryLimiter
 from gateway.quota.metrics import QuotaMetrics
 from gateway.quota.redis_backend import RedisLimiter
+from gateway.routes import ROUTES_BY_NAME
 
 log = logging.getLogger("gateway.quota")
 
@@ -86,12 +86,11 @@ class QuotaAdmission:
 
     name = "quota"
 
-    def __init__(
-        self, settings: QuotaSettings, registry: CollectorRegistry, metrics: QuotaMetrics | None = None
-    ) -> None:
+    def __init__(self, settings: QuotaSettings, metrics: QuotaMetrics | None = None) -> None:
         self.settings = settings
         self.table = LimitTable(settings)
-        self.metrics = metrics or QuotaMetrics(registry)
+        # Plain counts, exported by gateway/metrics/ (create_app passes the instance it exports).
+        self.metrics = metrics if metrics is not None else QuotaMetrics()
         self.local = MemoryLimiter()
         self.remote: RedisLimiter | None = None
         if settings.backend == "redis":
@@ -158,11 +157,14 @@ class QuotaAdmission:
         """Tokens reserved at admission: prompt estimate + max_tokens (or the default) per choice."""
         body = ctx.body or {}
         msgs = body.get("messages")
+        spec = ROUTES_BY_NAME.get(ctx.route)
+        if spec is not None and not spec.counts_tokens:
+            return 0  # tokenize/detokenize, reading a stored response: authorized and rate-limited, never charged
         prompt = estimate_prompt_tokens(
             ctx.prompt_chars, len(msgs) if isinstance(msgs, list) else 0, self.settings
         )
-        if ctx.route == "/v1/embeddings":
-            return prompt
+        if spec is not None and not spec.reserves_completion:
+            return prompt  # embeddings, score, rerank: the prompt is all there is
         completion = ctx.max_tokens if ctx.max_tokens is not None else self.settings.default_max_tokens
         n = body.get("n", 1)
         if isinstance(n, int) and not isinstance(n, bool) and n > 1:

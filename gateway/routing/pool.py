@@ -16,6 +16,7 @@ import aiohttp
 
 from gateway.routing.affinity import HashRing
 from gateway.routing.breaker import CircuitBreaker, OutlierDetector
+from gateway.routing.catalog import EngineCatalog, describe
 from gateway.routing.periodic import PeriodicTask
 from gateway.settings import RoutingSettings
 
@@ -41,6 +42,8 @@ class Endpoint:
     # Counters for telemetry.
     requests: int = 0
     faults: int = 0
+    # What the replica serves (models, routes), refreshed with the probes (gateway/routing/catalog.py).
+    catalog: EngineCatalog | None = None
 
     @property
     def load(self) -> int:
@@ -103,12 +106,6 @@ class EndpointPool:
             return 0.0
         return sum(1 for e in self.endpoints if e.outlier.ejected(now)) / len(self.endpoints)
 
-    # Backwards-compatible simple pick (least outstanding among available replicas).
-    def pick(self, exclude: set[str] | frozenset[str] = frozenset()) -> Endpoint | None:
-        from gateway.routing.pipeline import available, least_outstanding
-
-        return least_outstanding(available(self.endpoints, time.monotonic(), exclude))
-
 
 _GAUGES = {
     b"vllm:num_requests_waiting": "engine_waiting",
@@ -140,16 +137,25 @@ class HealthChecker:
     (``vllm:num_requests_waiting``), running count and KV-cache use, which feed the load scores."""
 
     def __init__(
-        self, pools: list[EndpointPool], interval: float, timeout: float, unhealthy_after: int = 2
+        self,
+        pools: list[EndpointPool],
+        interval: float,
+        timeout: float,
+        unhealthy_after: int = 2,
+        api_keys: dict[str, str | None] | None = None,
+        describe_engines: bool = True,
     ) -> None:
         self.pools = pools
         self.interval = interval
         self.timeout = timeout
         self.unhealthy_after = unhealthy_after
+        # The engines' own API key per model (vLLM --api-key guards /v1/models) for the catalog reads.
+        self.api_keys: dict[str, str | None] = dict(api_keys or {})
+        self.describe_engines = describe_engines
         self._task: PeriodicTask | None = None
         self._session: aiohttp.ClientSession | None = None
 
-    async def probe(self, ep: Endpoint) -> None:
+    async def probe(self, ep: Endpoint, api_key: str | None = None) -> None:
         if self._session is None:
             return
         gone = False
@@ -167,10 +173,14 @@ class HealthChecker:
         ep.last_probe = time.time()
         if ok:
             ep.consecutive_failures = 0
-            if not ep.healthy:
+            came_back = not ep.healthy
+            if came_back:
                 log.info("endpoint %s is now healthy", ep.url)
             ep.healthy = True
             await self.scrape(ep)
+            if self.describe_engines:
+                # A replica that came back may be a new engine (other adapters, other routes).
+                await describe(self._session, ep, api_key, force=came_back)
             return
         ep.consecutive_failures += 1
         if ep.healthy and (gone or ep.consecutive_failures >= self.unhealthy_after):
@@ -192,9 +202,9 @@ class HealthChecker:
         ep.metrics_at = time.time()
 
     async def probe_all(self) -> None:
-        eps = [ep for p in self.pools for ep in p.endpoints]
-        if eps:
-            await asyncio.gather(*(self.probe(ep) for ep in eps))
+        probes = [self.probe(ep, self.api_keys.get(p.model)) for p in self.pools for ep in p.endpoints]
+        if probes:
+            await asyncio.gather(*probes)
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))

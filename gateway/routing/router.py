@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import random
 import time
+from dataclasses import dataclass
 
 from gateway.context import RequestContext
 from gateway.routing.affinity import affinity_key
-from gateway.routing.pipeline import RouteRequest, choose
+from gateway.routing.pipeline import POLICIES, PickContext, RouteRequest, choose
 from gateway.routing.pool import Endpoint, EndpointPool
 from gateway.routing.retry import RetryBudget
 from gateway.settings import RoutingSettings
@@ -24,6 +25,14 @@ log = logging.getLogger("gateway.routing")
 FAULT_KINDS = ("connect", "5xx", "timeout", "broken")
 
 
+@dataclass(slots=True)
+class RetryCounters:
+    """Per model: retries granted, and retries the retry budget refused (telemetry reads them)."""
+
+    retries: int = 0
+    retries_refused: int = 0
+
+
 class Router:
     def __init__(
         self, settings: RoutingSettings | None = None, max_retries: int = 2, rng: random.Random | None = None
@@ -31,12 +40,18 @@ class Router:
         self.settings = settings or RoutingSettings()
         self.max_retries = max_retries
         self.rng = rng or random.Random()
+        self.policy = POLICIES[self.settings.policy]
+        self._pick = PickContext(self.rng, self.settings.kv_cache_weight)
         self._budgets: dict[str, RetryBudget] = {}
-        # Telemetry: retries taken / refused by the budget, breaker openings, ejections.
-        self.retries = 0
-        self.retries_refused = 0
-        self.breaker_opened = 0
-        self.ejections = 0
+        # Telemetry: retries taken / refused by the budget, per model. Breaker openings and ejections are
+        # counted on each replica's breaker and outlier detector.
+        self._counters: dict[str, RetryCounters] = {}
+
+    def counters(self, model: str) -> RetryCounters:
+        c = self._counters.get(model)
+        if c is None:
+            c = self._counters[model] = RetryCounters()
+        return c
 
     def budget(self, pool: EndpointPool) -> RetryBudget:
         b = self._budgets.get(pool.model)
@@ -48,9 +63,10 @@ class Router:
     def key_for(self, ctx: RequestContext) -> int | None:
         s = self.settings
         session = ctx.extra.get("session_id")
-        if session is None and not s.prefix_affinity:
+        prefix = self.policy.prefix_keys
+        if session is None and not prefix:
             return None
-        return affinity_key(ctx.body if s.prefix_affinity else None, s.prefix_chars, session)
+        return affinity_key(ctx.body if prefix else None, s.prefix_chars, session)
 
     def pick(
         self, pool: EndpointPool, ctx: RequestContext, exclude: set[str] | frozenset[str] = frozenset()
@@ -64,9 +80,10 @@ class Router:
             pool.endpoints,
             RouteRequest(exclude, key),
             now,
+            self.policy,
+            self._pick,
             pool.ring if key is not None else None,
             self.settings.load_factor,
-            self.rng,
         )
         if ep is not None:
             ep.breaker.acquire(now)
@@ -78,10 +95,10 @@ class Router:
         if ctx.attempts > self.max_retries:
             return False
         if not self.budget(pool).try_retry(time.monotonic()):
-            self.retries_refused += 1
+            self.counters(pool.model).retries_refused += 1
             log.warning("retry budget of pool %s spent", pool.model, extra={"request_id": ctx.request_id})
             return False
-        self.retries += 1
+        self.counters(pool.model).retries += 1
         return True
 
     def on_success(self, pool: EndpointPool, ep: Endpoint, ctx: RequestContext) -> None:
@@ -98,7 +115,6 @@ class Router:
         ep.last_error = kind
         log.warning("upstream fault on %s (%s)", ep.url, kind, extra={"request_id": ctx.request_id})
         if ep.breaker.record_failure(now):
-            self.breaker_opened += 1
             log.warning(
                 "circuit breaker of %s opened for %.1fs after %d faults",
                 ep.url,
@@ -112,7 +128,6 @@ class Router:
             <= self.settings.outlier_max_ejected + 1e-9
         ):
             ep.outlier.eject(now)
-            self.ejections += 1
             log.warning(
                 "replica %s ejected as an outlier until +%.1fs", ep.url, ep.outlier.ejected_until - now
             )

@@ -1,100 +1,77 @@
-"""Routing state as Prometheus metrics, read at scrape time (no work on the request path).
+"""Routing state as a typed snapshot, taken at scrape time (no work on the request path).
 
-Labels are the model and the replica URL: bounded by the number of replicas, not by traffic.
+The metric names live in gateway/metrics/ (the one owner of every name); this module only says what the
+routing subsystem knows: per model, its replicas with health, load and fault state, and the retries the
+router granted or refused.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from dataclasses import dataclass
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
-
-from gateway.routing.breaker import CLOSED, HALF_OPEN, OPEN
-from gateway.routing.pool import EndpointPool
+from gateway.routing.breaker import HALF_OPEN, OPEN
+from gateway.routing.pool import Endpoint, EndpointPool
 from gateway.routing.router import Router
 
-_BREAKER_VALUE = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
+
+@dataclass(frozen=True, slots=True)
+class ReplicaSnapshot:
+    url: str
+    healthy: bool
+    # Takes traffic now: healthy, breaker not open, not ejected as an outlier.
+    available: bool
+    # closed | open | half_open (an open breaker whose open period ended reads half_open: it takes a trial).
+    breaker_state: str
+    in_flight: int
+    engine_waiting: int
+    engine_running: int
+    kv_cache_usage: float
+    attempts: int
+    faults: int
+    breaker_opened: int
+    ejections: int
 
 
-class RoutingCollector(Collector):
-    def __init__(self, pools: dict[str, EndpointPool], router: Router) -> None:
-        self.pools = pools
-        self.router = router
+@dataclass(frozen=True, slots=True)
+class PoolSnapshot:
+    model: str
+    replicas: tuple[ReplicaSnapshot, ...]
+    retries: int
+    retries_refused: int
 
-    def collect(self) -> Iterator:
-        now = time.monotonic()
-        healthy = GaugeMetricFamily(
-            "llm_gateway_upstream_healthy",
-            "1 if the replica passes its /health probes",
-            labels=["model", "endpoint"],
+
+def replica_snapshot(e: Endpoint, now: float) -> ReplicaSnapshot:
+    state = e.breaker.state
+    if state == OPEN and e.breaker.allows(now):
+        state = HALF_OPEN
+    return ReplicaSnapshot(
+        url=e.url,
+        healthy=e.healthy,
+        available=e.available(now),
+        breaker_state=state,
+        in_flight=e.in_flight,
+        engine_waiting=e.engine_waiting,
+        engine_running=e.engine_running,
+        kv_cache_usage=e.kv_cache_usage,
+        attempts=e.requests,
+        faults=e.faults,
+        breaker_opened=e.breaker.opened_count,
+        ejections=e.outlier.ejections,
+    )
+
+
+def routing_snapshot(pools: dict[str, EndpointPool], router: Router | None = None) -> list[PoolSnapshot]:
+    now = time.monotonic()
+    out = []
+    for model, pool in pools.items():
+        counts = router.counters(model) if router is not None else None
+        out.append(
+            PoolSnapshot(
+                model=model,
+                replicas=tuple(replica_snapshot(e, now) for e in pool.endpoints),
+                retries=counts.retries if counts is not None else 0,
+                retries_refused=counts.retries_refused if counts is not None else 0,
+            )
         )
-        available = GaugeMetricFamily(
-            "llm_gateway_upstream_available",
-            "1 if the replica takes traffic now (healthy, breaker not open, not ejected)",
-            labels=["model", "endpoint"],
-        )
-        breaker = GaugeMetricFamily(
-            "llm_gateway_upstream_breaker_state",
-            "Circuit breaker: 0 closed, 1 half-open, 2 open",
-            labels=["model", "endpoint"],
-        )
-        in_flight = GaugeMetricFamily(
-            "llm_gateway_upstream_in_flight",
-            "Gateway requests in flight to the replica",
-            labels=["model", "endpoint"],
-        )
-        waiting = GaugeMetricFamily(
-            "llm_gateway_upstream_engine_waiting",
-            "The engine's queue (vllm:num_requests_waiting)",
-            labels=["model", "endpoint"],
-        )
-        running = GaugeMetricFamily(
-            "llm_gateway_upstream_engine_running",
-            "The engine's running requests (vllm:num_requests_running)",
-            labels=["model", "endpoint"],
-        )
-        attempts = CounterMetricFamily(
-            "llm_gateway_upstream_attempts", "Attempts sent to the replica", labels=["model", "endpoint"]
-        )
-        faults = CounterMetricFamily(
-            "llm_gateway_upstream_faults",
-            "Upstream faults (connect, 5xx, timeout, broken stream)",
-            labels=["model", "endpoint"],
-        )
-        replicas = GaugeMetricFamily(
-            "llm_gateway_upstream_replicas", "Replicas known to the pool", labels=["model"]
-        )
-        for model, pool in self.pools.items():
-            eps = pool.endpoints
-            replicas.add_metric([model], len(eps))
-            for e in eps:
-                lv = [model, e.url]
-                state = e.breaker.state
-                if state == OPEN and e.breaker.allows(now):
-                    state = HALF_OPEN
-                healthy.add_metric(lv, 1 if e.healthy else 0)
-                available.add_metric(lv, 1 if e.available(now) else 0)
-                breaker.add_metric(lv, _BREAKER_VALUE[state])
-                in_flight.add_metric(lv, e.in_flight)
-                waiting.add_metric(lv, e.engine_waiting)
-                running.add_metric(lv, e.engine_running)
-                attempts.add_metric(lv, e.requests)
-                faults.add_metric(lv, e.faults)
-        r = self.router
-        yield from (healthy, available, breaker, in_flight, waiting, running, attempts, faults, replicas)
-        yield CounterMetricFamily(
-            "llm_gateway_retries",
-            "Retries on another replica (before any byte reached the client)",
-            value=r.retries,
-        )
-        yield CounterMetricFamily(
-            "llm_gateway_retries_refused", "Retries refused by the retry budget", value=r.retries_refused
-        )
-        yield CounterMetricFamily(
-            "llm_gateway_breaker_opened", "Times a replica's circuit breaker opened", value=r.breaker_opened
-        )
-        yield CounterMetricFamily(
-            "llm_gateway_outlier_ejections", "Times a replica was ejected as an outlier", value=r.ejections
-        )
+    return out

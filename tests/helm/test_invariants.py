@@ -578,3 +578,29 @@ def test_names_and_labels_are_valid_for_kubernetes(name: str) -> None:
             labels.update(o["spec"]["template"]["metadata"]["labels"])
         for k, v in labels.items():
             assert len(str(v)) <= 63 and LABEL_VALUE.match(str(v)), (n, k, v)
+
+
+def test_tool_structured_output_and_lora_settings_reach_the_engine() -> None:
+    """The chart's typed settings for tools, structured output, pooling models, the Responses store and
+    run-time LoRA become the engine's ENGINE_* variables, which engine/settings.py validates."""
+    from engine.settings import EngineSettings
+
+    settings = {
+        "toolCallParser": "hermes",
+        "enableAutoToolChoice": True,
+        "structuredOutputsDisableAnyWhitespace": True,
+        "toolCallStructuralTags": False,
+        "responsesStore": True,
+        "allowRuntimeLora": True,
+        "maxLoraRank": 16,
+    }
+    objs = render({"models": [{"name": "m", "source": "s3://models/m", "settings": settings}]})
+    env = env_of(pod_spec(objs.engines()[0])["containers"][0])
+    assert env["ENGINE_TOOL_CALL_PARSER"] == "hermes" and env["ENGINE_ENABLE_AUTO_TOOL_CHOICE"] == "true"
+    assert env["ENGINE_MAX_LORA_RANK"] == "16"
+    engine_env = {k[len("ENGINE_") :].lower(): v for k, v in env.items() if k.startswith("ENGINE_")}
+    s = EngineSettings(**engine_env)
+    assert s.enable_auto_tool_choice and s.structured_outputs_disable_any_whitespace and s.responses_store
+    assert s.allow_runtime_lora and s.lora_enabled and not s.tool_call_structural_tags
+    plain = env_of(pod_spec(render({"models": [{"name": "m", "source": "s3://models/m"}]}).engines()[0])["containers"][0])
+    assert not any(k in plain for k in ("ENGINE_TOOL_CALL_PARSER", "ENGINE_RUNNER", "ENGINE_RESPONSES_STORE"))

@@ -112,7 +112,7 @@ def test_concurrent_mixed_outcomes_one_record_each(engine, gateway_factory, tmp_
     g.stop()  # graceful: drains the queue, closes the segment
     recs = _records(_audit_files(audit_dir))
     assert len(recs) == len(cases)
-    by_id = {r["event"]["id"]: r for r in recs}
+    by_id = {r["http"]["request"]["id"]: r for r in recs}
     assert len(by_id) == len(cases)
     for i, (_, path, _, body, status, decision) in enumerate(cases):
         r = by_id[f"req-mixed-{i}"]
@@ -184,7 +184,7 @@ def test_kill_9_under_load_loses_no_completed_request(engine, gateway_factory, t
     before, n_completed = asyncio.run(load(FSYNC * 3))
     g.proc.proc.wait(10)
     assert len(before) >= 6, "the load produced too few requests to test anything"
-    on_disk = {r["event"]["id"] for r in _records(_audit_files(audit_dir))}
+    on_disk = {r["http"]["request"]["id"] for r in _records(_audit_files(audit_dir))}
     missing = before - on_disk
     assert not missing, f"{len(missing)} completed requests not in the audit log: {sorted(missing)[:5]}"
     # Everything on disk is a request the load sent (no duplicates, no strangers).
@@ -207,5 +207,5 @@ def test_kill_9_under_load_loses_no_completed_request(engine, gateway_factory, t
     files = _audit_files(audit_dir)
     reps = verify([str(p) for p in files])
     assert all(not r.findings for r in reps), [str(f) for r in reps for f in r.findings]
-    ids = {r["event"]["id"] for r in _records(files)}
+    ids = {r["http"]["request"]["id"] for r in _records(files)}
     assert before <= ids and "req-after-restart" in ids and "req-torn" not in ids

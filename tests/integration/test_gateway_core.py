@@ -310,14 +310,14 @@ def test_upstream_timeout_is_504(gateway_factory, sim_upstream):
 
 
 def test_upstream_500_is_passed_on_openai_shaped(gateway_factory, sim_upstream):
-    g = gateway_factory(gateway_config([sim_upstream("error")]))
+    g = gateway_factory(gateway_config([sim_upstream("error500")]))
     r = httpx.post(g.url + "/v1/completions", json={"model": MODEL, "prompt": "x"}, headers=_auth(), timeout=30)
     assert r.status_code in (500, 502)
     _err(r)
 
 
 def test_upstream_drop_mid_stream_ends_with_error_event(gateway_factory, sim_upstream):
-    g = gateway_factory(gateway_config([sim_upstream("drop")]))
+    g = gateway_factory(gateway_config([sim_upstream("drop_mid_stream")]))
     body = {"model": MODEL, "prompt": "x", "max_tokens": 50, "stream": True}
     with httpx.stream("POST", g.url + "/v1/completions", json=body, headers=_auth(), timeout=30) as r:
         assert r.status_code == 200

@@ -8,7 +8,6 @@ import logging
 import uuid
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from gateway.auth.principal import Principal
 from gateway.context import RequestContext
@@ -16,6 +15,7 @@ from gateway.errors import ApiError
 from gateway.quota.admission import QuotaAdmission
 from gateway.quota.config import QuotaSettings
 from gateway.quota.limits import PERIOD
+from gateway.quota.metrics import QuotaMetrics
 
 
 def settings(backend: str, url: str | None = None, **limits) -> QuotaSettings:
@@ -55,7 +55,7 @@ def backend_url(request):
 
 async def test_rpm_exact_under_concurrency(backend_url):
     backend, url = backend_url
-    adm = QuotaAdmission(settings(backend, url, rpm=10), CollectorRegistry())
+    adm = QuotaAdmission(settings(backend, url, rpm=10), QuotaMetrics())
     try:
         results = await asyncio.gather(*(try_admit(adm, request()) for _ in range(30)))
         refused = [r for r in results if isinstance(r, ApiError)]
@@ -68,7 +68,7 @@ async def test_rpm_exact_under_concurrency(backend_url):
 
 async def test_concurrency_limit_exact_and_released(backend_url):
     backend, url = backend_url
-    adm = QuotaAdmission(settings(backend, url, max_concurrent=3), CollectorRegistry())
+    adm = QuotaAdmission(settings(backend, url, max_concurrent=3), QuotaMetrics())
     try:
         results = await asyncio.gather(*(try_admit(adm, request()) for _ in range(12)))
         tickets = [r for r in results if not isinstance(r, ApiError)]
@@ -82,8 +82,8 @@ async def test_concurrency_limit_exact_and_released(backend_url):
 
 async def test_two_limiter_instances_share_one_redis_limit(redis_server):
     s = settings("redis", redis_server.url, rpm=10)
-    a = QuotaAdmission(s, CollectorRegistry())
-    b = QuotaAdmission(s, CollectorRegistry())
+    a = QuotaAdmission(s, QuotaMetrics())
+    b = QuotaAdmission(s, QuotaMetrics())
     try:
         results = await asyncio.gather(*(try_admit(a if i % 2 else b, request()) for i in range(24)))
         assert sum(not isinstance(r, ApiError) for r in results) == 10
@@ -96,7 +96,7 @@ async def test_two_limiter_instances_share_one_redis_limit(redis_server):
 
 async def test_redis_settlement_moves_the_counter_by_real_usage(redis_server):
     s = settings("redis", redis_server.url, tpm=120)  # 0.5 s of TAT per token
-    adm = QuotaAdmission(s, CollectorRegistry())
+    adm = QuotaAdmission(s, QuotaMetrics())
     r = redis_server.client()
     key = s.key_prefix + "p:key:alice:t"
     try:
@@ -129,7 +129,7 @@ async def test_redis_settlement_moves_the_counter_by_real_usage(redis_server):
 async def test_concurrency_lease_expires_when_a_replica_dies(redis_server):
     s = settings("redis", redis_server.url, max_concurrent=1)
     s.concurrency_lease = 0.3
-    adm = QuotaAdmission(s, CollectorRegistry())
+    adm = QuotaAdmission(s, QuotaMetrics())
     try:
         assert not isinstance(await try_admit(adm, request()), ApiError)  # never settled
         assert isinstance(await try_admit(adm, request()), ApiError)
@@ -139,14 +139,21 @@ async def test_concurrency_lease_expires_when_a_replica_dies(redis_server):
         await adm.close()
 
 
-def _metric(reg: CollectorRegistry, name: str, labels: dict[str, str]) -> float:
-    return reg.get_sample_value(name, labels) or 0.0
+def _metric(stats: QuotaMetrics, name: str, labels: dict[str, str]) -> float:
+    """A count from admission's snapshot, by the name gateway/metrics/ exports it under."""
+    snap = stats.snapshot()
+    series = {
+        "llm_gateway_quota_backend_errors_total": snap.backend_errors,
+        "llm_gateway_quota_backend_up": snap.backend_up,
+        "llm_gateway_quota_settle_errors_total": snap.settle_errors,
+    }[name]
+    return series.get(tuple(labels.values()), 0.0)
 
 
 async def test_redis_down_fail_open_uses_local_limits(own_redis, caplog):
     s = settings("redis", own_redis.url, rpm=3)
     s.redis_retry_interval = 0.0
-    reg = CollectorRegistry()
+    reg = QuotaMetrics()
     adm = QuotaAdmission(s, reg)
     try:
         assert not isinstance(await try_admit(adm, request()), ApiError)
@@ -173,7 +180,7 @@ async def test_redis_down_fail_open_uses_local_limits(own_redis, caplog):
 async def test_redis_down_fail_closed_answers_503(own_redis, caplog):
     s = settings("redis", own_redis.url, rpm=100, tpm=10_000)
     s.on_backend_error = "closed"
-    reg = CollectorRegistry()
+    reg = QuotaMetrics()
     adm = QuotaAdmission(s, reg)
     try:
         ticket = await adm.admit(request())
@@ -198,7 +205,7 @@ async def test_settlement_missed_during_outage_is_replayed(own_redis):
     s = settings("redis", own_redis.url, max_concurrent=1, tpm=60)  # 1 s of TAT per token
     s.redis_retry_interval = 0.0
     s.redis_timeout = 0.5
-    reg = CollectorRegistry()
+    reg = QuotaMetrics()
     adm = QuotaAdmission(s, reg)
     r = own_redis.client()
     try:

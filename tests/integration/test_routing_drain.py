@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 
 import httpx
 import pytest
+import yaml
 
 from tests.conftest import KEY_ALL, MODEL, gateway_config
 from tests.fixtures_routing import sse_events
+from tests.support import REPO, free_port
 
 AUTH = {"Authorization": f"Bearer {KEY_ALL}"}
 MAX_TOKENS = 800
@@ -134,3 +138,22 @@ def test_several_workers_drain_like_one(fake_upstream_factory, routing_gateway):
     assert not any("error" in e for e in events)
     assert len(events) == 300
     assert gw.proc.proc.wait(30) == 0
+
+
+def test_workers_whose_app_cannot_start_stop_the_gateway(tmp_path):
+    """A worker that fails at start (here: its audit file cannot be created) is not restarted forever."""
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    cfg = gateway_config(["http://127.0.0.1:9"], workers=2)
+    cfg["audit"] = {"enabled": True, "sink": "file", "path": str(not_a_dir / "audit-{pid}.jsonl")}
+    path = tmp_path / "gw.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert r.returncode == 1
+    assert "could not start its app" in r.stdout + r.stderr

@@ -81,3 +81,67 @@ def test_sigterm_to_an_engine_finishes_its_stream_and_the_pool_goes_on(
             assert r.status_code == 200
     finally:
         leaving.stop()
+
+
+@pytest.mark.timeout(900)  # two engines start on a busy 2-core machine
+def test_rolling_replacement_under_load_drops_no_request(engine, tiny_model_dir, routing_gateway):
+    """The documented roll (docs/deploy.md): the new replica (here the session's engine) is ready before the
+    old one gets SIGTERM. Under continuous streamed and non-streamed load across the switch, every request
+    succeeds and every stream is complete: vLLM drains what it runs (--shutdown-timeout), and what it no
+    longer accepts is retried on the new replica before anything reached the client."""
+    old = Engine(str(tiny_model_dir), served_name=MODEL, extra_env={"ENGINE_DRAIN_TIMEOUT": "30"})
+    try:
+        old.wait_ready()
+        gw = routing_gateway(
+            gateway_config(
+                [old.url, engine.url],
+                health_interval=0.3,
+                max_retries=3,
+                routing={"retry_min": 1000, "prefix_affinity": False},
+            )
+        )
+        stop = threading.Event()
+        outcomes: list[tuple[str, int, bool]] = []  # (kind, status, complete)
+
+        def worker(w: int) -> None:
+            with httpx.Client(base_url=gw.url, headers=AUTH, timeout=120) as c:
+                i = 0
+                while not stop.is_set():
+                    i += 1
+                    body = {"model": MODEL, "prompt": f"w{w} r{i}", "max_tokens": 24, "ignore_eos": True}
+                    if (w + i) % 2:
+                        body |= {"stream": True, "stream_options": {"include_usage": True}}
+                        with c.stream("POST", "/v1/completions", json=body) as r:
+                            lines = list(r.iter_lines())
+                        events, done = sse_events(lines)
+                        ok = done and not any("error" in e for e in events) and bool(events)
+                        ok = ok and events[-1].get("usage", {}).get("completion_tokens") == 24
+                        outcomes.append(("stream", r.status_code, ok))
+                    else:
+                        r = c.post("/v1/completions", json=body)
+                        ok = r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 24
+                        outcomes.append(("whole", r.status_code, ok))
+
+        threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
+        for t in threads:
+            t.start()
+        while len(outcomes) < 8:  # both replicas are taking load
+            assert all(t.is_alive() for t in threads)
+            threading.Event().wait(0.2)
+        before_old = old.metric("vllm:request_success_total")
+        old.proc.signal(signal.SIGTERM)
+        assert old.proc.proc.wait(90) == 0, "the old replica drained and exited cleanly"
+        n_at_exit = len(outcomes)
+        while len(outcomes) < n_at_exit + 8:  # the new replica alone carries on
+            threading.Event().wait(0.2)
+        stop.set()
+        for t in threads:
+            t.join(180)
+        bad = [o for o in outcomes if o[1] != 200 or not o[2]]
+        assert not bad, f"{len(bad)} of {len(outcomes)} requests failed or were cut short: {bad[:5]}"
+        assert before_old > 0, "the old replica served part of the load before it left"
+    finally:
+        stop_evt = locals().get("stop")
+        if stop_evt is not None:
+            stop_evt.set()
+        old.stop()

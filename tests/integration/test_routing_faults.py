@@ -22,7 +22,7 @@ AUTH = {"Authorization": f"Bearer {KEY_ALL}"}
 
 
 def config(upstreams: list[str], timeouts: dict[str, float] | None = None, **routing: Any) -> dict[str, Any]:
-    routing = {"prefix_affinity": False, "retry_min": 100, **routing}
+    routing = {"policy": "least_outstanding", "retry_min": 100, **routing}
     cfg = gateway_config(upstreams, routing=routing, health_interval=0.5, max_retries=2)
     if timeouts:
         cfg["models"][0]["timeouts"] = timeouts
@@ -80,9 +80,9 @@ def test_faulty_replica_is_ejected_and_the_other_keeps_serving(
     results = [complete(gw, session=sid) for _ in range(10)]
     assert all(r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4 for r in results)
     assert fake.completions == 2  # ejected: no more traffic
-    assert gateway_metric(gw, "llm_gateway_upstream_breaker_state", endpoint=fake.url) == 2
+    assert gateway_metric(gw, "llm_gateway_breaker_state", endpoint=fake.url, state="open") == 1
     assert gateway_metric(gw, "llm_gateway_retries_total") == 2
-    assert gateway_metric(gw, "llm_gateway_upstream_faults_total", endpoint=engine.url) == 0
+    assert gateway_metric(gw, "llm_gateway_replica_faults_total", endpoint=engine.url) == 0
 
 
 def test_slow_first_byte_is_retried_before_anything_reached_the_client(
@@ -112,7 +112,7 @@ def test_replica_dropping_mid_stream_gives_an_error_event_and_a_clean_end(
     status, lines = stream_lines(gw, 8)
     events, done = sse_events(lines)
     assert status == 200 and done
-    assert [e["choices"][0]["text"] for e in events[:2]] == ["t0 ", "t1 "]
+    assert [e["choices"][0]["text"] for e in events[:2]] == [" t0", " t1"]
     assert (
         events[-1]["error"]["type"] == "upstream_error"
         and events[-1]["error"]["code"] == "upstream_disconnected"
@@ -129,7 +129,7 @@ def test_stalled_stream_ends_at_the_idle_timeout_with_an_error_event(fake_upstre
     assert status == 200 and done
     assert len([e for e in events if "choices" in e]) == 2
     assert events[-1]["error"]["code"] == "upstream_timeout"
-    assert gateway_metric(gw, "llm_gateway_upstream_faults_total", endpoint=fake.url) == 1
+    assert gateway_metric(gw, "llm_gateway_replica_faults_total", endpoint=fake.url) == 1
 
 
 def test_default_timeouts_end_a_stalled_stream_with_an_error_event(fake_upstream_factory, routing_gateway):
@@ -162,7 +162,7 @@ def test_client_4xx_storm_never_opens_a_breaker(engine, fake_upstream_factory, r
     assert fake.completions > 2
     assert gateway_metric(gw, "llm_gateway_breaker_opened_total") == 0
     assert gateway_metric(gw, "llm_gateway_outlier_ejections_total") == 0
-    assert gateway_metric(gw, "llm_gateway_upstream_available") == 2
+    assert gateway_metric(gw, "llm_gateway_replica_available") == 2
     assert gateway_metric(gw, "llm_gateway_retries_total") == 0
     r = httpx.post(
         gw.url + "/v1/completions",
@@ -175,8 +175,8 @@ def test_client_4xx_storm_never_opens_a_breaker(engine, fake_upstream_factory, r
 
 def test_dns_named_upstream_resolves_to_the_engine(engine, routing_gateway):
     gw = routing_gateway(config([f"dns+http://localhost:{engine.port}"], dns_interval=1))
-    assert gateway_metric(gw, "llm_gateway_upstream_replicas") >= 1
-    assert gateway_metric(gw, "llm_gateway_upstream_healthy", endpoint=f"http://127.0.0.1:{engine.port}") == 1
+    assert gateway_metric(gw, "llm_gateway_replicas") >= 1
+    assert gateway_metric(gw, "llm_gateway_replica_healthy", endpoint=f"http://127.0.0.1:{engine.port}") == 1
     r = complete(gw)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
     assert httpx.get(gw.url + "/readyz", timeout=5).status_code == 200
@@ -196,7 +196,7 @@ def test_open_breaker_half_opens_and_closes_when_the_replica_recovers(
     while fake.completions == 0 and time.monotonic() < deadline:
         assert complete(gw, session=sid).status_code == 200
     assert fake.completions == 1
-    assert gateway_metric(gw, "llm_gateway_upstream_breaker_state", endpoint=fake.url) == 0
+    assert gateway_metric(gw, "llm_gateway_breaker_state", endpoint=fake.url, state="closed") == 1
     for _ in range(3):
         assert complete(gw, session=sid).status_code == 200
     assert fake.completions == 4  # back home

@@ -72,7 +72,7 @@ def wait_until(cond, timeout: float = 60) -> None:
 
 
 def test_load_spreads_by_outstanding_requests(engine, engine_b, routing_gateway):
-    gw = routing_gateway(config([engine.url, engine_b.url], prefix_affinity=False))
+    gw = routing_gateway(config([engine.url, engine_b.url], policy="least_outstanding"))
     before = successes(engine, engine_b)
     with cf.ThreadPoolExecutor(8) as ex:
         rs = list(
@@ -107,7 +107,7 @@ def test_load_spreads_by_outstanding_requests(engine, engine_b, routing_gateway)
         t.start()
     try:
         wait_until(
-            lambda: gateway_metric(gw, "llm_gateway_upstream_engine_running", endpoint=engine_b.url) >= 3
+            lambda: gateway_metric(gw, "llm_gateway_replica_engine_running", endpoint=engine_b.url) >= 3
         )
         a0 = engine.metric("vllm:request_success_total")
         for i in range(3):
@@ -122,7 +122,7 @@ def test_load_spreads_by_outstanding_requests(engine, engine_b, routing_gateway)
 def test_prefix_affinity_keeps_a_shared_prefix_on_one_replica_and_spills_when_hot(
     engine, engine_b, routing_gateway
 ):
-    gw = routing_gateway(config([engine.url, engine_b.url], prefix_affinity=True, prefix_chars=512))
+    gw = routing_gateway(config([engine.url, engine_b.url], policy="prefix_affinity", prefix_chars=512))
     engines = (engine, engine_b)
     s0 = successes(*engines)
     h0 = [e.metric("vllm:prefix_cache_hits_total") for e in engines]
@@ -147,7 +147,7 @@ def test_prefix_affinity_keeps_a_shared_prefix_on_one_replica_and_spills_when_ho
 def test_killing_a_replica_under_load_loses_no_request_that_had_not_started_streaming(
     engine, engine_b, routing_gateway
 ):
-    gw = routing_gateway(config([engine.url, engine_b.url], prefix_affinity=False))
+    gw = routing_gateway(config([engine.url, engine_b.url], policy="least_outstanding"))
     max_tokens = 400
 
     def plain(i: int) -> httpx.Response:
@@ -171,7 +171,7 @@ def test_killing_a_replica_under_load_loses_no_request_that_had_not_started_stre
         stream_f = [ex.submit(streamed, i) for i in range(3)]
         # Kill B while the gateway has several requests in flight there.
         wait_until(
-            lambda: gateway_metric(gw, "llm_gateway_upstream_in_flight", endpoint=engine_b.url) >= 4, 120
+            lambda: gateway_metric(gw, "llm_gateway_replica_in_flight", endpoint=engine_b.url) >= 4, 120
         )
         kill_engine_hard(engine_b)  # the whole replica dies at once
         plain_r = [f.result() for f in plain_f]

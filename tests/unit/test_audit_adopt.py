@@ -31,9 +31,9 @@ def dead_worker(template: str, pid: int, records: int = 3, rotate_first: bool = 
         s = FileSink(path)
         await s.open()
         if rotate_first:
-            s.write([_rec(100)])
+            await s.write([_rec(100)])
             await s.rotate()
-        s.write([_rec(i) for i in range(records)])
+        await s.write([_rec(i) for i in range(records)])
         os.close(s.fd)  # no footer, no rename: what kill -9 leaves
 
     asyncio.run(run())
@@ -158,3 +158,16 @@ def _ctx():
     c.status = 401
     c.decision = "unauthenticated"
     return c
+
+
+def test_a_second_claim_on_the_same_path_fails_clearly(tmp_path: Path) -> None:
+    template = str(tmp_path / "audit.{pid}.jsonl")
+    a, b = WorkerFiles(template, pid=5), WorkerFiles(template, pid=5)
+    a.claim()
+    try:
+        with pytest.raises(RuntimeError, match="already held"):
+            b.claim()
+    finally:
+        a.release()
+    b.claim()  # free again after a clean release
+    b.release()

@@ -71,12 +71,12 @@ def test_every_route_outcome_is_recorded_once(tmp_path: Path) -> None:
     (seg,) = tmp_path.glob("audit.*.jsonl")
     recs = [json.loads(x) for x in seg.read_text().splitlines()]
     got = [
-        (r["event"]["id"], r["http"]["response"]["status_code"], r["llm"]["decision"])
+        (r["http"]["request"]["id"], r["http"]["response"]["status_code"], r["llm"]["decision"])
         for r in recs
         if r["event"]["kind"] == "event"
     ]
     assert sorted(got) == sorted(expected)
-    by_id = {r["event"]["id"]: r for r in recs if r["event"]["kind"] == "event"}
+    by_id = {r["http"]["request"]["id"]: r for r in recs if r["event"]["kind"] == "event"}
     assert (
         by_id["req-test-0"]["url"]["path"] == "/v1/models" and by_id["req-test-0"]["user"]["id"] is not None
     )

@@ -22,7 +22,7 @@ def _write_segment(path: Path, n: int, *, rotate_after: int | None = None) -> li
         sink = FileSink(str(path))
         await sink.open()
         for i in range(n):
-            sink.write(
+            await sink.write(
                 [{"event": {"kind": "event", "id": f"req-{i}"}, "http": {"response": {"status_code": 200}}}]
             )
             if rotate_after and (i + 1) % rotate_after == 0:

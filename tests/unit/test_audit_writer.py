@@ -14,7 +14,7 @@ import pytest
 
 from gateway.audit.chain import verify
 from gateway.audit.config import AuditSettings
-from gateway.audit.sink import FileSink, StdoutSink
+from gateway.audit.sink import SINKS, FileSink, StdoutSink, build_sink
 from gateway.audit.writer import AuditGate, AuditWriter
 from gateway.auth.principal import Principal
 from gateway.context import RequestContext
@@ -268,3 +268,59 @@ async def test_stdout_sink(tmp_path: Path) -> None:
     out.write_bytes(data)
     assert [x["event"]["id"] for x in _requests(out)] == ["req-0", "req-1", "req-2"]
     assert not verify([str(out)])[0].findings
+
+
+class NetworkLikeSink:
+    """An AuditSink whose write awaits its I/O (as a network sink would) until the test lets it finish."""
+
+    def __init__(self) -> None:
+        self.on_closed = None
+        self.records: list[dict] = []
+        self.gate = asyncio.Event()
+        self.in_write = asyncio.Event()
+
+    async def open(self) -> None:
+        return None
+
+    async def write(self, recs: list[dict]) -> None:
+        self.in_write.set()
+        await self.gate.wait()
+        self.records.extend(recs)
+
+    async def sync(self) -> None:
+        return None
+
+    def rotate_due_in(self) -> float | None:
+        return None
+
+    async def maybe_rotate(self) -> None:
+        return None
+
+    def closed_segments(self) -> list[str]:
+        return []
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_sink_awaiting_its_io_leaves_the_event_loop_free() -> None:
+    sink = NetworkLikeSink()
+    w = AuditWriter(AuditSettings(enabled=True, queue_size=10), sink=sink)
+    await w.start()
+    await w.on_request_end(_ctx(0))
+    await asyncio.wait_for(sink.in_write.wait(), 5)
+    # While the sink waits on its I/O, other tasks run and requests keep being accepted.
+    await asyncio.wait_for(asyncio.sleep(0.01), 1)
+    await w.on_request_end(_ctx(1))
+    assert w.queue_depth() == 1 and w.records_written == 0
+    sink.gate.set()
+    await w.stop()
+    assert [r["event"]["id"] for r in sink.records] == ["req-0", "req-1"]
+    assert w.stats().records_written == 2
+
+
+def test_sinks_are_chosen_by_the_configured_name(tmp_path: Path) -> None:
+    assert set(SINKS) == set(AuditSettings.model_fields["sink"].annotation.__args__)
+    assert type(build_sink(AuditSettings(sink="stdout"))) is StdoutSink
+    f = build_sink(AuditSettings(sink="file", path=str(tmp_path / "a.jsonl"), rotate_bytes=123))
+    assert type(f) is FileSink and f.rotate_bytes == 123

@@ -125,6 +125,7 @@ INLINE_EXERCISED = {
     r"^source \.venv/bin/activate$|^\.venv/bin/llm-gateway$": "tests/unit/test_bootstrap.py",
     r"^scripts/(bench_e2e|bench_overhead)\.py$|^scripts/gpu/h200_stack\.sh$": "docs/benchmarks.md",  # benchmarks, not tests
     r"^llm-(gateway|engine)$": "pyproject.toml",
+    r"^llm-engine lora (add|remove|list)( |$)": "tests/e2e/test_openai_surface.py",
 }
 
 

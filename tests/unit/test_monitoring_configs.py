@@ -38,7 +38,7 @@ def test_alerts_cover_the_seed_and_operator_questions():
         "llm_gateway_request_duration_seconds_bucket",
         "llm_gateway_requests_total",
         "llm_gateway_replica_healthy",
-        "llm_gateway_quota_rejections_total",
+        "llm_gateway_breaker_state",
         "llm_gateway_audit_queue_depth",
         "llm_engine_gpu_utilization_ratio",
     ):

@@ -1,6 +1,7 @@
 """Pure parts of the hot path: usage extraction/stripping, prompt sizing, error normalization, settings."""
 
 import json
+import time
 
 import pytest
 
@@ -9,6 +10,7 @@ from gateway.context import RequestContext
 from gateway.prompt import prompt_chars
 from gateway.proxy.respond import normalize_error as _normalize_error
 from gateway.proxy.sse import Usage, take_usage
+from gateway.routing.pipeline import available, least_outstanding
 from gateway.routing.pool import Endpoint, EndpointPool, parse_engine_metrics
 from gateway.settings import ApiKeyConfig, GatewaySettings
 
@@ -138,14 +140,15 @@ def test_settings_from_yaml_and_env(tmp_path, monkeypatch):
 
 
 def test_least_outstanding_pick_skips_unhealthy_and_excluded():
-    pool = EndpointPool(
-        "m", [Endpoint("a", in_flight=3), Endpoint("b", in_flight=1), Endpoint("c", healthy=False)]
-    )
-    assert pool.pick().url == "b"
-    assert pool.pick(exclude={"b"}).url == "a"
+    def pick(pool: EndpointPool, exclude: frozenset[str] = frozenset()) -> Endpoint | None:
+        return least_outstanding(available(pool.endpoints, time.monotonic(), exclude))
+
+    pool = EndpointPool("m", [Endpoint("a", in_flight=3), Endpoint("b", in_flight=1), Endpoint("c", healthy=False)])
+    assert pick(pool).url == "b"
+    assert pick(pool, exclude=frozenset({"b"})).url == "a"
     pool.endpoints[1].engine_waiting = 5
-    assert pool.pick().url == "a"
-    assert EndpointPool("m", [Endpoint("x", healthy=False)]).pick() is None
+    assert pick(pool).url == "a"
+    assert pick(EndpointPool("m", [Endpoint("x", healthy=False)])) is None
 
 
 def test_parse_engine_metrics_sums_label_sets():

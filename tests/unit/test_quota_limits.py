@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from gateway.auth.principal import Principal
 from gateway.context import RequestContext
@@ -11,6 +10,7 @@ from gateway.quota.admission import QuotaAdmission
 from gateway.quota.config import QuotaSettings
 from gateway.quota.limits import Bucket, LimitTable, format_reset, parse_reset, rate_limit_headers
 from gateway.quota.memory import MemoryLimiter
+from gateway.quota.metrics import QuotaMetrics
 
 
 class Clock:
@@ -123,7 +123,7 @@ def test_bucket_resolution():
 
 def test_reservation_uses_prompt_estimate_max_tokens_default_and_n():
     s = QuotaSettings.model_validate({"default": {"tpm": 10_000}, "default_max_tokens": 100})
-    adm = QuotaAdmission(s, CollectorRegistry())
+    adm = QuotaAdmission(s, QuotaMetrics())
     ctx = RequestContext("r", "/v1/chat/completions")
     ctx.prompt_chars = 40
     ctx.body = {"messages": [{"role": "user", "content": "x" * 40}]}
@@ -139,7 +139,7 @@ def test_reservation_uses_prompt_estimate_max_tokens_default_and_n():
 
 async def test_admission_refuses_with_headers_and_retry_after():
     s = QuotaSettings.model_validate({"default": {"rpm": 2, "tpm": 1000}, "default_max_tokens": 10})
-    adm = QuotaAdmission(s, CollectorRegistry())
+    adm = QuotaAdmission(s, QuotaMetrics())
     from gateway.errors import ApiError
 
     def ctx() -> RequestContext:

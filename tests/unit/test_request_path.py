@@ -6,7 +6,6 @@ import asyncio
 import json
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from gateway.admission import AdmissionChain, ModelAccess, build_admission_chain
 from gateway.audit.config import AuditSettings
@@ -22,6 +21,7 @@ from gateway.proxy.request import RouteSpec, parse_request, read_json
 from gateway.proxy.routes import PROXIED_ROUTES
 from gateway.proxy.sse import split_complete
 from gateway.quota.config import QuotaSettings
+from gateway.quota.metrics import QuotaMetrics
 from gateway.settings import GatewaySettings
 
 CHAT = RouteSpec("/v1/chat/completions", "/v1/chat/completions")
@@ -125,10 +125,10 @@ def test_the_chain_is_ordered_cheapest_refusal_first_and_waits_last(tmp_path):
     quota = QuotaSettings.model_validate({"default": {"rpm": 10}, "overload": {"enabled": True}})
     audit = AuditWriter(AuditSettings(enabled=True, sink="stdout"))
     auth = Authenticator(ApiKeyStore([], None))
-    chain, quota_step = build_admission_chain(quota, auth, {}, CollectorRegistry(), audit)
+    chain, quota_step = build_admission_chain(quota, auth, {}, QuotaMetrics(), audit)
     assert chain.names == ["model_access", "quota", "audit_backpressure", "overload"]
     assert quota_step is not None
-    off, none = build_admission_chain(QuotaSettings(), auth, {}, CollectorRegistry())
+    off, none = build_admission_chain(QuotaSettings(), auth, {})
     assert off.names == ["model_access"] and none is None
 
 

@@ -13,7 +13,17 @@ from gateway.context import RequestContext
 from gateway.routing.affinity import HashRing, affinity_key, bounded_load_pick, prompt_prefix
 from gateway.routing.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, OutlierDetector
 from gateway.routing.discovery import DnsDiscovery, DnsTarget, parse_upstreams
-from gateway.routing.pipeline import RouteRequest, available, choose, least_outstanding
+from gateway.routing.pipeline import (
+    POLICIES,
+    PickContext,
+    RouteRequest,
+    available,
+    choose,
+    kv_cache_aware_scores,
+    least_outstanding,
+    lowest,
+    power_of_two,
+)
 from gateway.routing.pool import EndpointPool
 from gateway.routing.retry import RetryBudget
 from gateway.routing.router import Router
@@ -66,7 +76,111 @@ def test_choose_returns_none_when_nothing_is_available():
     p = pool_of(2)
     for e in p.endpoints:
         e.healthy = False
-    assert choose(p.endpoints, RouteRequest(), 0.0) is None
+    for policy in POLICIES.values():
+        assert choose(p.endpoints, RouteRequest(), 0.0, policy, PickContext(random.Random(0))) is None
+
+
+# -- policies ----------------------------------------------------------------------------------------------
+
+
+def test_every_policy_in_the_settings_is_registered_and_only_prefix_affinity_hashes_prompts():
+    names = set(RoutingSettings.model_fields["policy"].annotation.__args__)
+    assert names == set(POLICIES)
+    assert {n for n, p in POLICIES.items() if p.prefix_keys} == {"prefix_affinity"}
+
+
+def test_a_removed_setting_is_a_clear_error():
+    with pytest.raises(ValueError, match="routing.policy"):
+        RoutingSettings(prefix_affinity=False)
+    with pytest.raises(ValueError):
+        RoutingSettings(policy="round_robin")
+
+
+def test_power_of_two_takes_the_less_loaded_of_the_two_drawn():
+    p = pool_of(4)
+    loads = [5, 0, 9, 2]
+    for e, n in zip(p.endpoints, loads, strict=True):
+        e.in_flight = n
+    rng = random.Random(3)
+    for _ in range(200):
+        state = rng.getstate()
+        i, j = rng.sample(range(4), 2)
+        rng.setstate(state)
+        got = power_of_two(p.endpoints, rng)
+        assert got.load == min(loads[i], loads[j])
+
+
+def test_power_of_two_never_picks_the_most_loaded_and_spreads_over_the_rest():
+    p = pool_of(3)
+    for e, n in zip(p.endpoints, [0, 1, 10], strict=True):
+        e.in_flight = n
+    seen = Counter(power_of_two(p.endpoints, random.Random(i)).url for i in range(300))
+    assert p.endpoints[2].url not in seen
+    # The idlest wins every draw it is in (2 of 3 pairs); the middle one the remaining pair.
+    assert seen[p.endpoints[0].url] > seen[p.endpoints[1].url] > 50
+
+
+def test_power_of_two_with_one_or_no_candidate():
+    p = pool_of(1)
+    assert power_of_two(p.endpoints, random.Random(0)) is p.endpoints[0]
+    assert power_of_two([], random.Random(0)) is None
+
+
+def test_kv_cache_aware_prefers_free_kv_cache_between_equally_loaded_replicas():
+    p = pool_of(3)
+    a, b, c = p.endpoints
+    for e in p.endpoints:
+        e.in_flight = 2
+    a.kv_cache_usage, b.kv_cache_usage, c.kv_cache_usage = 0.9, 0.2, 0.5
+    policy = POLICIES["kv_cache_aware"]
+    assert choose(p.endpoints, RouteRequest(), 0.0, policy, PickContext(random.Random(0))) is b
+
+
+def test_kv_cache_aware_weighs_load_against_kv_cache_use():
+    p = pool_of(2)
+    idle_full, busy_empty = p.endpoints
+    idle_full.kv_cache_usage, busy_empty.kv_cache_usage = 0.8, 0.0
+    busy_empty.in_flight = 4
+    # Load normalised to 0..1: the busy one scores 1.0, the idle one 0.8 x weight.
+    assert kv_cache_aware_scores(p.endpoints, 1.0) == [0.8, 1.0]
+    policy = POLICIES["kv_cache_aware"]
+    assert choose(p.endpoints, RouteRequest(), 0.0, policy, PickContext(random.Random(0), 1.0)) is idle_full
+    assert choose(p.endpoints, RouteRequest(), 0.0, policy, PickContext(random.Random(0), 2.0)) is busy_empty
+    # With weight 0 it is least outstanding; out-of-range readings are clamped to 0..1.
+    busy_empty.kv_cache_usage = 7.0
+    assert kv_cache_aware_scores(p.endpoints, 0.0) == [0.0, 1.0]
+    assert kv_cache_aware_scores(p.endpoints, 1.0) == [0.8, 2.0]
+
+
+def test_lowest_breaks_ties_at_random_and_keeps_a_unique_best():
+    p = pool_of(3)
+    assert lowest(p.endpoints, [2.0, 1.0, 3.0]) is p.endpoints[1]
+    seen = Counter(lowest(p.endpoints, [1.0, 1.0, 3.0], random.Random(i)).url for i in range(100))
+    assert set(seen) == {p.endpoints[0].url, p.endpoints[1].url}
+
+
+def test_an_affinity_key_goes_to_the_ring_under_every_policy():
+    p = pool_of(4)
+    key = affinity_key(None, 1024, "session-1")
+    home = next(p.ring.walk(key))
+    for policy in POLICIES.values():
+        got = choose(p.endpoints, RouteRequest(key=key), 0.0, policy, PickContext(random.Random(0)), p.ring)
+        assert got.url == home, policy.name
+
+
+def test_router_policy_from_settings():
+    p = pool_of(2)
+    a, b = p.endpoints
+    a.in_flight = 3
+    a.kv_cache_usage, b.kv_cache_usage = 0.0, 1.0
+    ctx = RequestContext("r", "/v1/chat/completions")
+    ctx.body = chat(SYSTEM, "q")
+    # kv_cache_aware with a heavy KV weight prefers the busy replica with free KV cache; prefix keys are off.
+    r = Router(RoutingSettings(policy="kv_cache_aware", kv_cache_weight=5.0), rng=random.Random(0))
+    assert r.key_for(ctx) is None
+    assert r.pick(p, ctx) is a
+    # prefix_affinity hashes the long system prompt.
+    assert Router(RoutingSettings(policy="prefix_affinity")).key_for(ctx) is not None
 
 
 # -- affinity ----------------------------------------------------------------------------------------------
@@ -132,7 +246,7 @@ def test_router_sends_one_prefix_to_one_replica_when_idle():
 
 def test_router_without_affinity_spreads_by_load():
     p = pool_of(2)
-    r = Router(RoutingSettings(prefix_affinity=False), rng=random.Random(0))
+    r = Router(RoutingSettings(policy="least_outstanding"), rng=random.Random(0))
     for i in range(6):
         ctx = RequestContext(f"r{i}", "/v1/chat/completions")
         ctx.body = chat(SYSTEM, f"question {i}")
@@ -197,7 +311,7 @@ def test_router_never_ejects_more_than_the_allowed_share():
     for e in p.endpoints:
         for _ in range(4):
             r.on_failure(p, e, ctx, "5xx")
-    assert r.ejections == 1
+    assert sum(e.outlier.ejections for e in p.endpoints) == 1
     assert sum(1 for e in p.endpoints if e.available(__import__("time").monotonic())) == 1
 
 
@@ -208,7 +322,7 @@ def test_client_errors_are_successes_for_the_breaker():
     ctx = RequestContext("x", "/v1/completions")
     for _ in range(100):  # the proxy reports a relayed 4xx as on_success
         r.on_success(p, ep, ctx)
-    assert ep.breaker.state == CLOSED and r.breaker_opened == 0
+    assert ep.breaker.state == CLOSED and ep.breaker.opened_count == 0
 
 
 # -- retry budget ---------------------------------------------------------------------------------------------

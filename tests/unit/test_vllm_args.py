@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from engine.settings import EngineSettings
@@ -103,6 +105,75 @@ def test_api_key_reaches_vllm_through_its_environment_never_argv():
 # ------------------------------------------------- the flags we emit exist in the vLLM releases we run
 
 
+def test_tools_structured_output_and_runner_reach_vllm():
+    s = EngineSettings(
+        model="/m",
+        enable_auto_tool_choice=True,
+        tool_call_parser="hermes",
+        runner="pooling",
+        convert="embed",
+        structured_outputs_disable_any_whitespace=True,
+        reasoning_parser="qwen3",
+    )
+    cmd = build_vllm_command(s, "/m", device="cpu")
+    assert "--enable-auto-tool-choice" in cmd and _flag(cmd, "--tool-call-parser") == "hermes"
+    assert _flag(cmd, "--runner") == "pooling" and _flag(cmd, "--convert") == "embed"
+    assert "--enable-prefix-caching" not in cmd  # encoder pooling models have no prefix cache: vLLM decides
+    assert _flag(cmd, "--reasoning-parser") == "qwen3"
+    # vLLM accepts disable_any_whitespace only with xgrammar or guidance: xgrammar is chosen when none is set.
+    assert json.loads(_flag(cmd, "--structured-outputs-config")) == {
+        "disable_any_whitespace": True,
+        "backend": "xgrammar",
+    }
+    s = EngineSettings(
+        model="/m", structured_outputs_backend="guidance", structured_outputs_disable_any_whitespace=True
+    )
+    cmd = build_vllm_command(s, "/m", device="cpu")
+    assert json.loads(_flag(cmd, "--structured-outputs-config")) == {
+        "disable_any_whitespace": True,
+        "backend": "guidance",
+    }
+    plain = build_vllm_command(EngineSettings(model="/m"), "/m", device="cpu")
+    for flag in (
+        "--runner",
+        "--tool-call-parser",
+        "--enable-auto-tool-choice",
+        "--structured-outputs-config",
+        "--enable-lora",
+    ):
+        assert flag not in plain
+
+
+def test_runtime_lora_enables_lora_and_sets_vllm_switch():
+    s = EngineSettings(model="/m", allow_runtime_lora=True, max_lora_rank=16)
+    cmd = build_vllm_command(s, "/m", device="cpu")
+    assert "--enable-lora" in cmd and "--lora-modules" not in cmd and _flag(cmd, "--max-lora-rank") == "16"
+    assert vllm_environment("cpu", {}, settings=s)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in vllm_environment("cpu", {}, settings=EngineSettings(model="/m"))
+    # named/required tool choices as schema-guided JSON (honours no-free-whitespace) instead of structural tags
+    off = EngineSettings(model="/m", tool_call_structural_tags=False, responses_store=True)
+    assert vllm_environment("cpu", {}, settings=off)["VLLM_ENFORCE_STRICT_TOOL_CALLING"] == "0"
+    assert vllm_environment("cpu", {}, settings=off)["VLLM_ENABLE_RESPONSES_API_STORE"] == "1"
+    assert "VLLM_ENFORCE_STRICT_TOOL_CALLING" not in vllm_environment("cpu", {}, settings=EngineSettings(model="/m"))
+
+
+@pytest.mark.parametrize(
+    "bad, culprit",
+    [
+        ({"enable_auto_tool_choice": True}, "tool_call_parser"),
+        (
+            {"structured_outputs_backend": "outlines", "structured_outputs_disable_any_whitespace": True},
+            "xgrammar",
+        ),
+        ({"runner": "draft"}, "runner"),
+        ({"structured_outputs_backend": "fast"}, "structured_outputs_backend"),
+    ],
+)
+def test_bad_tool_and_structured_output_settings_name_the_culprit(bad, culprit):
+    with pytest.raises(ValueError, match=culprit):
+        EngineSettings(model="/m", **bad)
+
+
 def _pinned_gpu_vllm() -> str:
     """The vLLM release of the GPU image: the official image's tag in docker/engine.Dockerfile (ARG defaults
     substituted into the last FROM)."""
@@ -157,6 +228,24 @@ def _every_command() -> list[list[str]]:
             lora_dirs=loras,
         ),
         build_vllm_command(EngineSettings(model="/m", **off), "/m", device="cpu", python="py"),
+        # The OpenAI features: tools, structured output, a pooling model, run-time LoRA (last: the checks below
+        # look at the first four by position).
+        build_vllm_command(
+            EngineSettings(
+                model="/m",
+                runner="pooling",
+                convert="embed",
+                tool_call_parser="hermes",
+                enable_auto_tool_choice=True,
+                reasoning_parser="qwen3",
+                structured_outputs_disable_any_whitespace=True,
+                allow_runtime_lora=True,
+                max_lora_rank=8,
+            ),
+            "/m",
+            device="cpu",
+            python="py",
+        ),
     ]
     # Multi-pod groups: each launcher and role (engine/group.py).
     from engine.group import resolve_plan

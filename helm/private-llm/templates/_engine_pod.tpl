@@ -119,6 +119,38 @@ containers:
       {{- end }}
       - name: ENGINE_ENABLE_PREFIX_CACHING
         value: {{ $s.enablePrefixCaching | quote }}
+      {{- with $s.runner }}
+      - name: ENGINE_RUNNER
+        value: {{ . | quote }}
+      {{- end }}
+      {{- with $s.toolCallParser }}
+      - name: ENGINE_TOOL_CALL_PARSER
+        value: {{ . | quote }}
+      {{- end }}
+      {{- if $s.enableAutoToolChoice }}
+      - name: ENGINE_ENABLE_AUTO_TOOL_CHOICE
+        value: "true"
+      {{- end }}
+      {{- if eq (toString $s.toolCallStructuralTags) "false" }}
+      - name: ENGINE_TOOL_CALL_STRUCTURAL_TAGS
+        value: "false"
+      {{- end }}
+      {{- if $s.structuredOutputsDisableAnyWhitespace }}
+      - name: ENGINE_STRUCTURED_OUTPUTS_DISABLE_ANY_WHITESPACE
+        value: "true"
+      {{- end }}
+      {{- if $s.responsesStore }}
+      - name: ENGINE_RESPONSES_STORE
+        value: "true"
+      {{- end }}
+      {{- if $s.allowRuntimeLora }}
+      - name: ENGINE_ALLOW_RUNTIME_LORA
+        value: "true"
+      {{- end }}
+      {{- if gt (int ($s.maxLoraRank | default 0)) 0 }}
+      - name: ENGINE_MAX_LORA_RANK
+        value: {{ int $s.maxLoraRank | quote }}
+      {{- end }}
       {{- with $s.extraArgs }}
       - name: ENGINE_EXTRA_ARGS
         value: {{ . | quote }}
