@@ -265,8 +265,10 @@ def create_app(
     state.observers.extend(observers or [])
 
     api = GatewayApi(state)
-    direct = {path: ProxyEndpoint(state, spec) for path, spec in PROXIED_ROUTES}
-    routes: list[BaseRoute] = [Route(path, endpoint) for path, endpoint in direct.items()]
+    endpoints = [(path, ProxyEndpoint(state, spec)) for path, spec in PROXIED_ROUTES]
+    routes: list[BaseRoute] = [Route(path, endpoint) for path, endpoint in endpoints]
+    # Paths with parameters ("/v1/responses/{response_id}") are Starlette's to match.
+    direct = {path: endpoint for path, endpoint in endpoints if "{" not in path}
     routes.extend(api.routes())
     app = GatewayApp(
         direct=direct,
