@@ -71,7 +71,8 @@ def audit_records(path: Path, request_id: str, timeout: float = 10) -> dict[str,
         for p in sorted(path.parent.glob("audit*.jsonl")):
             for line in p.read_text().splitlines():
                 rec = json.loads(line)
-                if rec.get("event", {}).get("id") == request_id:
+                # the client's X-Request-Id is recorded as http.request.id (event.id is the gateway's own)
+                if rec.get("http", {}).get("request", {}).get("id") == request_id:
                     return rec
         time.sleep(0.1)
     raise AssertionError(f"no audit record for {request_id}")

@@ -569,6 +569,8 @@ def test_hostile_bodies_on_every_proxied_route(body_gateway, path):
         for name, body, extra in BAD_BODIES:
             if path == "/generate" and name in ("stream-wrong-type", "stream-options-wrong", "no-model"):
                 continue  # /generate builds its own body from prompt/max_tokens; no model means the first one
+            if path == "/v1/embeddings" and name.startswith("max-tokens"):
+                continue  # embeddings have no max_tokens: the engine's business, not a gateway check
             r = c.post(path, content=body, headers={**AUTH, **JSON_CT, **extra})
             assert_4xx_openai(r, f"{path} {name}")
         # The same bodies without a credential: a 401 before anything is read.

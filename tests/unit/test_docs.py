@@ -103,7 +103,8 @@ EXERCISED = {
     r"^scripts/test$": "tests/unit/test_bootstrap.py",  # its first step; the whole suite is the rest
     r"^curl -sN? \$OPENAI_BASE_URL/chat/completions": "tests/e2e/test_quickstart.py",
     r"^REG=": "tests/helm/test_dockerfiles.py",
-    r"^docker build -f docker/(gateway|engine)\.Dockerfile": "tests/helm/test_dockerfiles.py",
+    r"^docker build -f docker/(gateway|engine|engine-cpu)\.Dockerfile": "tests/helm/test_dockerfiles.py",
+    r"^docker compose -f docker/compose\.yaml (up -d|down -v)$": "tests/e2e/test_compose_smoke.py",  # via scripts/ctr compose
     r"^S3_ENDPOINT_URL=.* llm-engine push ": "tests/helm/test_deploy_doc.py",
     r"^kubectl (create namespace|-n llm create secret)": "tests/helm/test_deploy_doc.py",
     r"^llm-gateway keys create --id team-a --tenant team-a --file api-keys.yaml > team-a.key$": "tests/helm/test_deploy_doc.py",
@@ -126,6 +127,7 @@ INLINE_EXERCISED = {
     r"^scripts/(bench_e2e|bench_overhead)\.py$|^scripts/gpu/h200_stack\.sh$": "docs/benchmarks.md",  # benchmarks, not tests
     r"^llm-(gateway|engine)$": "pyproject.toml",
     r"^llm-engine lora (add|remove|list)( |$)": "tests/e2e/test_openai_surface.py",
+    r"^scripts/ctr (build all|compose -f docker/compose\.yaml up -d)$": "tests/e2e/test_compose_smoke.py",
 }
 
 
