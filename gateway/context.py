@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import time
@@ -10,9 +11,29 @@ from typing import Any
 from gateway.auth.principal import Principal
 from gateway.outcome import Ending, Outcome, classify
 
+# Unique ids without a system call each: 48 random bits drawn once per process (again in a forked worker),
+# then a counter. Request ids keep their shape (``req-`` + 24 hex digits); quota leases must only be unique
+# among every replica's live leases (a Redis set), which the per-process random prefix makes them.
+_prefix = os.urandom(6).hex()
+_counter = itertools.count(1)
+
+
+def _reseed() -> None:
+    global _prefix, _counter
+    _prefix = os.urandom(6).hex()
+    _counter = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_reseed)
+
 
 def new_request_id() -> str:
-    return "req-" + os.urandom(12).hex()
+    return f"req-{_prefix}{next(_counter):012x}"
+
+
+def unique_id() -> str:
+    """A short id unique among every process's ids (quota leases)."""
+    return f"{_prefix}{next(_counter):x}"
 
 
 _CLIENT_ID_OK = re.compile(r"[A-Za-z0-9._:\-]{1,128}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import httptools
@@ -49,6 +50,10 @@ def error_bytes(status: int, message: str, code: str, type_: str = "invalid_requ
     )
 
 
+# The scope key under which a request finds its connection (LimitedHttpToolsProtocol.on_lost).
+CONNECTION_KEY = "gateway.connection"
+
+
 class _HeadTooLarge(Exception):
     pass
 
@@ -69,6 +74,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_parsed = 0
         self._head_timer: asyncio.TimerHandle | None = None
         self._rejected = False
+        # Called once when the client's connection goes away (the proxy's disconnect watch, see on_lost()).
+        self._on_lost: Callable[[], None] | None = None
 
     # -- the byte stream ----------------------------------------------------------------------------------
 
@@ -125,6 +132,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
         super().connection_lost(exc)
+        cb, self._on_lost = self._on_lost, None
+        if cb is not None:
+            cb()
+
+    def on_lost(self, callback: Callable[[], None] | None) -> None:
+        """Call ``callback`` if the connection is lost before ``on_lost(None)``: the proxy watches for a
+        client that leaves this way instead of with a task blocked on ``receive()`` per request."""
+        self._on_lost = callback
 
     def send_400_response(self, msg: str) -> None:
         self._reject(400, "Invalid HTTP request received.", "invalid_http_request")
@@ -138,6 +153,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._head_bytes = 0
         self._head_count = self._head_parsed = 0
         super().on_message_begin()
+        self.scope[CONNECTION_KEY] = self  # type: ignore[literal-required]
 
     # No per-header callback of ours: the count and, for a head that came in one large read, the exact size
     # are checked once the head is complete (an unfinished head is bounded in data_received).

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -61,6 +62,17 @@ class BoundedLabel:
     @property
     def known(self) -> frozenset[str]:
         return frozenset(self._known)
+
+
+class _Children(NamedTuple):
+    """The labelled metric children of one (model, route, tenant)."""
+
+    latency: Any
+    overhead: Any
+    ttft: Any
+    itl: Any
+    prompt_tokens: Any
+    completion_tokens: Any
 
 
 class GatewayMetrics:
@@ -130,6 +142,9 @@ class GatewayMetrics:
             registry=r,
         )
         self._state_collector: StateCollector | None = None
+        # Labelled children by label values (bounded): one dict lookup per request instead of .labels() calls.
+        self._cache: dict[tuple[str, str, str], _Children] = {}
+        self._requests_cache: dict[tuple[str, str, int, str, str], Any] = {}
 
     @classmethod
     def from_settings(
@@ -172,23 +187,48 @@ class GatewayMetrics:
 
     # -- the observer ---------------------------------------------------------------------------------------
 
+    def _children(self, model: str, route: str, tenant: str) -> _Children:
+        """The labelled children one (model, route, tenant) updates, looked up once (label values are
+        bounded, so the cache is too)."""
+        key = (model, route, tenant)
+        c = self._cache.get(key)
+        if c is None:
+            c = self._cache[key] = _Children(
+                self.latency.labels(model, route),
+                self.overhead.labels(route),
+                self.ttft.labels(model),
+                self.itl.labels(model),
+                self.prompt_tokens.labels(model, tenant),
+                self.completion_tokens.labels(model, tenant),
+            )
+        return c
+
+    def _requests_child(self, model: str, route: str, status: int, decision: str, tenant: str) -> Any:
+        key = (model, route, status, decision, tenant)
+        c = self._requests_cache.get(key)
+        if c is None:
+            sc = status_class(status)
+            c = self._requests_cache[key] = self.requests.labels(model, route, sc, decision, tenant)
+        return c
+
     async def on_request_end(self, ctx: RequestContext) -> None:
         model = self.model_label(ctx)
         tenant = self.tenant_label(ctx)
-        self.requests.labels(model, ctx.route, status_class(ctx.status), ctx.decision, tenant).inc()
-        self.latency.labels(model, ctx.route).observe(ctx.duration)
+        c = self._children(model, ctx.route, tenant)
+        self._requests_child(model, ctx.route, ctx.status, ctx.decision, tenant).inc()
+        c.latency.observe(ctx.duration)
         if ctx.forwarded_at is not None:
-            self.overhead.labels(ctx.route).observe(ctx.forwarded_at - ctx.started)
+            c.overhead.observe(ctx.forwarded_at - ctx.started)
         # TTFT only where it means something: a streamed response (a non-streamed one has only e2e latency).
         if ctx.stream and ctx.ttft is not None and ctx.status == 200:
-            self.ttft.labels(model).observe(ctx.ttft)
+            c.ttft.observe(ctx.ttft)
         if ctx.chunk_gaps:
-            h = self.itl.labels(model)
+            h = c.itl
             for g in ctx.chunk_gaps:
                 h.observe(g)
         if ctx.prompt_tokens:
-            self.prompt_tokens.labels(model, tenant).inc(ctx.prompt_tokens)
+            c.prompt_tokens.inc(ctx.prompt_tokens)
         if ctx.completion_tokens:
-            self.completion_tokens.labels(model, tenant).inc(ctx.completion_tokens)
+            c.completion_tokens.inc(ctx.completion_tokens)
         for kind in ctx.upstream_errors:
             self.upstream_errors.labels(model, kind if kind in UPSTREAM_ERROR_KINDS else OTHER).inc()

@@ -17,8 +17,9 @@ from typing import Any
 from gateway.context import RequestContext, client_request_id, new_request_id
 from gateway.errors import ApiError
 from gateway.hooks import NO_TICKET, Headers, Observer, Ticket
+from gateway.http_server import CONNECTION_KEY
 from gateway.outcome import CLIENT_GONE
-from gateway.proxy.forward import Forward, _watch_disconnect, forward
+from gateway.proxy.forward import DisconnectHook, Forward, _watch_disconnect, forward
 from gateway.proxy.request import (
     ClientLeft,
     ProxyRequest,
@@ -129,7 +130,8 @@ class ProxyEndpoint:
             else:
                 ticket = await state.admission.admit(ctx)
             req = _with_engine_priority(ctx, req)
-            await self._forward(ctx, req, receive, send)  # route -> forward -> relay
+            conn = scope.get(CONNECTION_KEY)
+            await self._forward(ctx, req, receive, send, conn)  # route -> forward -> relay
         except ApiError as e:
             await send_error(ctx, send, e)
         except ClientLeft:
@@ -245,7 +247,14 @@ class ProxyEndpoint:
         _describe(ctx, req)
         return req
 
-    async def _forward(self, ctx: RequestContext, req: ProxyRequest, receive: Receive, send: Send) -> None:
+    async def _forward(
+        self,
+        ctx: RequestContext,
+        req: ProxyRequest,
+        receive: Receive,
+        send: Send,
+        connection: DisconnectHook | None = None,
+    ) -> None:
         state = self.state
         up_headers = req.upstream_headers
         if state.tracing is not None:
@@ -263,4 +272,4 @@ class ProxyEndpoint:
             drain=state,
             responses=state.responses,
         )
-        await forward(job, receive, send)
+        await forward(job, receive, send, connection)

@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -256,23 +256,47 @@ async def _attempts(job: Forward, send: Send) -> None:
             return
 
 
+class DisconnectHook(Protocol):
+    """The server's connection, when it can say that the client left (gateway/http_server.py)."""
+
+    def on_lost(self, callback: Callable[[], None] | None) -> None: ...
+
+
+def _client_left(ctx: RequestContext, task: asyncio.Task[Any] | None) -> None:
+    ctx.client_gone = True
+    ctx.end(CLIENT_GONE)
+    if task is not None and not task.done():
+        task.cancel()
+
+
 async def _watch_disconnect(receive: Receive, ctx: RequestContext, task: asyncio.Task[Any] | None) -> None:
     """Wait for the client to go away; then cancel the forwarding task so the upstream request is closed."""
     while True:
         msg = await receive()
         if msg["type"] == "http.disconnect":
-            ctx.client_gone = True
-            ctx.end(CLIENT_GONE)
-            if task is not None and not task.done():
-                task.cancel()
+            _client_left(ctx, task)
             return
 
 
-async def forward(job: Forward, receive: Receive, send: Send) -> None:
-    """Route and forward one admitted request; the client's disconnect cancels it (and the upstream call)."""
+async def forward(
+    job: Forward, receive: Receive, send: Send, connection: DisconnectHook | None = None
+) -> None:
+    """Route and forward one admitted request; the client's disconnect cancels it (and the upstream call).
+
+    With our HTTP protocol's ``connection`` the disconnect arrives as a callback (no task per request);
+    under any other server a task waits on ``receive()`` for it."""
     total = job.req.model.timeouts.total
     job.total_at = asyncio.get_running_loop().time() + total if total else None
-    watcher = asyncio.ensure_future(_watch_disconnect(receive, job.ctx, asyncio.current_task()))
+    task = asyncio.current_task()
+    if connection is not None:
+        ctx = job.ctx
+        connection.on_lost(lambda: _client_left(ctx, task))
+        try:
+            await _attempts(job, send)
+        finally:
+            connection.on_lost(None)
+        return
+    watcher = asyncio.ensure_future(_watch_disconnect(receive, job.ctx, task))
     try:
         await _attempts(job, send)
     finally:

@@ -10,13 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 import time
 from collections import deque
 
 from redis.exceptions import RedisError
 
-from gateway.context import RequestContext
+from gateway.context import RequestContext, unique_id
 from gateway.errors import ApiError
 from gateway.hooks import NO_TICKET, Ticket
 from gateway.quota.config import QuotaSettings
@@ -133,7 +132,7 @@ class QuotaAdmission:
                     headers={"retry-after": "60"},
                     reason="rate_limited",
                 )
-        lease = os.urandom(8).hex() if any(b.concurrency for b in buckets) else ""
+        lease = unique_id() if any(b.concurrency for b in buckets) else ""
         limiter, decision = await self._acquire(buckets, cost, lease)
         ctx.response_headers.extend(rate_limit_headers(buckets, decision.states))
         if not decision.allowed:
