@@ -15,7 +15,7 @@ route → forward → settle → audit → metrics); what differs between routes
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 ModelFrom = Literal["json", "form", "affinity"]
@@ -85,6 +85,11 @@ _SCORE = "score (pooling runner: a cross-encoder, or an embedding model as a bi-
 _STORE = "generate + Responses store (ENGINE_RESPONSES_STORE)"
 _SPEECH = "transcription (a speech model, e.g. Whisper)"
 
+def _at(path: str, spec: RouteSpec) -> RouteSpec:
+    """The same route served at another path (an alias, or a sibling that differs only in its path)."""
+    return replace(spec, upstream_path=path, route_name=path, path="")
+
+
 CHAT = RouteSpec(
     "/v1/chat/completions",
     "/v1/chat/completions",
@@ -141,14 +146,7 @@ SCORE = RouteSpec(
     text_fields=("text_1", "text_2", "queries", "documents"),
     feature=_SCORE,
 )
-SCORE_ALIAS = RouteSpec(
-    "/score",
-    "/score",
-    streamable=False,
-    usage="prompt_only",
-    text_fields=("text_1", "text_2", "queries", "documents"),
-    feature=_SCORE,
-)
+SCORE_ALIAS = _at("/score", SCORE)
 RERANK = RouteSpec(
     "/v1/rerank",
     "/v1/rerank",
@@ -157,22 +155,8 @@ RERANK = RouteSpec(
     text_fields=("query", "documents"),
     feature=_SCORE,
 )
-RERANK_ALIAS = RouteSpec(
-    "/rerank",
-    "/rerank",
-    streamable=False,
-    usage="prompt_only",
-    text_fields=("query", "documents"),
-    feature=_SCORE,
-)
-RERANK_V2 = RouteSpec(
-    "/v2/rerank",
-    "/v2/rerank",
-    streamable=False,
-    usage="prompt_only",
-    text_fields=("query", "documents"),
-    feature=_SCORE,
-)
+RERANK_ALIAS = _at("/rerank", RERANK)
+RERANK_V2 = _at("/v2/rerank", RERANK)
 TOKENIZE = RouteSpec(
     "/tokenize",
     "/tokenize",
@@ -192,16 +176,7 @@ TRANSCRIPTIONS = RouteSpec(
     feature=_SPEECH,
     body_limit_setting="max_audio_bytes",
 )
-TRANSLATIONS = RouteSpec(
-    "/v1/audio/translations",
-    "/v1/audio/translations",
-    model_from="form",
-    streamable=True,
-    usage="chat",
-    text_fields=("prompt",),
-    feature=_SPEECH,
-    body_limit_setting="max_audio_bytes",
-)
+TRANSLATIONS = _at("/v1/audio/translations", TRANSCRIPTIONS)
 
 # Every proxied route, in the order the app mounts them (more specific paths first).
 PROXIED_ROUTES: tuple[RouteSpec, ...] = (
