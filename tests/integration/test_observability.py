@@ -56,14 +56,16 @@ def sse_usage(text: str) -> dict | None:
 
 @pytest.fixture(scope="module")
 def obs_gateway(engine, gateway_factory, tmp_path_factory):
-    """A gateway of its own, so its counters hold only this module's traffic; audit and quotas on (limits
-    far above this traffic), so their metrics are in the scrape too."""
+    """A gateway of its own, so its counters hold only this module's traffic; audit, quotas and the fair queue
+    on (limits far above this traffic), so their metrics are in the scrape too."""
     audit = tmp_path_factory.mktemp("obs-audit") / "audit.jsonl"
     return gateway_factory(
         gateway_config(
             [engine.url],
             audit={"enabled": True, "path": str(audit)},
             quota={"default": {"rpm": 100_000}},
+            # the fair queue on (far more slots than this traffic), so its metrics are in the scrape too
+            fair_queue={"enabled": True, "slots_per_replica": 64},
         )
     )
 

@@ -97,7 +97,7 @@ def test_rolling_replacement_under_load_drops_no_request(engine, tiny_model_dir,
                 [old.url, engine.url],
                 health_interval=0.3,
                 max_retries=3,
-                routing={"retry_min": 1000, "prefix_affinity": False},
+                routing={"retry_min": 1000, "policy": "least_outstanding"},
             )
         )
         stop = threading.Event()
