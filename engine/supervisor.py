@@ -70,8 +70,10 @@ class Supervisor:
         self._stopping.set()
         log.info("signal %s: asking vLLM to drain", signal.Signals(signum).name)
         try:
-            # vLLM runs in its own process group: signal the whole group (its workers too).
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            # Only vLLM's main process: it drains, then stops its own engine-core and worker processes. Signalling
+            # the whole group would also reach the engine core directly, which could then stop before the
+            # streams it drains are done. The group gets SIGKILL only after the drain deadline.
+            os.kill(self.proc.pid, signal.SIGTERM)
         except ProcessLookupError:
             return
 

