@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from gateway import logs
 from gateway.context import RequestContext
 
 log = logging.getLogger("gateway.access")
@@ -20,28 +21,33 @@ def _ms(seconds: float | None) -> float | None:
 
 
 class AccessLog:
-    """Observer: logs each finished request once."""
+    """Observer: logs each finished request once (batched per event-loop turn when the line goes straight
+    to the gateway's own JSON handler, gateway/logs.py)."""
+
+    def __init__(self) -> None:
+        self.out = logs.BatchedLines(log)
 
     async def on_request_end(self, ctx: RequestContext) -> None:
         if not log.isEnabledFor(logging.INFO):
             return
         p = ctx.principal
-        log.info(
-            "request",
-            extra={
-                "request_id": ctx.request_id,
-                "principal": (p.key_id or p.subject) if p is not None else None,
-                "tenant": p.tenant if p is not None else None,
-                "method": ctx.method,
-                "route": ctx.route,
-                "model": ctx.model,
-                "status": ctx.status,
-                "decision": ctx.decision,
-                "replica": ctx.endpoint,
-                "stream": ctx.stream,
-                "prompt_tokens": ctx.prompt_tokens,
-                "completion_tokens": ctx.completion_tokens,
-                "ttft_ms": _ms(ctx.ttft),
-                "duration_ms": _ms(ctx.duration),
-            },
-        )
+        fields = {
+            "request_id": ctx.request_id,
+            "principal": (p.key_id or p.subject) if p is not None else None,
+            "tenant": p.tenant if p is not None else None,
+            "method": ctx.method,
+            "route": ctx.route,
+            "model": ctx.model,
+            "status": ctx.status,
+            "decision": ctx.decision,
+            "replica": ctx.endpoint,
+            "stream": ctx.stream,
+            "prompt_tokens": ctx.prompt_tokens,
+            "completion_tokens": ctx.completion_tokens,
+            "ttft_ms": _ms(ctx.ttft),
+            "duration_ms": _ms(ctx.duration),
+        }
+        if self.out.target() is not None:
+            self.out.write(logs.line("info", log.name, "request", fields))
+        else:
+            log.info("request", extra=fields)

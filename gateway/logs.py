@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import json
 import logging
 import sys
@@ -41,9 +43,77 @@ class JsonFormatter(logging.Formatter):
             return json.dumps(out, default=str, ensure_ascii=True)
 
 
+def line(level: str, logger: str, msg: str, fields: dict[str, Any]) -> str:
+    """The line :class:`JsonFormatter` writes for such a record (``fields`` = the record's extras)."""
+    now = time.time()
+    out = {"ts": _ts(now, (now - int(now)) * 1000.0), "level": level, "logger": logger, "msg": msg}
+    out.update(fields)
+    try:
+        return _ENCODER.encode(out).decode()
+    except (TypeError, ValueError, OverflowError):
+        return json.dumps(out, default=str, ensure_ascii=True)
+
+
+# The handler configure() installed on the root logger (None until it ran).
+_HANDLER: list[logging.StreamHandler[Any] | None] = [None]
+
+
+class BatchedLines:
+    """Lines that go straight to the handler :func:`configure` installed, written once per event-loop turn.
+
+    For a logger that would reach exactly that handler and nothing else (it propagates to a root logger
+    whose only handler is ours, with no handler or filter of its own): the per-request access log then
+    costs one encode instead of a LogRecord, the handler chain and a write + flush per line. Anything
+    else (tests capturing logs, a handler added by an embedding application) gets None from
+    :meth:`target` and logs the usual way."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+        self.pending: list[str] = []
+        self.scheduled = False
+        atexit.register(self.flush)
+
+    def target(self) -> logging.StreamHandler[Any] | None:
+        h = _HANDLER[0]
+        lg = self.logger
+        if h is None or lg.handlers or lg.filters or not lg.propagate:
+            return None
+        root = logging.getLogger()
+        if len(root.handlers) != 1 or root.handlers[0] is not h or root.filters or h.filters:
+            return None
+        return h
+
+    def write(self, text: str) -> None:
+        self.pending.append(text)
+        if not self.scheduled:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+                self.scheduled = True
+            except RuntimeError:  # no event loop: at once
+                self.flush()
+
+    def flush(self) -> None:
+        self.scheduled = False
+        if not self.pending:
+            return
+        lines, self.pending = self.pending, []
+        h = _HANDLER[0]
+        if h is None:
+            return
+        h.acquire()
+        try:
+            h.stream.write("\n".join(lines) + "\n")
+            h.stream.flush()
+        except (OSError, ValueError):  # stderr closed: as logging does, never fail the request for it
+            pass
+        finally:
+            h.release()
+
+
 def configure(level: str = "info") -> None:
     h = logging.StreamHandler(sys.stderr)
     h.setFormatter(JsonFormatter())
+    _HANDLER[0] = h
     root = logging.getLogger()
     root.handlers[:] = [h]
     root.setLevel(level.upper())

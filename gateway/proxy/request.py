@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from gateway.errors import ApiError
 from gateway.prompt import prompt_chars
 from gateway.routes import RequestTransform, ResponseTransform, RouteSpec
@@ -105,6 +107,9 @@ async def read_body(receive: Receive, limit: int, content_length: bytes | None) 
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+_DECODE = msgspec.json.Decoder().decode
+
+
 def _too_deep(limit: int) -> ApiError:
     return ApiError(
         400, f"The request body nests arrays/objects deeper than {limit} levels.", code="invalid_json"
@@ -129,6 +134,18 @@ def parse_json_object(raw: bytes, max_depth: int = 64) -> dict[str, Any]:
     is a 400 ``invalid_request_error``, never a 500."""
     if not raw:
         raise ApiError(400, "The request body is empty; expected a JSON object.", code="invalid_json")
+    try:
+        # The fast decoder takes strict UTF-8 JSON only; whatever it refuses (NaN, a BOM, UTF-16, a lone
+        # surrogate, bad syntax) goes through the json module below, which accepts or names the problem.
+        fast = _DECODE(raw)
+    except (msgspec.DecodeError, RecursionError):
+        pass
+    else:
+        if isinstance(fast, dict):
+            if raw.count(b"[") + raw.count(b"{") > max_depth:
+                check_depth(fast, max_depth)
+            return fast
+        raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
     if json.detect_encoding(raw) != "utf-8":
         # RFC 8259: JSON between systems is UTF-8 (json.loads would also take UTF-16/32 and a BOM).
         raise ApiError(400, "The request body must be UTF-8 encoded JSON.", code="invalid_json")

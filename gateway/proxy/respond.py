@@ -11,6 +11,8 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+import msgspec
+
 from gateway.context import RequestContext, response_request_id
 from gateway.errors import ApiError, error_body
 from gateway.outcome import CLIENT_GONE, UpstreamStatus
@@ -51,6 +53,16 @@ def normalize_error(data: bytes, status: int) -> bytes:
     return error_body(text, "upstream_error" if status >= 500 else "invalid_request_error", None, None)
 
 
+class _UsageOnly(msgspec.Struct):
+    """A JSON object read for its ``usage`` member alone: the decoder validates the rest and skips it
+    without building it (a chat answer, or an embeddings answer of thousands of floats)."""
+
+    usage: Any = None
+
+
+_USAGE_ONLY = msgspec.json.Decoder(_UsageOnly)
+
+
 def _success_body(
     ctx: RequestContext,
     data: bytes,
@@ -58,6 +70,13 @@ def _success_body(
     route: RouteSpec | None = None,
     responses: ResponseIndex | None = None,
 ) -> bytes:
+    if transform is None and route is not None and not route.records_affinity:
+        # Only the usage is needed: read it without building the whole answer.
+        try:
+            take_usage(route, ctx, _USAGE_ONLY.decode(data).usage)
+            return data
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            pass  # not a JSON object (or not one msgspec takes): the general path below decides
     try:
         obj = json.loads(data)
     except ValueError:
@@ -93,6 +112,7 @@ async def send_whole(
         ctx.end(UpstreamStatus(status))
         data = normalize_error(data, status)
         headers[0] = JSON_CT
+    headers.append((b"content-length", str(len(data)).encode()))
     headers.append((b"x-request-id", response_request_id(ctx)))
     headers.extend(ctx.response_headers)
     ctx.first_token_at = time.perf_counter()

@@ -74,7 +74,8 @@ class Router:
         now = time.monotonic()
         if ctx.attempts == 0:
             self.budget(pool).record_request(now)
-            ctx.extra["affinity_key"] = self.key_for(ctx)
+            # A key only matters where there is a choice to make (a pool of one replica needs none).
+            ctx.extra["affinity_key"] = self.key_for(ctx) if len(pool.endpoints) > 1 else None
         key = ctx.extra.get("affinity_key")
         ep = choose(
             pool.endpoints,
