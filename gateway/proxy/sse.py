@@ -56,11 +56,6 @@ def has_complete_event(buf: bytes) -> bool:
     return _SEP in buf
 
 
-def may_hold_usage(events: bytes) -> bool:
-    """A cheap test: could these events hold a usage object? (``"usage":null`` does not count.)"""
-    return USAGE_KEY in events and _USAGE_OBJECT.search(events) is not None
-
-
 def _data_of(event: bytes) -> bytes | None:
     """The data of one event (its ``data:`` lines joined), or None if it has none."""
     parts = []
@@ -83,35 +78,35 @@ def _usage_event(event: bytes) -> tuple[Usage | None, bool]:
     return usage_of(obj), isinstance(obj, dict) and obj.get("choices") == []
 
 
-def _read_event(event: bytes, hide: bool) -> tuple[Usage | None, bool]:
-    """(usage in this event, drop the event)."""
-    if USAGE_KEY not in event or _USAGE_OBJECT.search(event) is None:
-        return None, False
-    found, usage_only = _usage_event(event)
-    return found, found is not None and hide and usage_only
-
-
 def take_usage(events: bytes, hide: bool) -> tuple[bytes, Usage | None]:
     """Read the usage out of complete events; drop the usage-only chunk (``"choices":[]``) when ``hide``.
 
-    Returns the events to relay (byte-identical when nothing is dropped) and the last usage seen."""
-    if not may_hold_usage(events):
+    Returns the events to relay (byte-identical but for a dropped event) and the last usage seen. Only the
+    events around a ``"usage": {`` are looked at: a read holding many token events costs one search."""
+    if USAGE_KEY not in events:
         return events, None
-    kept: list[bytes] = []
     usage: Usage | None = None
-    dropped = False
-    for ev in events.split(_SEP):
-        if not ev:
-            continue
-        found, drop = _read_event(ev, hide)
-        usage = found or usage
-        if drop:
-            dropped = True
-        else:
-            kept.append(ev)
-    if not dropped:
+    pieces: list[bytes] = []
+    kept_from = 0  # start of the bytes not yet copied into pieces (only used once something is dropped)
+    done_to = 0  # end of the last event looked at
+    for m in _USAGE_OBJECT.finditer(events):
+        if m.start() < done_to:
+            continue  # another "usage" inside an event already read
+        start = events.rfind(_SEP, 0, m.start())
+        start = 0 if start < 0 else start + 2
+        end = events.find(_SEP, m.end())
+        end = len(events) if end < 0 else end + 2
+        done_to = end
+        found, usage_only = _usage_event(events[start:end])
+        if found is not None:
+            usage = found
+            if hide and usage_only:
+                pieces.append(events[kept_from:start])
+                kept_from = end
+    if not pieces:
         return events, usage
-    return b"".join(e + _SEP for e in kept), usage
+    pieces.append(events[kept_from:])
+    return b"".join(pieces), usage
 
 
 def ends_with_done(data: bytes) -> bool:
