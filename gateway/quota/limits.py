@@ -137,21 +137,29 @@ def parse_reset(text: str) -> float:
 
 def rate_limit_headers(buckets: tuple[Bucket, ...], states: list[BucketState]) -> list[tuple[bytes, bytes]]:
     """OpenAI's x-ratelimit-* headers, from the most constrained bucket for requests and for tokens."""
-    out: list[tuple[bytes, bytes]] = []
     rb = tb = -1
-    for i, (b, st) in enumerate(zip(buckets, states, strict=True)):
-        if b.rpm and (rb < 0 or st.req_remaining < states[rb].req_remaining):
-            rb = i
-        if b.tpm and (tb < 0 or st.tok_remaining < states[tb].tok_remaining):
-            tb = i
+    if len(buckets) == 1:  # the usual case: one bucket, nothing to compare
+        b = buckets[0]
+        rb = 0 if b.rpm else -1
+        tb = 0 if b.tpm else -1
+    else:
+        for i, b in enumerate(buckets):
+            st = states[i]
+            if b.rpm and (rb < 0 or st.req_remaining < states[rb].req_remaining):
+                rb = i
+            if b.tpm and (tb < 0 or st.tok_remaining < states[tb].tok_remaining):
+                tb = i
+    out: list[tuple[bytes, bytes]] = []
     if rb >= 0:
         st = states[rb]
-        out.append((b"x-ratelimit-limit-requests", str(buckets[rb].rpm).encode()))
-        out.append((b"x-ratelimit-remaining-requests", str(max(st.req_remaining, 0)).encode()))
+        out.append((b"x-ratelimit-limit-requests", b"%d" % buckets[rb].rpm))
+        out.append(
+            (b"x-ratelimit-remaining-requests", b"%d" % min(max(st.req_remaining, 0), buckets[rb].rpm))
+        )
         out.append((b"x-ratelimit-reset-requests", format_reset(st.req_reset).encode()))
     if tb >= 0:
         st = states[tb]
-        out.append((b"x-ratelimit-limit-tokens", str(buckets[tb].tpm).encode()))
-        out.append((b"x-ratelimit-remaining-tokens", str(max(st.tok_remaining, 0)).encode()))
+        out.append((b"x-ratelimit-limit-tokens", b"%d" % buckets[tb].tpm))
+        out.append((b"x-ratelimit-remaining-tokens", b"%d" % min(max(st.tok_remaining, 0), buckets[tb].tpm)))
         out.append((b"x-ratelimit-reset-tokens", format_reset(st.tok_reset).encode()))
     return out

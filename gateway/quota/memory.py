@@ -24,49 +24,57 @@ class MemoryLimiter:
         tat = self._tat
         reason: str | None = None
         retry = 0.0
-        before: list[BucketState] = []
-        after: list[BucketState] = []
-        pending: list[tuple[str, float]] = []
+        # Per bucket: (requests key, TAT now, TAT after, interval, tokens key, TAT now, TAT after, interval);
+        # the states reported are computed once the outcome is known (after on success, before on refusal).
+        plan: list[tuple[str, float, float, float, str, float, float, float]] = []
         for b in buckets:
-            sb, sa = BucketState(), BucketState()
+            kr = kt = ""
+            cr = nr = ir = ct = nt = it = 0.0
             if b.rpm:
-                k = b.key + ":r"
-                interval = PERIOD / b.rpm
-                cur = max(tat.get(k, now), now)
-                new = cur + interval
-                sb.req_remaining, sb.req_reset = gcra_state(cur, now, interval)
-                sa.req_remaining, sa.req_reset = gcra_state(new, now, interval)
-                if new - now > PERIOD + TOLERANCE:
+                kr = b.key + ":r"
+                ir = PERIOD / b.rpm
+                cr = tat.get(kr, now)
+                if cr < now:
+                    cr = now
+                nr = cr + ir
+                if nr - now > PERIOD + TOLERANCE:
                     reason = reason or "requests"
-                    retry = max(retry, new - now - PERIOD)
-                pending.append((k, new))
+                    retry = max(retry, nr - now - PERIOD)
             if b.tpm:
-                k = b.key + ":t"
-                interval = PERIOD / b.tpm
-                cur = max(tat.get(k, now), now)
-                new = cur + cost * interval
-                sb.tok_remaining, sb.tok_reset = gcra_state(cur, now, interval)
-                sa.tok_remaining, sa.tok_reset = gcra_state(new, now, interval)
-                if new - now > PERIOD + TOLERANCE:
+                kt = b.key + ":t"
+                it = PERIOD / b.tpm
+                ct = tat.get(kt, now)
+                if ct < now:
+                    ct = now
+                nt = ct + cost * it
+                if nt - now > PERIOD + TOLERANCE:
                     reason = reason or "tokens"
-                    retry = max(retry, new - now - PERIOD)
-                if cost:
-                    pending.append((k, new))
+                    retry = max(retry, nt - now - PERIOD)
             if b.concurrency and len(self._leases.get(b.key, ())) >= b.concurrency:
                 reason = reason or "concurrency"
                 retry = max(retry, 1.0)
-            before.append(sb)
-            after.append(sa)
-        if reason is not None:
-            return Decision(False, reason, retry, before)
-        for k, v in pending:
-            tat[k] = v
+            plan.append((kr, cr, nr, ir, kt, ct, nt, it))
+        states: list[BucketState] = []
+        refused = reason is not None
+        for kr, cr, nr, ir, kt, ct, nt, it in plan:
+            st = BucketState()
+            if kr:
+                st.req_remaining, st.req_reset = gcra_state(cr if refused else nr, now, ir)
+                if not refused:
+                    tat[kr] = nr
+            if kt:
+                st.tok_remaining, st.tok_reset = gcra_state(ct if refused else nt, now, it)
+                if not refused and cost:
+                    tat[kt] = nt
+            states.append(st)
+        if refused:
+            return Decision(False, reason, retry, states)
         for b in buckets:
             if b.concurrency:
                 self._leases.setdefault(b.key, set()).add(lease)
         if len(tat) > 50_000:
             self._prune(now)
-        return Decision(True, None, 0.0, after)
+        return Decision(True, None, 0.0, states)
 
     def release(self, buckets: tuple[Bucket, ...], lease: str, token_delta: int) -> None:
         now = self.clock()
