@@ -14,9 +14,10 @@
 # Runs after the vLLM bundle is installed into /tmp/site (../shared/gpu/README.md). MODEL_DIR: config and
 # tokenizer of the model shape (engine/testmodel.py --shape 7b --no-weights); WHEEL_DIR: wheels the gateway
 # needs that the image lacks. Env: ENGINES ("name=vLLM flags;..."; default "bf16=;fp8kv=--kv-cache-dtype fp8"),
-# CURVE (64,96,128,160,192,256), CURVE_DURATION (10), HEAVY (256), DURATION (40), ROUNDS (3), LATER_DURATION
+# CURVE (64,96,128,160,192,256; empty: none), CURVE_DURATION (10), HEAVY (256), DURATION (40), ROUNDS (3), LATER_DURATION
 # (25) and LATER_ROUNDS (1) for the configurations after the first, LIGHT_GOAL (216), SHARE_GOAL (0.95), SLOTS
-# (fixed N list), HEADROOM (8), DEADLINE (seconds from the start; a step that would end later is skipped),
+# (fixed N list), GW_WORKERS (gateway worker processes, a list: one gateway per N and count; 1), SKIP64 (no
+# 64-stream pass), HEADROOM (8), DEADLINE (seconds from the start; a step that would end later is skipped),
 # OUT (results directory), PY (python), ENGINE_CMD (replaces vLLM, for a dry run with scripts/sim_upstream.py).
 # Writes DONE into $W (/tmp/fair) when finished.
 set -uo pipefail
@@ -26,11 +27,11 @@ cd "$ROOT"
 RES="${OUT:-$ROOT/results}"; mkdir -p "$RES"
 PY="${PY:-python3}"
 ENGINES="${ENGINES:-bf16=;fp8kv=--kv-cache-dtype fp8}"
-CURVE="${CURVE:-64,96,128,160,192,256}"; CURVE_DURATION="${CURVE_DURATION:-10}"
+CURVE="${CURVE-64,96,128,160,192,256}"; CURVE_DURATION="${CURVE_DURATION:-10}"
 HEAVY="${HEAVY:-256}"; DURATION="${DURATION:-40}"; ROUNDS="${ROUNDS:-3}"; RAMP="${RAMP:-5}"
 LATER_DURATION="${LATER_DURATION:-25}"; LATER_ROUNDS="${LATER_ROUNDS:-1}"
 LIGHT=4; LIGHT_GOAL="${LIGHT_GOAL:-216}"; SHARE_GOAL="${SHARE_GOAL:-0.95}"; HEADROOM="${HEADROOM:-8}"
-DEADLINE="${DEADLINE:-100000}"
+DEADLINE="${DEADLINE:-100000}"; GW_WORKERS="${GW_WORKERS:-1}"
 W=/tmp/fair; mkdir -p "$W"; rm -f "$W/DONE"
 EP=${ENGINE_PORT:-8000}; GP=${GATEWAY_PORT:-8080}
 T0=$(date +%s)
@@ -87,7 +88,7 @@ stop_all() {  # gateways at once (nothing in flight: no drain needed), the engin
 }
 trap 'stop_all; touch "$W/DONE"' EXIT
 
-gateway() {  # $1 port, $2 fair_queue yaml (flow style)
+gateway() {  # $1 port, $2 fair_queue yaml (flow style), $3 worker processes
   cat > "$W/gw-$1.yaml" <<YAML
 models:
   - name: $MODEL
@@ -97,6 +98,7 @@ api_keys:
   - {id: light, sha256: $DL, tenant: light, models: ["*"]}
 health_interval: 1.0
 metrics_port: 0
+workers: ${3:-1}
 fair_queue: $2
 YAML
   GATEWAY_CONFIG="$W/gw-$1.yaml" GATEWAY_PORT=$1 GATEWAY_LOG_LEVEL=warning setsid $PY -m gateway serve \
@@ -142,7 +144,7 @@ for cfg in "${CONFIGS[@]}"; do
   MACHINE="NVIDIA H200 (device tool nvidia-h200), vLLM $VLLM, 7B shape (30 layers, hidden 4096, vocab $VOCAB), dummy bf16 weights, CUDA graphs, --max-num-seqs 256, --scheduling-policy priority${flags:+, $flags}"
   start_engine "$name" "$flags" || { stop_all; continue; }
   n_levels=$(echo "$CURVE" | tr ',' ' ' | wc -w)
-  if fits $(( n_levels * (CURVE_DURATION + RAMP + 4) )); then
+  if [ -n "$CURVE" ] && fits $(( n_levels * (CURVE_DURATION + RAMP + 4) )); then
     log "curve"
     "${BENCH[@]}" --target "direct=http://127.0.0.1:$EP/v1" --curve "$CURVE" --duration "$CURVE_DURATION" \
       --rounds 1 --name "h200_curve_$name" --title "Throughput vs concurrency, one tenant, direct ($name)" \
@@ -159,9 +161,11 @@ for cfg in "${CONFIGS[@]}"; do
   TARGETS=(--target "direct=http://127.0.0.1:$EP/v1")
   port=$((GP + 1))
   for n in $ns; do
-    gateway $port "{enabled: true, slots_per_replica: $n, fair_share_headroom_per_replica: $HEADROOM, engine_priority: true, classes: {interactive: {rank: 0, max_wait: 120}, batch: {rank: 1, max_wait: 600, engine_priority: 10}}}"
-    TARGETS+=(--target "fair-on-N$n=http://127.0.0.1:$port/v1,$KH,$KL")
-    port=$((port + 1))
+    for w in ${GW_WORKERS//,/ }; do
+      gateway $port "{enabled: true, slots_per_replica: $n, fair_share_headroom_per_replica: $HEADROOM, engine_priority: true, classes: {interactive: {rank: 0, max_wait: 120}, batch: {rank: 1, max_wait: 600, engine_priority: 10}}}" "$w"
+      TARGETS+=(--target "fair-on-N$n$([ "$w" = 1 ] || echo "-w$w")=http://127.0.0.1:$port/v1,$KH,$KL")
+      port=$((port + 1))
+    done
   done
   sleep 4
   for p in $(seq $((GP + 1)) $((port - 1))); do
@@ -180,7 +184,7 @@ for cfg in "${CONFIGS[@]}"; do
   else
     log "skipped the $HEAVY-stream comparison of $name (time)"
   fi
-  if [ $first = 1 ] && fits $(( 2 * (20 + RAMP + 4) )); then
+  if [ $first = 1 ] && [ -z "${SKIP64:-}" ] && fits $(( 2 * (20 + RAMP + 4) )); then
     log "64 heavy streams"
     "${BENCH[@]}" "${TARGETS[@]:0:4}" --heavy-streams 64 --light-streams $LIGHT --duration 20 --rounds 1 \
       --name "h200_fairness_64_$name" --title "Heavy 64 streams + light $LIGHT interactive streams, one engine ($name)" \
