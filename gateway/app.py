@@ -136,11 +136,15 @@ def _lifespan(  # type: ignore[no-untyped-def]
             if worker_files is not None:
                 state.closers.append(release)
         if settings.metrics_port:
-            ms = MetricsServer(state, settings.metrics_host or settings.host, settings.metrics_port, settings.workers > 1)
+            ms = MetricsServer(
+                state, settings.metrics_host or settings.host, settings.metrics_port, settings.workers > 1
+            )
             try:
                 await ms.start()
             except OSError as e:
-                raise SystemExit(f"llm-gateway: cannot serve metrics on port {settings.metrics_port}: {e}") from e
+                raise SystemExit(
+                    f"llm-gateway: cannot serve metrics on port {settings.metrics_port}: {e}"
+                ) from e
             state.closers.append(ms.stop)
         state.sessions = {m.name: make_session(m) for m in settings.models if m.base is None}
         health = state.health = HealthChecker(
@@ -210,10 +214,14 @@ async def _send_500(send: Send) -> None:
 
 
 def create_app(
-    settings: GatewaySettings | None = None, *, observers: list[Observer] | None = None
+    settings: GatewaySettings | None = None,
+    *,
+    observers: list[Observer] | None = None,
+    worker_index: int = 0,
 ) -> Starlette:
     """The gateway as an ASGI app. ``settings`` is read, never changed; ``observers`` are called after the
-    built-in ones (metrics, audit, tracing) once per request."""
+    built-in ones (metrics, audit, tracing) once per request. ``worker_index`` (0..workers-1) is this
+    process's place among the gateway's workers: it takes its share of the fair queue's per-replica budget."""
     settings = settings or GatewaySettings()
     keys = ApiKeyStore.from_settings(settings.api_keys, settings.api_keys_file)
     verifier = JwtVerifier.from_settings(settings.auth) if settings.auth.issuers else None
@@ -240,7 +248,9 @@ def create_app(
     if settings.fair_queue.enabled:
         from gateway.fairqueue.admission import FairQueueStep
 
-        fair = FairQueueStep(settings.fair_queue, pools, metrics.registry)
+        fair = FairQueueStep(
+            settings.fair_queue, pools, metrics.registry, workers=settings.workers, worker_index=worker_index
+        )
     # The admission chain, in the order requests meet it (gateway/admission/__init__.py).
     quota_stats = QuotaMetrics() if settings.quota.active else None
     chain, quota = build_admission_chain(settings.quota, auth, pools, quota_stats, audit, fair)
@@ -261,7 +271,9 @@ def create_app(
         state.audit = audit
         state.observers.append(audit)
     metrics.bind(
-        TelemetrySources(pools=pools, router=router, quota=quota_stats, audit=audit, in_flight=lambda: state.in_flight)
+        TelemetrySources(
+            pools=pools, router=router, quota=quota_stats, audit=audit, in_flight=lambda: state.in_flight
+        )
     )
     if settings.tracing.enabled:
         from gateway.tracing import RequestTracer

@@ -65,25 +65,28 @@ def tune_gc(young_threshold: int) -> None:
 STARTUP_FAILURE = 3
 
 
-def _run(settings: GatewaySettings, sockets: list[socket.socket] | None = None) -> bool:
+def _run(
+    settings: GatewaySettings, sockets: list[socket.socket] | None = None, worker_index: int = 0
+) -> bool:
     """Serve until drained; False when the app never started."""
     from gateway.app import create_app
 
-    app = create_app(settings)
+    app = create_app(settings, worker_index=worker_index)
     tune_gc(settings.gc_young_threshold)
     server = DrainingServer(uvicorn_config(app, settings), app.state.gateway, settings.drain_timeout)
     server.run(sockets=sockets)
     return server.started
 
 
-def _worker(sockets: list[socket.socket]) -> None:
-    """A worker process: settings from the environment (the supervisor exported what the CLI was given)."""
+def _worker(sockets: list[socket.socket], index: int) -> None:
+    """A worker process: settings from the environment (the supervisor exported what the CLI was given).
+    ``index`` (0..workers-1, kept by a replacement) picks this worker's share of per-replica budgets."""
     from gateway import logs
 
     catch_early_signals()
     settings = GatewaySettings()
     logs.configure(settings.log_level)
-    if not _run(settings, sockets):
+    if not _run(settings, sockets, index):
         sys.exit(STARTUP_FAILURE)
 
 
@@ -101,8 +104,8 @@ class Supervisor:
         self.stopping = False
         self.signals: list[int] = []
 
-    def _start(self) -> Any:
-        p = self.mp.Process(target=_worker, args=([self.sock],), daemon=False)
+    def _start(self, index: int) -> Any:
+        p = self.mp.Process(target=_worker, args=([self.sock], index), daemon=False)
         p.start()
         return p
 
@@ -126,12 +129,12 @@ class Supervisor:
                 return
             if not p.is_alive() and not self.stopping:
                 log.warning("worker %s exited with %s; starting a new one", p.pid, p.exitcode)
-                self.procs[i] = self._start()
+                self.procs[i] = self._start(i)
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-        self.procs = [self._start() for _ in range(self.settings.workers)]
+        self.procs = [self._start(i) for i in range(self.settings.workers)]
         log.info(
             "gateway supervisor %d: %d workers on %s:%d",
             os.getpid(),

@@ -17,6 +17,11 @@ target. Writes ``--out/NAME.json`` and ``.md``.
         --target fair-off=http://127.0.0.1:8080/v1,sk-heavy,sk-light \
         --target fair-on=http://127.0.0.1:8081/v1,sk-heavy,sk-light \
         --heavy-streams 256 --light-streams 4 --duration 30 --rounds 2 --name h200_fairness
+
+``--curve 64,96,128,...`` measures the throughput-vs-concurrency curve instead: the heavy tenant alone at each
+number of streams against the first target, ``--rounds`` times interleaved (total tokens/s, tokens/s per
+stream, TTFT); the light tenant's tokens/s under a fair queue of N slots is about ``light streams x`` the
+per-stream rate at N, so the curve shows which N meets which goal.
 """
 
 from __future__ import annotations
@@ -245,6 +250,79 @@ def merge(rounds: list[dict]) -> dict:
     return out
 
 
+def curve(a: argparse.Namespace, target: tuple[str, str, str | None, str | None], levels: list[int]) -> None:
+    """Heavy tenant alone at each level of concurrency, interleaved over rounds; writes NAME.json/.md."""
+    name, url, hk, _ = target
+    runs: dict[int, list[dict]] = {n: [] for n in levels}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    a.light_streams = 0
+    for rnd in range(a.rounds):
+        for n in levels:
+            a.heavy_streams = n
+            r = asyncio.run(measure(a, f"{name}-c{n}", url, hk, None, rnd))
+            runs[n].append(r)
+            print(f"round {rnd} {name} c={n}: {json.dumps(r)}", file=sys.stderr, flush=True)
+            (out / f"{a.name}.partial.json").write_text(json.dumps(runs, indent=1))
+    rows = {}
+    for n, rs in runs.items():
+        m = merge(rs)
+        h = m["heavy"]
+        rows[n] = {
+            "streams": n,
+            "total_tok_s": m["total_tok_s"],
+            "per_stream_tok_s": round((m["total_tok_s"] or 0) / n, 1),
+            "ttft_p50_ms": h["ttft_p50_ms"],
+            "ttft_p99_ms": h["ttft_p99_ms"],
+            "errors": h["errors"],
+        }
+    best = max((r["total_tok_s"] or 0) for r in rows.values()) or 1
+    top = rows[max(rows)]["total_tok_s"] or 1
+    for r in rows.values():
+        r["vs_best"] = round((r["total_tok_s"] or 0) / best, 3)
+        r["vs_highest_streams"] = round((r["total_tok_s"] or 0) / top, 3)
+    res = {
+        "name": a.name,
+        "title": a.title,
+        "machine": a.machine,
+        "notes": a.notes,
+        "model": a.model,
+        "target": name,
+        "prompt_tokens": a.prompt_tokens,
+        "max_tokens": a.max_tokens,
+        "duration_s": a.duration,
+        "ramp_s": a.ramp,
+        "rounds": a.rounds,
+        "curve": list(rows.values()),
+        "per_round": {str(n): rs for n, rs in runs.items()},
+    }
+    (out / f"{a.name}.partial.json").unlink(missing_ok=True)
+    (out / f"{a.name}.json").write_text(json.dumps(res, indent=2))
+    md = [
+        f"### {a.title or a.name}",
+        "",
+        f"Machine: {a.machine}. Model: {a.model}. One tenant, N concurrent streams (closed loop) to {name}; prompt "
+        f"{a.prompt_tokens} tokens (distinct per request), output {a.max_tokens} tokens (ignore_eos), streamed. "
+        f"{a.rounds} interleaved round(s) of {a.duration:g} s (after a {a.ramp:g} s ramp); throughput = mean of "
+        "rounds, TTFT percentiles = worst round. Per stream = total / N: what each sequence (a light tenant's "
+        "too, under a fair queue of N slots) gets.",
+        "",
+    ]
+    if a.notes:
+        md += [a.notes, ""]
+    md += [
+        f"| streams N | total tok/s | vs {max(rows)} streams | tok/s per stream | TTFT p50 / p99 (ms) | errors |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows.values():
+        md.append(
+            f"| {r['streams']} | {r['total_tok_s']} | {r['vs_highest_streams']} | {r['per_stream_tok_s']} | "
+            f"{r['ttft_p50_ms']} / {r['ttft_p99_ms']} | {r['errors'] or 0} |"
+        )
+    (out / f"{a.name}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -272,6 +350,11 @@ def main() -> None:
         default=None,
         help="the engine's /metrics URL: wait for it to drain between targets",
     )
+    p.add_argument(
+        "--curve",
+        default="",
+        help="comma-separated stream counts: the heavy tenant alone at each, against the first target",
+    )
     p.add_argument("--name", default="fairness")
     p.add_argument("--title", default="")
     p.add_argument("--machine", default="")
@@ -286,6 +369,9 @@ def main() -> None:
         heavy_key = parts[1] if len(parts) > 1 and parts[1] else None
         light_key = parts[2] if len(parts) > 2 and parts[2] else heavy_key
         targets.append((name, url, heavy_key, light_key))
+    if a.curve:
+        curve(a, targets[0], [int(x) for x in a.curve.split(",") if x.strip()])
+        return
     runs: dict[str, list[dict]] = {t[0]: [] for t in targets}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

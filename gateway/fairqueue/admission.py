@@ -1,7 +1,11 @@
 """The fair-queue admission step: a slot per request, held until the response ends, granted fairly.
 
 Per model, ``slots_per_replica`` x available replicas requests are in flight at once (plus each class's
-extra slots); the rest wait here in a :class:`~gateway.fairqueue.scheduler.FairQueue`. The class comes from
+extra slots); the rest wait here in a :class:`~gateway.fairqueue.scheduler.FairQueue`. The budget is per
+replica: the router sends a granted request only to a replica that holds fewer than its share
+(:meth:`FairQueueStep.replica_cap`), so prefix affinity cannot pile more than N onto one replica. With
+``workers`` > 1 the per-replica numbers (N, headroom, extra slots, adaptive bounds) are split between the
+worker processes (:func:`worker_share`), so the engine still sees at most N from this gateway. The class comes from
 the request header (``class_header``) or the principal's default, limited to the classes its entries and
 JWT scopes allow. A request predicted to wait longer than its class's ``max_wait`` is refused at once with
 503 + Retry-After; one still waiting when ``max_wait`` runs out gets the same answer then.
@@ -26,11 +30,22 @@ from gateway.fairqueue.config import FairQueueSettings, FairShare
 from gateway.fairqueue.metrics import FairQueueMetrics
 from gateway.fairqueue.scheduler import FairQueue, Waiter
 from gateway.routing.pool import EndpointPool
+from gateway.routing.router import REPLICA_CAP_KEY
 
 log = logging.getLogger("gateway.fairqueue")
 
 CLASS_KEY = "priority_class"
 HEADERS_KEY = "request_headers"
+
+
+def worker_share(n: int, workers: int, index: int) -> int:
+    """Worker ``index``'s part of a per-replica number ``n`` split between ``workers`` processes: the parts
+    differ by at most one and add up to ``n``, except that a positive ``n`` smaller than ``workers`` gives
+    every worker 1 (a worker with no slot could serve nobody)."""
+    if n <= 0 or workers <= 1:
+        return max(n, 0)
+    base, rest = divmod(n, workers)
+    return max(1, base + (1 if index % workers < rest else 0))
 
 
 class SlotTicket:
@@ -57,10 +72,24 @@ class FairQueueStep:
         settings: FairQueueSettings,
         pools: dict[str, EndpointPool],
         registry: CollectorRegistry | None = None,
+        workers: int = 1,
+        worker_index: int = 0,
     ) -> None:
         self.settings = settings
         self.pools = pools
         self.classes = settings.classes
+        # This process's share of each per-replica number (all of it with one worker).
+        self.workers, self.worker_index = max(1, workers), worker_index
+
+        def share(n: int) -> int:
+            return worker_share(n, self.workers, worker_index)
+
+        self.share = share
+        self.fixed = share(settings.slots_per_replica)
+        self.headroom = share(settings.fair_share_headroom_per_replica)
+        self.extra = {name: share(c.extra_slots_per_replica) for name, c in self.classes.items()}
+        a = settings.adaptive
+        self.adaptive_bounds = (share(a.min), share(a.initial), share(a.max))
         self.queues: dict[str, FairQueue] = {}
         self.class_header = settings.class_header.lower().encode("latin-1") if settings.class_header else b""
         # Adaptive budget: slots per replica URL (when slots_per_replica == 0).
@@ -154,34 +183,47 @@ class FairQueueStep:
 
     # -- capacity --------------------------------------------------------------------------------------------
 
+    def slots_of(self, url: str) -> int:
+        """This process's budget on one replica: the fixed share, or the adaptive value for that replica."""
+        return self.fixed or self.slots.setdefault(url, self.adaptive_bounds[1])
+
+    def replica_cap(self, url: str) -> int:
+        """Most requests (granted slots) this process may have in flight on the replica ``url`` at once,
+        headroom and class extra slots included: the router's per-replica filter."""
+        return self.slots_of(url) + self.headroom + max(self.extra.values(), default=0)
+
     def _resize(self, model: str, pool: EndpointPool, q: FairQueue, now: float) -> list[Waiter]:
         mono = time.monotonic()
-        fixed = self.settings.slots_per_replica
         cap = 0
         n = 0
         for ep in pool.endpoints:
             if not ep.available(mono):
                 continue
             n += 1
-            cap += fixed or self.slots.setdefault(ep.url, self.settings.adaptive.initial)
-        extra = {name: c.extra_slots_per_replica * n for name, c in self.classes.items()}
-        return q.set_capacity(cap, extra, self.settings.fair_share_headroom_per_replica * n)
+            cap += self.slots_of(ep.url)
+        extra = {name: e * n for name, e in self.extra.items()}
+        return q.set_capacity(cap, extra, self.headroom * n)
 
     def adapt(self) -> None:
-        """Adjust the adaptive per-replica budgets from the engines' last scraped metrics."""
+        """Adjust the adaptive per-replica budgets from the engines' last scraped metrics. With several
+        workers each one adapts its own share (bounds split like N) from the engine's shared readings."""
         a = self.settings.adaptive
+        lo, initial, hi = self.adaptive_bounds
         fresh = time.time() - max(10.0, 5 * a.interval)
         for model, pool in self.pools.items():
             q = self.queues[model]
             for ep in pool.endpoints:
-                n = self.slots.setdefault(ep.url, a.initial)
+                n = self.slots.setdefault(ep.url, initial)
                 if ep.metrics_at < fresh:
                     continue
                 if ep.engine_waiting > 0:
-                    # The engine queues part of what it was sent: it runs at most what it runs now.
-                    n = max(a.min, min(n, ep.engine_running or n) - max(1, ep.engine_waiting // 2))
+                    # The engine queues part of what it was sent: it runs at most what it runs now (this
+                    # worker's part of it).
+                    running = -(-ep.engine_running // self.workers) if ep.engine_running else n
+                    shrink = max(1, ep.engine_waiting // (2 * self.workers))
+                    n = max(lo, min(n, running) - shrink)
                 elif q.queued and ep.in_flight >= n and ep.kv_cache_usage < a.kv_high:
-                    n = min(a.max, n + max(1, n // 8))
+                    n = min(hi, n + max(1, n // 8))
                 self.slots[ep.url] = n
 
     def tick(self) -> None:
@@ -269,6 +311,8 @@ class FairQueueStep:
         return self._ticket(ctx, model, w)
 
     def _ticket(self, ctx: RequestContext, model: str, w: Waiter) -> SlotTicket:
+        if not w.unlimited:
+            ctx.extra[REPLICA_CAP_KEY] = self.replica_cap
         if self.settings.engine_priority:
             # A tenant below its fair share is also first in the engine's own queue (within its class).
             ctx.extra["engine_priority"] = self.classes[w.cls].engine_priority - (1 if w.under_share else 0)

@@ -1,6 +1,6 @@
 """The choice of a replica as small pure functions over a snapshot of replica state.
 
-filters (which replicas may take this request) -> scorers (how loaded each one is, lower is better) ->
+filters (which replicas may take this request, and which are under the request's per-replica cap) -> scorers (how loaded each one is, lower is better) ->
 picker (one of them), in the style of the llm-d inference scheduler. Nothing here does I/O or mutates a
 replica; the router applies the outcome. Every step is unit-tested without a network.
 
@@ -8,6 +8,10 @@ A routing policy (``routing.policy`` in the settings) names the scorer and picke
 affinity key, and whether a prompt's prefix makes a key. A request with a key (a session header, or, under
 ``prefix_affinity``, a prompt at least ``prefix_chars`` long) goes to the first replica clockwise on a
 consistent-hash ring whose load stays within ``ceil(load_factor x mean)``, whatever the policy.
+
+A request granted a fair-queue slot carries a per-replica cap (the gateway's budget N on each replica, see
+gateway/fairqueue/): only replicas where this process has fewer than that many requests in flight are
+candidates, so neither affinity nor a policy can put more than N on one replica.
 
 =====================  ============================================================================
 policy                 requests without an affinity key go to
@@ -36,6 +40,8 @@ class Replica(Protocol):
 
     url: str
     kv_cache_usage: float
+    # Requests this gateway process has open to the replica now.
+    in_flight: int
 
     @property
     def load(self) -> int: ...
@@ -52,6 +58,8 @@ class RouteRequest:
 
     exclude: frozenset[str] | set[str] = frozenset()
     key: int | None = None
+    # Per-replica cap on this process's in-flight requests (replica URL -> cap), or None: no cap.
+    cap: Callable[[str], int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +78,19 @@ def available(endpoints: Iterable[R], now: float, exclude: Iterable[str] = froze
     as outliers and that this request has not already tried."""
     ex = exclude if isinstance(exclude, (set, frozenset)) else set(exclude)
     return [e for e in endpoints if e.url not in ex and e.available(now)]
+
+
+def under_cap(candidates: Sequence[R], cap: Callable[[str], int]) -> list[R]:
+    """Candidates where this process has fewer requests in flight than ``cap(url)``. If none is (a transient:
+    the fair queue grants at most the sum of the caps, but a replica may leave while its requests run), the
+    ones least over their cap, so the request still goes somewhere and the excess is spread."""
+    over = [c.in_flight - cap(c.url) for c in candidates]
+    if not over:
+        return []
+    least = min(over)
+    if least < 0:
+        return [c for c, o in zip(candidates, over, strict=True) if o < 0]
+    return [c for c, o in zip(candidates, over, strict=True) if o == least]
 
 
 # -- scorers (lower is better; one score per candidate) -----------------------------------------------------
@@ -157,6 +178,8 @@ def choose(
     """The whole pipeline: filter, then bounded-load affinity when the request has a key, else the
     policy's scorer and picker."""
     candidates = available(endpoints, now, req.exclude)
+    if req.cap is not None:
+        candidates = under_cap(candidates, req.cap)
     if not candidates:
         return None
     if req.key is not None and ring is not None and len(candidates) > 1:

@@ -23,6 +23,8 @@ from gateway.settings import RoutingSettings
 log = logging.getLogger("gateway.routing")
 
 FAULT_KINDS = ("connect", "5xx", "timeout", "broken")
+# ctx.extra key set by the fair queue (gateway/fairqueue/admission.py): the per-replica cap of the request.
+REPLICA_CAP_KEY = "replica_cap"
 
 
 @dataclass(slots=True)
@@ -79,7 +81,7 @@ class Router:
         key = ctx.extra.get("affinity_key")
         ep = choose(
             pool.endpoints,
-            RouteRequest(exclude, key),
+            RouteRequest(exclude, key, ctx.extra.get(REPLICA_CAP_KEY)),
             now,
             self.policy,
             self._pick,

@@ -1,7 +1,7 @@
-"""The fair queue in front of the real vLLM CPU engine: the per-replica budget holds, a light tenant is
-served before a heavy tenant's backlog, saturated requests are shed with 503 + Retry-After, every slot
-comes back (completed, failed upstream, client gone mid-stream or while queued), and the class's priority
-reaches vLLM."""
+"""The fair queue in front of the real vLLM CPU engine: the per-replica budget holds (also when the
+gateway's worker processes share it), a light tenant is served before a heavy tenant's backlog, saturated
+requests are shed with 503 + Retry-After, every slot comes back (completed, failed upstream, client gone
+mid-stream or while queued), and the class's priority reaches vLLM."""
 
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ def keys() -> list[dict[str, Any]]:
     ]
 
 
-def fair_gateway(engine, gateway_factory, **fair: Any):
-    cfg = gateway_config([engine.url], api_keys=keys(), fair_queue={"enabled": True, **fair})
+def fair_gateway(engine, gateway_factory, workers: int = 1, **fair: Any):
+    cfg = gateway_config([engine.url], api_keys=keys(), fair_queue={"enabled": True, **fair}, workers=workers)
     # The long streams below start slowly on a busy 2-core box: generous upstream timeouts.
     cfg["models"][0]["timeouts"] = {"first_byte": 300, "idle": 300}
     return gateway_factory(cfg)
@@ -157,6 +157,45 @@ def test_budget_holds_and_light_tenant_skips_the_heavy_backlog(engine, gateway_f
         )
         == 1
     )
+
+
+@pytest.mark.engine
+def test_the_workers_of_one_gateway_share_its_budget(engine, gateway_factory):
+    """Two worker processes, N=3 per replica: the workers hold 2 and 1 slots, so the engine never runs more
+    than 3 requests from this gateway (each worker keeping its own 3 would let 6 through)."""
+    gw = fair_gateway(
+        engine, gateway_factory, workers=2, slots_per_replica=3, classes={"interactive": {"max_wait": 600}}
+    )
+    # Each scrape reaches one worker (they share the metrics port): the two shares, never N each.
+    seen = {metric(gw.metrics_url, "llm_gateway_fair_slots") for _ in range(40)}
+    assert seen == {1.0, 2.0}
+    peak = {"engine": 0.0}
+    stop = threading.Event()
+
+    def sample_engine() -> None:
+        while not stop.is_set():
+            load = engine.metric("vllm:num_requests_running") + engine.metric("vllm:num_requests_waiting")
+            peak["engine"] = max(peak["engine"], load)
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample_engine, daemon=True)
+    sampler.start()
+
+    async def main() -> list[int]:
+        # A client per request: new connections spread over both workers.
+        async def one(i: int) -> int:
+            async with httpx.AsyncClient(timeout=300) as c:
+                return await stream_first_token(c, gw.url, KEY_HEAVY, 200, [], f"r{i}")
+
+        return list(await asyncio.gather(*(one(i) for i in range(10))))
+
+    try:
+        codes = asyncio.run(main())
+    finally:
+        stop.set()
+        sampler.join()
+    assert codes == [200] * 10
+    assert 1 <= peak["engine"] <= 3
 
 
 @pytest.mark.engine

@@ -1,5 +1,6 @@
 """The fair queue as pure logic (ordering, weights, classes, no starvation, prediction) and the admission
-step over an in-memory pool (class resolution, shedding, slot release on every exit). No network."""
+step over an in-memory pool (class resolution, shedding, slot release on every exit), the budget per replica
+(the router's cap) and per gateway worker. No network."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ import pytest
 from gateway.auth.principal import Principal
 from gateway.context import RequestContext
 from gateway.errors import ApiError
-from gateway.fairqueue.admission import FairQueueStep
+from gateway.fairqueue.admission import FairQueueStep, worker_share
 from gateway.fairqueue.config import FairQueueSettings
 from gateway.fairqueue.scheduler import FairQueue, Waiter
+from gateway.routing.pipeline import under_cap
 from gateway.routing.pool import EndpointPool
+from gateway.routing.router import Router
+from gateway.settings import RoutingSettings
 
 CLASSES = {"interactive": (0, 0), "batch": (1, 0)}
 
@@ -410,3 +414,102 @@ def test_headroom_waiters_are_let_in_by_release():
     assert not q.request(b2, 0)  # b at its share now
     # b's headroom slot ends: b2 (b holds nothing again, share 1) takes the headroom, ahead of a's queue.
     assert q.release(b, 1) == [b2] and b2.under_share
+
+
+# -- the budget per replica and per gateway worker -------------------------------------------------------------
+
+
+def test_worker_share_splits_n_exactly():
+    for n in (0, 1, 3, 64, 65, 127):
+        for workers in (1, 2, 3, 4, 8):
+            parts = [worker_share(n, workers, i) for i in range(workers)]
+            assert max(parts) - min(parts) <= 1
+            # The workers together hold exactly N (at least one slot each when N > 0).
+            assert sum(parts) == (max(n, workers) if 0 < n < workers else n)
+    assert worker_share(64, 1, 0) == 64
+    assert [worker_share(10, 4, i) for i in range(4)] == [3, 3, 2, 2]
+
+
+def test_workers_take_their_share_of_every_per_replica_number():
+    urls = ["http://10.0.0.1:8000", "http://10.0.0.2:8000"]
+    steps = []
+    for i in range(3):
+        pools = {"m": EndpointPool.from_urls("m", urls)}
+        settings = FairQueueSettings(
+            enabled=True,
+            slots_per_replica=64,
+            fair_share_headroom_per_replica=8,
+            classes={"interactive": {"extra_slots_per_replica": 4}, "batch": {"rank": 1}},
+        )
+        steps.append(FairQueueStep(settings, pools, None, workers=3, worker_index=i))
+    # Per replica, the three workers together hold N (64), H (8) and the class's extra slots (4).
+    assert [s.slots_of(urls[0]) for s in steps] == [22, 21, 21]
+    assert sum(s.headroom for s in steps) == 8 and sum(s.extra["interactive"] for s in steps) == 4
+    assert sum(s.queues["m"].capacity for s in steps) == 2 * 64
+    assert sum(s.queues["m"].limit("interactive") for s in steps) == 2 * (64 + 4)
+    assert sum(s.replica_cap(urls[1]) for s in steps) == 64 + 8 + 4
+    # Adaptive N: the bounds are split the same way.
+    s = FairQueueStep(
+        FairQueueSettings(enabled=True, adaptive={"initial": 32, "min": 4, "max": 256}),
+        {"m": EndpointPool.from_urls("m", urls)},
+        None,
+        workers=4,
+        worker_index=3,
+    )
+    assert s.adaptive_bounds == (1, 8, 64) and s.queues["m"].capacity == 2 * 8
+
+
+def test_a_granted_request_carries_its_replica_cap_to_the_router():
+    async def main() -> None:
+        s = step_for(slots_per_replica=3, fair_share_headroom_per_replica=1)
+        ctx = ctx_for(principal("a"))
+        t = await s.admit(ctx)
+        cap = ctx.extra["replica_cap"]
+        assert cap("http://10.0.0.1:8000") == 4
+        await t.settle(ctx)
+
+    asyncio.run(main())
+
+
+def test_router_keeps_affinity_within_the_per_replica_budget():
+    """Prefix affinity sends every request with one prompt prefix to one replica (while the bounded load
+    allows); with a fair-queue cap, no replica gets more than N in flight from this process."""
+    pool = EndpointPool.from_urls(
+        "m", [f"http://10.0.0.{i}:8000" for i in range(3)], RoutingSettings(load_factor=100.0)
+    )
+    router = Router(RoutingSettings(load_factor=100.0))
+    body = {"model": "m", "prompt": "You are a careful assistant. " * 80}
+    picked = []
+    for _ in range(9):
+        ctx = RequestContext("r", "/v1/completions")
+        ctx.body = body
+        ctx.extra["replica_cap"] = lambda url: 3
+        ep = router.pick(pool, ctx)
+        assert ep is not None
+        ep.in_flight += 1  # the proxy counts it while the request runs
+        picked.append(ep.url)
+    assert sorted(e.in_flight for e in pool.endpoints) == [3, 3, 3]
+    # The same without a cap: affinity piles everything onto one replica.
+    for e in pool.endpoints:
+        e.in_flight = 0
+    uncapped = set()
+    for _ in range(9):
+        ctx = RequestContext("r", "/v1/completions")
+        ctx.body = body
+        ep = router.pick(pool, ctx)
+        assert ep is not None
+        ep.in_flight += 1
+        uncapped.add(ep.url)
+    assert len(uncapped) == 1
+
+
+def test_under_cap_prefers_replicas_below_their_cap_and_degrades_gracefully():
+    pool = EndpointPool.from_urls("m", [f"http://10.0.0.{i}:8000" for i in range(3)])
+    a, b, c = pool.endpoints
+    a.in_flight, b.in_flight, c.in_flight = 4, 2, 4
+    caps = {a.url: 4, b.url: 2, c.url: 8}
+    assert under_cap(pool.endpoints, caps.__getitem__) == [c]
+    c.in_flight = 9
+    # All at or over their caps (a replica left while its requests ran): the least over, not nothing.
+    assert under_cap(pool.endpoints, caps.__getitem__) == [a, b]
+    assert under_cap([], caps.__getitem__) == []
