@@ -21,7 +21,7 @@ from gateway.errors import ApiError
 from gateway.multipart import parse_form
 from gateway.responses_api import ResponseIndex, response_id_of
 from gateway.routes import RouteSpec, usage_tokens
-from gateway.routing.catalog import merged
+from gateway.routing.catalog import pool_serves_path
 
 
 @dataclass(slots=True)
@@ -108,7 +108,7 @@ def read_request(
 
 def check_route_served(spec: RouteSpec, endpoints: list[Any], model: str) -> None:
     """400 when the model's engines are known not to serve the route (unknown = forwarded)."""
-    if merged(endpoints).serves_path(spec.upstream_path) is False:
+    if pool_serves_path(endpoints, spec.upstream_path) is False:
         raise ApiError(
             400,
             f"The model '{model}' does not support {spec.public_path} (its engine does not serve that route).",

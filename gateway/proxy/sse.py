@@ -17,7 +17,7 @@ DONE = b"data: [DONE]"
 DONE_EVENT = b"data: [DONE]\n\n"
 _SEP = b"\n\n"
 USAGE_KEY = b'"usage"'
-_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+_USAGE_TAIL = re.compile(rb"\s*:\s*\{")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,26 +83,28 @@ def take_usage(events: bytes, hide: bool) -> tuple[bytes, Usage | None]:
 
     Returns the events to relay (byte-identical but for a dropped event) and the last usage seen. Only the
     events around a ``"usage": {`` are looked at: a read holding many token events costs one search."""
-    if USAGE_KEY not in events:
+    i = events.find(USAGE_KEY)
+    if i < 0:
         return events, None
     usage: Usage | None = None
     pieces: list[bytes] = []
     kept_from = 0  # start of the bytes not yet copied into pieces (only used once something is dropped)
-    done_to = 0  # end of the last event looked at
-    for m in _USAGE_OBJECT.finditer(events):
-        if m.start() < done_to:
-            continue  # another "usage" inside an event already read
-        start = events.rfind(_SEP, 0, m.start())
+    while i >= 0:
+        # A plain search for '"usage"' (fast), then the ': {' after it; "usage": null does not count.
+        if _USAGE_TAIL.match(events, i + len(USAGE_KEY)) is None:
+            i = events.find(USAGE_KEY, i + 1)
+            continue
+        start = events.rfind(_SEP, 0, i)
         start = 0 if start < 0 else start + 2
-        end = events.find(_SEP, m.end())
+        end = events.find(_SEP, i)
         end = len(events) if end < 0 else end + 2
-        done_to = end
         found, usage_only = _usage_event(events[start:end])
         if found is not None:
             usage = found
             if hide and usage_only:
                 pieces.append(events[kept_from:start])
                 kept_from = end
+        i = events.find(USAGE_KEY, end)  # the next event
     if not pieces:
         return events, usage
     pieces.append(events[kept_from:])

@@ -75,6 +75,26 @@ def merged(endpoints: list[Any]) -> CatalogView:
     return view
 
 
+def pool_serves_path(endpoints: list[Any], path: str) -> bool | None:
+    """``merged(endpoints).serves_path(path)`` without building the merged view (once per request)."""
+    healthy = False
+    for e in endpoints:
+        if e.healthy:
+            healthy = True
+            break
+    known = False
+    for ep in endpoints:
+        if healthy and not ep.healthy:
+            continue
+        cat: EngineCatalog | None = getattr(ep, "catalog", None)
+        if cat is None or cat.paths is None:
+            continue
+        if path in cat.paths:
+            return True
+        known = True
+    return False if known else None
+
+
 def _engine_fields(entry: dict[str, Any]) -> dict[str, Any]:
     return {k: entry[k] for k in ENGINE_MODEL_FIELDS if k in entry}
 

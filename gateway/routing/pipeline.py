@@ -182,6 +182,8 @@ def choose(
         candidates = under_cap(candidates, req.cap)
     if not candidates:
         return None
-    if req.key is not None and ring is not None and len(candidates) > 1:
+    if len(candidates) == 1:  # nothing to choose between (every policy picks the only candidate)
+        return candidates[0]
+    if req.key is not None and ring is not None:
         return cast("R | None", bounded_load_pick(ring, req.key, candidates, load_factor))
     return cast("R | None", policy.pick(candidates, pick))
