@@ -425,7 +425,7 @@ class HttpProtocol(asyncio.Protocol):
         self._idle_timer = self.loop.call_later(self.timeout_keep_alive, self._idle_timer_fired)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.connections.discard(self)  # type: ignore[arg-type]
+        self.connections.discard(self)
         self._cancel_head_timer()
         if self._idle_timer is not None:
             self._idle_timer.cancel()

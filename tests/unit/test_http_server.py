@@ -103,7 +103,9 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.body", "body": b"partial", "more_body": True})
         raise RuntimeError("a bug in the app")
     elif path == "/inject":
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"x-a", b"1\r\nset-cookie: x=1")]})
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"x-a", b"1\r\nset-cookie: x=1")]}
+        )
         await send({"type": "http.response.body", "body": b"never", "more_body": False})
     elif path == "/length":
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]})
@@ -283,12 +285,18 @@ def test_a_head_whose_body_is_late_is_not_held_back(server: int) -> None:
 
 def test_declared_length_sent_in_pieces(server: int) -> None:
     with connect(server) as s:
-        status, headers, body = (s.sendall(b"GET /length HTTP/1.1\r\nHost: x\r\n\r\n"), *Reader(s).response())[1:]
+        status, headers, body = (
+            s.sendall(b"GET /length HTTP/1.1\r\nHost: x\r\n\r\n"),
+            *Reader(s).response(),
+        )[1:]
     assert status == 200 and headers["content-length"] == "5" and body == b"abcde"
 
 
 def test_connection_close_from_the_client_and_from_the_app(server: int) -> None:
-    for req in (b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"GET /close HTTP/1.1\r\n\r\n"):
+    for req in (
+        b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /close HTTP/1.1\r\n\r\n",
+    ):
         with connect(server) as s:
             s.sendall(req)
             r = Reader(s)
