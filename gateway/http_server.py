@@ -208,13 +208,12 @@ class _Request:
         conn = self.conn
         if conn.access_log:
             conn.log_access(self.scope, status)
-        parts = [STATUS_LINE[status], conn.default_head()]
-        n = 0
+        lines = []
         close = False
         for name, value in headers:
             name = name.lower()
             if name == b"content-length":
-                if self.remaining < 0:
+                if self.remaining < 0 and not self.chunked:
                     self.remaining = int(value)
             elif name == b"transfer-encoding":
                 if value.lower() == b"chunked":
@@ -222,18 +221,17 @@ class _Request:
                     self.remaining = -1
             elif name == b"connection" and b"close" in value.lower():
                 close = True
-            parts.append(b"%s: %s\r\n" % (name, value))
-            n += 1
-        if n:
-            # One scan of the app's header lines instead of one per header: each line we built ends with one
-            # CRLF, so any other CR or LF came from a name or a value (response splitting).
-            block = b"".join(parts[2:])
-            if block.count(b"\n") != n or block.count(b"\r") != n:
-                raise RuntimeError("Invalid HTTP header: CR or LF in a header name or value.")
+            lines.append(b"%s: %s\r\n" % (name, value))
+        # One scan of the app's header lines instead of one per header: each line we built ends with one CRLF,
+        # so any other CR or LF came from a name or a value (response splitting).
+        block = b"".join(lines)
+        n = len(lines)
+        if block.count(b"\n") != n or block.count(b"\r") != n:
+            raise RuntimeError("Invalid HTTP header: CR or LF in a header name or value.")
         if close:
             self.keep_alive = False
             self.close_header = True
-        self.head = parts
+        self.head = [STATUS_LINE[status], conn.default_head(), block]
         self.head_pending = True
         # Written with the first body message; if the app waits for something first, as soon as it does.
         conn.loop.call_soon(self._flush_head)
@@ -309,6 +307,8 @@ class _Request:
         conn = self.conn
         conn.tasks.discard(task)
         if task.cancelled():
+            if self.disconnected:
+                return  # cancelled because its client left: nothing to answer, nothing to report
             exc: BaseException | None = asyncio.CancelledError()
         else:
             exc = task.exception()
