@@ -96,6 +96,11 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         while msg["type"] == "http.request":
             msg = await receive()
         EVENTS.append(("receive", msg["type"]))
+    elif path == "/slow":
+        EVENTS.append(("slow", None))
+        await asyncio.sleep(0.5)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"4")]})
+        await send({"type": "http.response.body", "body": b"done", "more_body": False})
     elif path == "/boom":
         raise RuntimeError("a bug in the app")
     elif path == "/boom-after-stream-start":
@@ -122,9 +127,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[int]:
-    port = free_port()
+def start_server(port: int, keep_alive: int = 2) -> tuple[uvicorn.Server, threading.Thread]:
     config = uvicorn.Config(
         app,
         host="127.0.0.1",
@@ -133,7 +136,7 @@ def server() -> Iterator[int]:
         ws="none",
         lifespan="on",
         log_level="critical",
-        timeout_keep_alive=2,
+        timeout_keep_alive=keep_alive,
     )
     srv = uvicorn.Server(config)
     t = threading.Thread(target=srv.run, daemon=True)
@@ -142,6 +145,13 @@ def server() -> Iterator[int]:
     while not srv.started:
         assert time.monotonic() < deadline, "server did not start"
         time.sleep(0.02)
+    return srv, t
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[int]:
+    port = free_port()
+    srv, t = start_server(port)
     yield port
     srv.should_exit = True
     t.join(10)
@@ -354,3 +364,29 @@ def test_idle_keep_alive_connections_close_after_the_timeout(server: int) -> Non
         assert r.response()[0] == 200
         s.settimeout(10)
         assert r.closed()  # after timeout_keep_alive (2 s here)
+
+
+def test_graceful_shutdown_finishes_requests_in_flight_and_closes_idle_connections() -> None:
+    port = free_port()
+    srv, t = start_server(port, keep_alive=60)  # idle connections close because of the shutdown only
+    EVENTS.clear()
+    idle, busy = connect(port), connect(port)
+    try:
+        idle.sendall(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+        idle_reader = Reader(idle)
+        assert idle_reader.response()[0] == 200
+        busy.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        deadline = time.monotonic() + 10
+        while ("slow", None) not in EVENTS and time.monotonic() < deadline:
+            time.sleep(0.01)
+        srv.should_exit = True
+        assert idle_reader.closed()
+        busy_reader = Reader(busy)
+        status, headers, body = busy_reader.response()
+        assert status == 200 and body == b"done" and headers["connection"] == "close" and busy_reader.closed()
+        t.join(10)
+        assert not t.is_alive()
+    finally:
+        idle.close()
+        busy.close()
+        srv.should_exit = True
