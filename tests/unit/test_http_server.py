@@ -37,8 +37,18 @@ class _CountingTransport:
 
 
 class CountingProtocol(HttpProtocol):
+    paused_writes = 0
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(_CountingTransport(transport))  # type: ignore[arg-type]
+
+    def pause_writing(self) -> None:
+        self.paused_writes += 1
+        super().pause_writing()
+
+
+def conn_paused(scope: dict[str, Any]) -> bool:
+    return bool(getattr(scope[CONNECTION_KEY], "paused_writes", 0))
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -101,6 +111,13 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await asyncio.sleep(0.5)
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"4")]})
         await send({"type": "http.response.body", "body": b"done", "more_body": False})
+    elif path == "/big":
+        # 16 MiB in 64 KiB chunks: more than the transport buffers, so writing pauses until the client reads.
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for i in range(256):
+            await send({"type": "http.response.body", "body": bytes([i]) * 65536, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        EVENTS.append(("big", conn_paused(scope)))
     elif path == "/boom":
         raise RuntimeError("a bug in the app")
     elif path == "/boom-after-stream-start":
@@ -390,3 +407,19 @@ def test_graceful_shutdown_finishes_requests_in_flight_and_closes_idle_connectio
         idle.close()
         busy.close()
         srv.should_exit = True
+
+
+def test_large_bodies_flow_both_ways(server: int) -> None:
+    body = b"0123456789abcdef" * 65536  # 1 MiB: reading pauses while the app has not taken it
+    EVENTS.clear()
+    with connect(server) as s:
+        s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        r = Reader(s)
+        status, _, echoed = r.response()
+        assert status == 200 and json.loads(echoed)["body"] == body.decode()
+        s.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.5)  # let the server fill the socket buffers before reading
+        status, _, big = r.response()
+    assert status == 200 and len(big) == 256 * 65536
+    assert all(big[i * 65536] == i % 256 for i in range(256))
+    assert EVENTS == [("big", True)]
