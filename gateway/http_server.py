@@ -79,7 +79,6 @@ def error_bytes(status: int, message: str, code: str, type_: str = "invalid_requ
 # The scope key under which a request finds its connection (HttpProtocol.on_lost).
 CONNECTION_KEY = "gateway.connection"
 
-_DISCONNECT = {"type": "http.disconnect"}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _INTERNAL_ERROR = error_bytes(500, "Internal server error.", "internal_error", "server_error")
 _NO_BODY_STATUS = frozenset((204, 304))
@@ -159,7 +158,7 @@ class _Request:
                 conn.transport.write(_CONTINUE)
         while True:
             if self.disconnected or self.complete:
-                return _DISCONNECT
+                return {"type": "http.disconnect"}
             if self.body or (not self.more_body and not self.last_delivered):
                 break
             # Nothing to hand over yet (or the whole body was handed over: wait for the disconnect).
