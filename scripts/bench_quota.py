@@ -11,6 +11,10 @@ Configurations:
 - ``full``: two buckets (principal + tenant), each with requests/min, tokens/min and max_concurrent:
   admit = 1 script call, settle = 1 script call (token correction + concurrency release).
 
+Then the client alone, on the acquire script of ``full`` (no admission around it): the gateway's pipelined RESP
+client (gateway/quota/resp.py) with 1 and 2 connections, against redis-py 5's asyncio client as the gateway
+used it before (BlockingConnectionPool of 64, registered script, hiredis installed), same calls.
+
     python scripts/bench_quota.py [--requests 5000] [--concurrency 1,32] [--redis-url redis://...]
 """
 
@@ -40,6 +44,7 @@ from gateway.context import RequestContext  # noqa: E402
 from gateway.quota.admission import QuotaAdmission  # noqa: E402
 from gateway.quota.config import QuotaSettings  # noqa: E402
 from gateway.quota.metrics import QuotaMetrics  # noqa: E402
+from gateway.quota.redis_backend import ACQUIRE_LUA  # noqa: E402
 
 BIG = 10**9
 
@@ -153,8 +158,66 @@ async def ping_rtt(url: str, n: int = 2000) -> dict:
     return {"ping_p50_ms": round(pct(ts, 0.5) * 1000, 4), "ping_p99_ms": round(pct(ts, 0.99) * 1000, 4)}
 
 
+async def client_rows(url: str, requests: int, concurrency: list[int]) -> list[dict]:
+    """CPU and wall time per acquire-script call: the RESP client vs redis-py, same keys and arguments."""
+    from redis.asyncio import BlockingConnectionPool, Redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    from gateway.quota.limits import PERIOD, TOLERANCE, Bucket
+    from gateway.quota.redis_backend import RedisLimiter
+
+    prefix = f"bench:{os.getpid()}:client:"
+    buckets = (Bucket("p:key:u", BIG, BIG, 100_000), Bucket("t:bench", BIG, BIG, 100_000))
+    rows = []
+
+    async def timed(call, conc: int) -> tuple[float, float]:
+        for i in range(200):
+            await call(i)
+        counter = iter(range(requests))
+
+        async def worker() -> None:
+            for i in counter:
+                await call(i)
+
+        start, cpu0 = time.perf_counter(), time.process_time()
+        await asyncio.gather(*(worker() for _ in range(conc)))
+        return time.perf_counter() - start, time.process_time() - cpu0
+
+    for conc in concurrency:
+        for conns in (1, 2):
+            lim = RedisLimiter(url, prefix=prefix, timeout=5.0, connections=conns)
+            try:
+                wall, cpu = await timed(lambda i: lim.acquire(buckets, 100, f"l{i}"), conc)
+                for j in range(0, requests, 1000):  # free the concurrency slots (at most 4096 pending per connection)
+                    await asyncio.gather(*(lim.release(buckets, f"l{i}", 0) for i in range(j, min(j + 1000, requests))))
+            finally:
+                await lim.close()
+            rows.append({"client": f"resp ({conns} conn)", "concurrency": conc, "calls_per_s": round(requests / wall, 1),
+                         "cpu_us_per_call": round(cpu / requests * 1e6, 1)})
+            print(json.dumps(rows[-1]), flush=True)
+        pool = BlockingConnectionPool.from_url(url, max_connections=64, timeout=5.0, retry=Retry(NoBackoff(), 0))
+        r = Redis(connection_pool=pool)
+        script = r.register_script(ACQUIRE_LUA)
+        keys = [prefix + b.key + sfx for b in buckets for sfx in (":r", ":t", ":c")]
+        limits = [v for b in buckets for v in (b.rpm, b.tpm, b.concurrency)]
+        try:
+            wall, cpu = await timed(
+                lambda i: script(keys=keys, args=[int(PERIOD * 1e6), int(TOLERANCE * 1e6), 100, f"p{i}", 900_000_000, *limits]), conc
+            )
+        finally:
+            await r.aclose()
+            await pool.disconnect()
+        rows.append({"client": "redis-py (pool of 64)", "concurrency": conc, "calls_per_s": round(requests / wall, 1),
+                     "cpu_us_per_call": round(cpu / requests * 1e6, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 async def bench(args, url: str) -> dict:
     rows = []
+    if args.clients_only:
+        return {"rows": rows, "clients": await client_rows(url, args.requests, args.concurrency), "redis_ping": await ping_rtt(url)}
     for backend in ("memory", "redis"):
         for shape in ("rpm", "full"):
             for conc in args.concurrency:
@@ -166,7 +229,8 @@ async def bench(args, url: str) -> dict:
                 row = {"backend": backend, "limits": shape, **row}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    return {"rows": rows, "redis_ping": await ping_rtt(url)}
+    clients = await client_rows(url, args.requests, args.concurrency)
+    return {"rows": rows, "clients": clients, "redis_ping": await ping_rtt(url)}
 
 
 def write(results: dict, out: Path) -> None:
@@ -189,6 +253,15 @@ def write(results: dict, out: Path) -> None:
             f"| {r['backend']} | {r['limits']} | {r['concurrency']} | {r['checks_per_s']} | {r['cpu_ms_per_check']} | {r['admit_p50_ms']} | "
             f"{r['admit_p99_ms']} | {r['settle_p50_ms']} | {r['settle_p99_ms']} | {r['total_p50_ms']} | {r['total_p99_ms']} |"
         )
+    md += [
+        "",
+        "The client alone: the acquire script of `full` (2 buckets), gateway CPU per call (this process only).",
+        "",
+        "| client | concurrent | calls/s | gateway CPU µs/call |",
+        "|---|---|---|---|",
+    ]
+    for r in results["clients"]:
+        md.append(f"| {r['client']} | {r['concurrency']} | {r['calls_per_s']} | {r['cpu_us_per_call']} |")
     p = results["redis_ping"]
     md += ["", f"Redis {results['redis_version']} on 127.0.0.1, plain PING round trip: p50 {p['ping_p50_ms']} ms, p99 {p['ping_p99_ms']} ms.", ""]
     (out / "bench_quota.md").write_text("\n".join(md))
@@ -202,6 +275,7 @@ def main() -> int:
     ap.add_argument("--redis-url", help="use this Redis instead of starting one")
     ap.add_argument("--machine", default=f"{platform.node()} ({os.cpu_count()} CPUs)")
     ap.add_argument("--out", default=str(ROOT / "results"))
+    ap.add_argument("--clients-only", action="store_true", help="only the client comparison (no admission rows)")
     args = ap.parse_args()
     args.concurrency = [int(x) for x in args.concurrency.split(",")]
     proc = None
