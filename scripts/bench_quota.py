@@ -63,7 +63,9 @@ def start_redis() -> tuple[subprocess.Popen, str, str]:
     d = tempfile.mkdtemp(prefix="bench-redis-")
     p = subprocess.Popen(
         [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", d],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -85,7 +87,12 @@ def settings(backend: str, shape: str, url: str) -> QuotaSettings:
         full = {"rpm": BIG, "tpm": BIG, "max_concurrent": 100_000}
         limits = {"default": full, "tenants": {"bench": full}}
     return QuotaSettings.model_validate(
-        {"backend": backend, "redis_url": url, "key_prefix": f"bench:{os.getpid()}:{backend}:{shape}:", **limits}
+        {
+            "backend": backend,
+            "redis_url": url,
+            "key_prefix": f"bench:{os.getpid()}:{backend}:{shape}:",
+            **limits,
+        }
     )
 
 
@@ -138,9 +145,12 @@ async def run_one(adm: QuotaAdmission, requests: int, concurrency: int) -> dict:
         "checks_per_s": round(requests / wall, 1),
         # Gateway-side CPU (user + system, this process only; redis-server's own CPU is not included).
         "cpu_ms_per_check": round(cpu / requests * 1000, 4),
-        "admit_p50_ms": ms(pct(admit_t, 0.5)), "admit_p99_ms": ms(pct(admit_t, 0.99)),
-        "settle_p50_ms": ms(pct(settle_t, 0.5)), "settle_p99_ms": ms(pct(settle_t, 0.99)),
-        "total_p50_ms": ms(pct(total_t, 0.5)), "total_p99_ms": ms(pct(total_t, 0.99)),
+        "admit_p50_ms": ms(pct(admit_t, 0.5)),
+        "admit_p99_ms": ms(pct(admit_t, 0.99)),
+        "settle_p50_ms": ms(pct(settle_t, 0.5)),
+        "settle_p99_ms": ms(pct(settle_t, 0.99)),
+        "total_p50_ms": ms(pct(total_t, 0.5)),
+        "total_p99_ms": ms(pct(total_t, 0.99)),
         "total_mean_ms": ms(statistics.fmean(total_t)),
     }
 
@@ -188,28 +198,50 @@ async def client_rows(url: str, requests: int, concurrency: list[int]) -> list[d
         for conns in (1, 2):
             lim = RedisLimiter(url, prefix=prefix, timeout=5.0, connections=conns)
             try:
-                wall, cpu = await timed(lambda i: lim.acquire(buckets, 100, f"l{i}"), conc)
-                for j in range(0, requests, 1000):  # free the concurrency slots (at most 4096 pending per connection)
-                    await asyncio.gather(*(lim.release(buckets, f"l{i}", 0) for i in range(j, min(j + 1000, requests))))
+                wall, cpu = await timed(lambda i, lim=lim: lim.acquire(buckets, 100, f"l{i}"), conc)
+                for j in range(
+                    0, requests, 1000
+                ):  # free the concurrency slots (at most 4096 pending per connection)
+                    await asyncio.gather(
+                        *(lim.release(buckets, f"l{i}", 0) for i in range(j, min(j + 1000, requests)))
+                    )
             finally:
                 await lim.close()
-            rows.append({"client": f"resp ({conns} conn)", "concurrency": conc, "calls_per_s": round(requests / wall, 1),
-                         "cpu_us_per_call": round(cpu / requests * 1e6, 1)})
+            rows.append(
+                {
+                    "client": f"resp ({conns} conn)",
+                    "concurrency": conc,
+                    "calls_per_s": round(requests / wall, 1),
+                    "cpu_us_per_call": round(cpu / requests * 1e6, 1),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
-        pool = BlockingConnectionPool.from_url(url, max_connections=64, timeout=5.0, retry=Retry(NoBackoff(), 0))
+        pool = BlockingConnectionPool.from_url(
+            url, max_connections=64, timeout=5.0, retry=Retry(NoBackoff(), 0)
+        )
         r = Redis(connection_pool=pool)
         script = r.register_script(ACQUIRE_LUA)
         keys = [prefix + b.key + sfx for b in buckets for sfx in (":r", ":t", ":c")]
         limits = [v for b in buckets for v in (b.rpm, b.tpm, b.concurrency)]
         try:
             wall, cpu = await timed(
-                lambda i: script(keys=keys, args=[int(PERIOD * 1e6), int(TOLERANCE * 1e6), 100, f"p{i}", 900_000_000, *limits]), conc
+                lambda i, script=script, keys=keys, limits=limits: script(
+                    keys=keys,
+                    args=[int(PERIOD * 1e6), int(TOLERANCE * 1e6), 100, f"p{i}", 900_000_000, *limits],
+                ),
+                conc,
             )
         finally:
             await r.aclose()
             await pool.disconnect()
-        rows.append({"client": "redis-py (pool of 64)", "concurrency": conc, "calls_per_s": round(requests / wall, 1),
-                     "cpu_us_per_call": round(cpu / requests * 1e6, 1)})
+        rows.append(
+            {
+                "client": "redis-py (pool of 64)",
+                "concurrency": conc,
+                "calls_per_s": round(requests / wall, 1),
+                "cpu_us_per_call": round(cpu / requests * 1e6, 1),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -217,7 +249,11 @@ async def client_rows(url: str, requests: int, concurrency: list[int]) -> list[d
 async def bench(args, url: str) -> dict:
     rows = []
     if args.clients_only:
-        return {"rows": rows, "clients": await client_rows(url, args.requests, args.concurrency), "redis_ping": await ping_rtt(url)}
+        return {
+            "rows": rows,
+            "clients": await client_rows(url, args.requests, args.concurrency),
+            "redis_ping": await ping_rtt(url),
+        }
     for backend in ("memory", "redis"):
         for shape in ("rpm", "full"):
             for conc in args.concurrency:
@@ -263,7 +299,11 @@ def write(results: dict, out: Path) -> None:
     for r in results["clients"]:
         md.append(f"| {r['client']} | {r['concurrency']} | {r['calls_per_s']} | {r['cpu_us_per_call']} |")
     p = results["redis_ping"]
-    md += ["", f"Redis {results['redis_version']} on 127.0.0.1, plain PING round trip: p50 {p['ping_p50_ms']} ms, p99 {p['ping_p99_ms']} ms.", ""]
+    md += [
+        "",
+        f"Redis {results['redis_version']} on 127.0.0.1, plain PING round trip: p50 {p['ping_p50_ms']} ms, p99 {p['ping_p99_ms']} ms.",
+        "",
+    ]
     (out / "bench_quota.md").write_text("\n".join(md))
     print("\n".join(md))
 
@@ -275,7 +315,9 @@ def main() -> int:
     ap.add_argument("--redis-url", help="use this Redis instead of starting one")
     ap.add_argument("--machine", default=f"{platform.node()} ({os.cpu_count()} CPUs)")
     ap.add_argument("--out", default=str(ROOT / "results"))
-    ap.add_argument("--clients-only", action="store_true", help="only the client comparison (no admission rows)")
+    ap.add_argument(
+        "--clients-only", action="store_true", help="only the client comparison (no admission rows)"
+    )
     args = ap.parse_args()
     args.concurrency = [int(x) for x in args.concurrency.split(",")]
     proc = None
