@@ -333,3 +333,81 @@ def test_url_forms():
         with pytest.raises(ValueError, match=why) as e:
             parse_url(bad)
         assert "secret" not in str(e.value)
+
+
+def _self_signed(dir_: str) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 (its own CA) and its key, as PEM files."""
+    import datetime
+    import ipaddress
+    from pathlib import Path
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = Path(dir_) / "redis.crt", Path(dir_) / "redis.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return str(cert_path), str(key_path)
+
+
+async def test_rediss_tls_with_a_verified_certificate(tmp_path):
+    _need_redis()
+    from tests.support import free_port
+
+    cert, key = _self_signed(str(tmp_path))
+    tls_port = free_port()
+    srv = RedisServer(
+        args=(
+            "--tls-port",
+            str(tls_port),
+            "--tls-cert-file",
+            cert,
+            "--tls-key-file",
+            key,
+            "--tls-ca-cert-file",
+            cert,
+            "--tls-auth-clients",
+            "no",
+            "--requirepass",
+            "pw",
+        )
+    ).start()
+    try:
+        good = RedisClient(f"rediss://:pw@127.0.0.1:{tls_port}/2?ssl_ca_certs={cert}", timeout=5.0)
+        unverified = RedisClient(f"rediss://:pw@127.0.0.1:{tls_port}/2?ssl_cert_reqs=none", timeout=5.0)
+        untrusted = RedisClient(f"rediss://:pw@127.0.0.1:{tls_port}/2", timeout=5.0)  # system CAs only
+        try:
+            assert await good.pipeline([("SET", "k", "v"), ("GET", "k")]) == [b"OK", b"v"]
+            assert await unverified.execute("GET", "k") == b"v"
+            with pytest.raises(
+                RedisConnectionError, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"
+            ):
+                await untrusted.execute("GET", "k")
+        finally:
+            for c in (good, unverified, untrusted):
+                await c.close()
+    finally:
+        srv.stop()
