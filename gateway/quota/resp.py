@@ -424,7 +424,17 @@ class RedisClient:
     async def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
         """Several commands written together; their replies in order (an error reply raises)."""
         futs = await self.send(b"".join(pack(*c) for c in commands), len(commands))
-        return [await f for f in futs]
+        out: list[Any] = []
+        error: BaseException | None = None
+        for f in futs:  # every reply is awaited, so no error goes unretrieved
+            try:
+                out.append(await f)
+            except ResponseError as e:
+                error = error or e
+                out.append(e)
+        if error is not None:
+            raise error
+        return out
 
     async def transaction(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
         """``MULTI``, the commands, ``EXEC``, written together: the replies of the commands."""

@@ -411,3 +411,16 @@ async def test_rediss_tls_with_a_verified_certificate(tmp_path):
                 await c.close()
     finally:
         srv.stop()
+
+
+async def test_unix_socket_url(tmp_path):
+    _need_redis()
+    sock = str(tmp_path / "redis.sock")
+    srv = RedisServer(args=("--unixsocket", sock, "--unixsocketperm", "700")).start()
+    c = RedisClient(f"unix://{sock}?db=1", timeout=5.0)
+    try:
+        assert await c.pipeline([("SET", "k", "unix"), ("GET", "k")]) == [b"OK", b"unix"]
+        assert srv.client().get("k") is None  # db 0 over TCP: the key went to db 1
+    finally:
+        await c.close()
+        srv.stop()
