@@ -111,7 +111,20 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(int(q * len(xs)), len(xs) - 1)]
 
 
-async def run_one(adm: QuotaAdmission, requests: int, concurrency: int) -> dict:
+async def redis_cpu(url: str) -> float:
+    """redis-server's own CPU seconds so far (user + system, from INFO cpu)."""
+    from gateway.quota.resp import RedisClient
+
+    c = RedisClient(url, timeout=5.0)
+    try:
+        info = (await c.execute("INFO", "cpu")).decode()
+    finally:
+        await c.close()
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    return float(fields["used_cpu_user"]) + float(fields["used_cpu_sys"])
+
+
+async def run_one(adm: QuotaAdmission, requests: int, concurrency: int, url: str | None = None) -> dict:
     admit_t: list[float] = []
     settle_t: list[float] = []
     total_t: list[float] = []
@@ -135,9 +148,11 @@ async def run_one(adm: QuotaAdmission, requests: int, concurrency: int) -> dict:
         c = new_ctx(i)
         t = await adm.admit(c)
         await t.settle(c)
+    rcpu0 = await redis_cpu(url) if url else 0.0
     start, cpu0 = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
+    rcpu = (await redis_cpu(url) - rcpu0) if url else 0.0
     ms = lambda v: round(v * 1000, 4)  # noqa: E731
     return {
         "requests": requests,
@@ -145,6 +160,8 @@ async def run_one(adm: QuotaAdmission, requests: int, concurrency: int) -> dict:
         "checks_per_s": round(requests / wall, 1),
         # Gateway-side CPU (user + system, this process only; redis-server's own CPU is not included).
         "cpu_ms_per_check": round(cpu / requests * 1000, 4),
+        # redis-server's own CPU per check (the shared state's cost on the Redis side; 0 for memory).
+        "redis_cpu_ms_per_check": round(rcpu / requests * 1000, 4),
         "admit_p50_ms": ms(pct(admit_t, 0.5)),
         "admit_p99_ms": ms(pct(admit_t, 0.99)),
         "settle_p50_ms": ms(pct(settle_t, 0.5)),
@@ -259,7 +276,7 @@ async def bench(args, url: str) -> dict:
             for conc in args.concurrency:
                 adm = QuotaAdmission(settings(backend, shape, url), QuotaMetrics())
                 try:
-                    row = await run_one(adm, args.requests, conc)
+                    row = await run_one(adm, args.requests, conc, url if backend == "redis" else None)
                 finally:
                     await adm.close()
                 row = {"backend": backend, "limits": shape, **row}
@@ -281,12 +298,13 @@ def write(results: dict, out: Path) -> None:
         "requests/min only (Redis: 1 round trip). `full`: principal + tenant buckets with requests/min, "
         "tokens/min and max_concurrent (Redis: 1 round trip to admit, 1 to settle).",
         "",
-        "| backend | limits | concurrent | checks/s | gateway CPU ms/check | admit p50 (ms) | admit p99 (ms) | settle p50 (ms) | settle p99 (ms) | admit+settle p50 (ms) | admit+settle p99 (ms) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| backend | limits | concurrent | checks/s | gateway CPU ms/check | redis-server CPU ms/check | admit p50 (ms) | admit p99 (ms) | settle p50 (ms) | settle p99 (ms) | admit+settle p50 (ms) | admit+settle p99 (ms) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
         md.append(
-            f"| {r['backend']} | {r['limits']} | {r['concurrency']} | {r['checks_per_s']} | {r['cpu_ms_per_check']} | {r['admit_p50_ms']} | "
+            f"| {r['backend']} | {r['limits']} | {r['concurrency']} | {r['checks_per_s']} | {r['cpu_ms_per_check']} | "
+            f"{r['redis_cpu_ms_per_check']} | {r['admit_p50_ms']} | "
             f"{r['admit_p99_ms']} | {r['settle_p50_ms']} | {r['settle_p99_ms']} | {r['total_p50_ms']} | {r['total_p99_ms']} |"
         )
     md += [
