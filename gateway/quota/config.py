@@ -96,9 +96,9 @@ class QuotaSettings(StrictModel):
     enabled: bool = True
     # memory: counters per gateway process; redis: shared by every replica and worker.
     backend: Literal["memory", "redis"] = "memory"
-    # Redis for backend: redis (credentials: set it through GATEWAY_QUOTA__REDIS_URL): redis://[[user]:password@]
-    # host[:port][/db], rediss://... (TLS; ?ssl_cert_reqs=none|optional|required, ?ssl_ca_certs=PATH) or
-    # unix:///path.sock[?db=N].
+    # Redis for backend: redis (credentials: set it through GATEWAY_QUOTA__REDIS_URL):
+    # redis://[[user]:password@]host[:port][/db], rediss://... (TLS; ?ssl_cert_reqs=none|optional|required,
+    # ?ssl_ca_certs=PATH) or unix:///path.sock[?db=N].
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Connect timeout and reply timeout per command towards Redis (seconds): how long a request may wait on a
     # sick Redis before the configured failure mode applies.
