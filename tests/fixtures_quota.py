@@ -22,18 +22,19 @@ REDIS_SERVER = shutil.which("redis-server")
 class RedisServer:
     """A throwaway redis-server (no persistence) that can be stopped and started again on the same port."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, args: tuple[str, ...] = ()) -> None:
         if REDIS_SERVER is None:
             raise RuntimeError("redis-server is not installed (apt-get install -y redis-server)")
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.dir = tempfile.mkdtemp(prefix="redis-")
         self.proc: Proc | None = None
+        self.args = args  # extra redis-server options, e.g. ("--requirepass", "pw")
 
     def start(self) -> RedisServer:
         self.proc = Proc(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.dir, "--protected-mode", "no", "--loglevel", "warning"],
+             "--dir", self.dir, "--protected-mode", "no", "--loglevel", "warning", *self.args],
             name="redis",
         )
         deadline = time.monotonic() + 20
@@ -43,7 +44,7 @@ class RedisServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    if s.recv(16).startswith((b"+PONG", b"-NOAUTH")):  # -NOAUTH: up, with requirepass
                         return self
             except OSError:
                 pass

@@ -13,8 +13,6 @@ import math
 import time
 from collections import deque
 
-from redis.exceptions import RedisError
-
 from gateway.context import RequestContext, unique_id
 from gateway.errors import ApiError
 from gateway.hooks import NO_TICKET, Ticket
@@ -31,10 +29,13 @@ from gateway.quota.limits import (
 from gateway.quota.memory import MemoryLimiter
 from gateway.quota.metrics import QuotaMetrics
 from gateway.quota.redis_backend import RedisLimiter
+from gateway.quota.resp import RedisError
 from gateway.routes import ROUTES_BY_NAME
 
 log = logging.getLogger("gateway.quota")
 
+# What a Redis call raises when the backend, not the request, is at fault: error replies, lost or refused
+# connections, timeouts, too many commands waiting (gateway/quota/resp.py raises only RedisError subclasses).
 BACKEND_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 _LOG_EVERY = 10.0
 # Settlements that failed while Redis was down, replayed once it answers again (bounded: oldest dropped).
@@ -99,7 +100,8 @@ class QuotaAdmission:
                 prefix=settings.key_prefix,
                 timeout=settings.redis_timeout,
                 lease_seconds=settings.concurrency_lease,
-                max_connections=settings.redis_max_connections,
+                connections=settings.redis_max_connections,
+                max_pending=settings.redis_max_pending,
             )
             self.metrics.backend_up.labels("redis").set(1)
         self.has_limits = settings.has_limits

@@ -1,6 +1,7 @@
 """Quota settings: limits per principal / tenant (optionally per model), the backend, overload protection.
 
-Only pydantic here, so ``gateway/settings.py`` can nest :class:`QuotaSettings` without import cycles.
+Only pydantic (and the URL parser of ``resp``, which imports nothing of the gateway) here, so
+``gateway/settings.py`` can nest :class:`QuotaSettings` without import cycles.
 
 ```yaml
 quota:
@@ -20,9 +21,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import AliasChoices, ConfigDict, Field
+from pydantic import AliasChoices, ConfigDict, Field, field_validator
 
 from configkit import StrictModel
+from gateway.quota.resp import parse_url
 
 
 class Limits(StrictModel):
@@ -94,13 +96,19 @@ class QuotaSettings(StrictModel):
     enabled: bool = True
     # memory: counters per gateway process; redis: shared by every replica and worker.
     backend: Literal["memory", "redis"] = "memory"
-    # Redis for backend: redis (credentials: set it through GATEWAY_QUOTA__REDIS_URL).
+    # Redis for backend: redis (credentials: set it through GATEWAY_QUOTA__REDIS_URL):
+    # redis://[[user]:password@]host[:port][/db], rediss://... (TLS; ?ssl_cert_reqs=none|optional|required,
+    # ?ssl_ca_certs=PATH) or unix:///path.sock[?db=N].
     redis_url: str = "redis://127.0.0.1:6379/0"
-    # Connect/read timeout towards Redis, and the longest wait for a pooled connection (seconds): how long a
-    # request may wait on a sick Redis before the configured failure mode applies.
+    # Connect timeout and reply timeout per command towards Redis (seconds): how long a request may wait on a
+    # sick Redis before the configured failure mode applies.
     redis_timeout: float = Field(default=1.0, gt=0)
-    # Connections per gateway process (a burst waits for a free one rather than opening more).
-    redis_max_connections: int = Field(default=64, ge=1)
+    # Connections per gateway process. Commands are pipelined on them (Redis runs one at a time anyway), so
+    # one or two are enough; more only spread the replies over more sockets.
+    redis_max_connections: int = Field(default=1, ge=1)
+    # Commands waiting for replies per connection; beyond that a request is decided without Redis
+    # (on_backend_error) at once instead of queueing behind a Redis that cannot keep up.
+    redis_max_pending: int = Field(default=4096, ge=1)
     # After a Redis failure, requests skip Redis for this long before one tries again (seconds).
     redis_retry_interval: float = Field(default=1.0, ge=0)
     key_prefix: str = "llmgw:quota:"
@@ -120,6 +128,12 @@ class QuotaSettings(StrictModel):
     # A concurrency slot not released (a gateway replica died mid-request) frees itself after this (seconds).
     concurrency_lease: float = Field(default=900.0, gt=0)
     overload: OverloadSettings = Field(default_factory=OverloadSettings)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str) -> str:
+        parse_url(v)  # redis://[[user]:password@]host[:port][/db], rediss://..., unix:///path.sock[?db=N]
+        return v
 
     @property
     def has_limits(self) -> bool:

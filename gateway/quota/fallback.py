@@ -27,10 +27,10 @@ import math
 import os
 import socket
 import time
-from typing import Any
 
 from gateway.quota.limits import Bucket, Decision
 from gateway.quota.memory import MemoryLimiter
+from gateway.quota.resp import RedisClient
 
 log = logging.getLogger("gateway.quota")
 
@@ -67,7 +67,7 @@ def share(buckets: tuple[Bucket, ...], replicas: int) -> tuple[Bucket, ...]:
 class ReplicaCount:
     """How many gateway replicas share the Redis quota state, from heartbeats in a sorted set."""
 
-    def __init__(self, client: Any, prefix: str) -> None:
+    def __init__(self, client: RedisClient, prefix: str) -> None:
         self.client = client
         self.key = prefix + "replicas"
         self.member = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
@@ -80,12 +80,14 @@ class ReplicaCount:
 
     async def beat(self) -> int:
         now = time.time()
-        pipe = self.client.pipeline(transaction=True)
-        pipe.zadd(self.key, {self.member: now})
-        pipe.zremrangebyscore(self.key, "-inf", now - HEARTBEAT_TTL)
-        pipe.zcard(self.key)
-        pipe.expire(self.key, int(HEARTBEAT_TTL * 4))
-        res = await pipe.execute()
+        res = await self.client.transaction(
+            [
+                ("ZADD", self.key, now, self.member),
+                ("ZREMRANGEBYSCORE", self.key, "-inf", now - HEARTBEAT_TTL),
+                ("ZCARD", self.key),
+                ("EXPIRE", self.key, int(HEARTBEAT_TTL * 4)),
+            ]
+        )
         self.count = max(int(res[2]), 1)
         return self.count
 

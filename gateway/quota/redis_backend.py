@@ -5,17 +5,18 @@ at most one more; the clock is Redis's own (``TIME``), so replicas with skewed c
 integer microseconds. Concurrency slots are sorted-set members scored by their lease expiry, so a replica that
 dies mid-request leaks nothing for longer than ``concurrency_lease``.
 
+The calls go through the pipelined RESP client of ``gateway/quota/resp.py`` (``EVALSHA``, re-sent as ``EVAL``
+after a Redis restart); the acquire call of a set of buckets is packed once and reused, only the cost and the
+lease id change per request.
+
 All keys of one request are passed to the script; on Redis Cluster they would have to share a hash slot
 (e.g. a ``{quota}`` tag in ``key_prefix``), which puts all quota state on one shard.
 """
 
 from __future__ import annotations
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-
 from gateway.quota.limits import PERIOD, TOLERANCE, Bucket, BucketState, Decision
+from gateway.quota.resp import RedisClient, Script, bulk
 
 # KEYS: three per bucket: requests TAT, tokens TAT, lease set.
 # ARGV: period_us, tolerance_us, cost, lease id, lease_us, then rpm, tpm, max_concurrent per bucket (0 = none).
@@ -139,9 +140,26 @@ return 1
 """
 
 _US = 1_000_000
+_PERIOD_US = bulk(int(PERIOD * _US))
+_TOLERANCE_US = bulk(int(TOLERANCE * _US))
+_REASONS = (None, "requests", "tokens", "concurrency")
+
+
+class _AcquirePlan:
+    """The acquire call of one set of buckets, packed once: only the cost and the lease id vary per request."""
+
+    __slots__ = ("head", "tail", "nparts")
+
+    def __init__(self, keys: list[str], limits: list[int], lease_us: int) -> None:
+        self.head = bulk(len(keys)) + b"".join(bulk(k) for k in keys) + _PERIOD_US + _TOLERANCE_US
+        self.tail = bulk(lease_us) + b"".join(bulk(v) for v in limits)
+        self.nparts = 1 + len(keys) + 5 + len(limits)
 
 
 class RedisLimiter:
+    """GCRA on Redis through the pipelined client of ``gateway/quota/resp.py`` (one ``EVALSHA`` to acquire,
+    at most one to settle)."""
+
     backend = "redis"
 
     def __init__(
@@ -151,48 +169,40 @@ class RedisLimiter:
         prefix: str = "llmgw:quota:",
         timeout: float = 1.0,
         lease_seconds: float = 900.0,
-        max_connections: int = 64,
+        connections: int = 1,
+        max_pending: int = 4096,
     ) -> None:
-        # A bounded pool: a burst of requests waits for a free connection (each call is ~0.1 ms of Redis
-        # time) instead of opening hundreds at once. No retries: a failure is the admission's to handle.
-        self.pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=timeout,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-        )
-        self.client = Redis(connection_pool=self.pool)
+        # No retries: a failure is the admission's to handle (fall back or refuse, replay settlements later).
+        self.client = RedisClient(url, timeout=timeout, connections=connections, max_pending=max_pending)
         self.prefix = prefix
         self.lease_us = int(lease_seconds * _US)
-        self._acquire = self.client.register_script(ACQUIRE_LUA)
-        self._settle = self.client.register_script(SETTLE_LUA)
-        self._plans: dict[tuple[Bucket, ...], tuple[list[str], list[int]]] = {}
+        self._acquire = Script(ACQUIRE_LUA)
+        self._settle = Script(SETTLE_LUA)
+        self._plans: dict[tuple[Bucket, ...], _AcquirePlan] = {}
 
-    def _plan(self, buckets: tuple[Bucket, ...]) -> tuple[list[str], list[int]]:
+    def _plan(self, buckets: tuple[Bucket, ...]) -> _AcquirePlan:
         plan = self._plans.get(buckets)
         if plan is None:
             keys: list[str] = []
-            args: list[int] = []
+            limits: list[int] = []
             for b in buckets:
                 base = self.prefix + b.key
                 keys += (base + ":r", base + ":t", base + ":c")
-                args += (b.rpm, b.tpm, b.concurrency)
-            plan = (keys, args)
+                limits += (b.rpm, b.tpm, b.concurrency)
+            plan = _AcquirePlan(keys, limits, self.lease_us)
             if len(self._plans) < 100_000:
                 self._plans[buckets] = plan
         return plan
 
     async def acquire(self, buckets: tuple[Bucket, ...], cost: int, lease: str) -> Decision:
-        keys, args = self._plan(buckets)
-        res = await self._acquire(keys=keys, args=[int(PERIOD * _US), int(TOLERANCE * _US), cost, lease, self.lease_us, *args])
+        plan = self._plan(buckets)
+        res = await self.client.evalsha(
+            self._acquire, plan.head + bulk(cost) + bulk(lease) + plan.tail, plan.nparts
+        )
         states = [
-            BucketState(int(res[j]), res[j + 1] / _US, int(res[j + 2]), res[j + 3] / _US) for j in range(3, len(res), 4)
+            BucketState(res[j], res[j + 1] / _US, res[j + 2], res[j + 3] / _US) for j in range(3, len(res), 4)
         ]
-        reason = (None, "requests", "tokens", "concurrency")[int(res[1])]
-        return Decision(res[0] == 1, reason, res[2] / _US, states)
+        return Decision(res[0] == 1, _REASONS[res[1]], res[2] / _US, states)
 
     async def release(self, buckets: tuple[Bucket, ...], lease: str, token_delta: int) -> None:
         tok = [b for b in buckets if b.tpm] if token_delta else []
@@ -200,8 +210,16 @@ class RedisLimiter:
         if not tok and not conc:
             return
         keys = [self.prefix + b.key + ":t" for b in tok] + [self.prefix + b.key + ":c" for b in conc]
-        await self._settle(keys=keys, args=[int(PERIOD * _US), lease, token_delta, len(tok), *(b.tpm for b in tok)])
+        body = (
+            bulk(len(keys))
+            + b"".join(bulk(k) for k in keys)
+            + _PERIOD_US
+            + bulk(lease)
+            + bulk(token_delta)
+            + bulk(len(tok))
+            + b"".join(bulk(b.tpm) for b in tok)
+        )
+        await self.client.evalsha(self._settle, body, 1 + len(keys) + 4 + len(tok))
 
     async def close(self) -> None:
-        await self.client.aclose()
-        await self.pool.disconnect()
+        await self.client.close()
