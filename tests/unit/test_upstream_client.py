@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import pytest_asyncio
+import uvloop
 
 from gateway.upstream import (
     HIGH_WATER,
@@ -22,6 +23,9 @@ from gateway.upstream import (
     UpstreamConnectError,
     UpstreamSession,
 )
+
+# Overriding event_loop_policy (below) is deprecated in favour of a conftest hook; it still works.
+pytestmark = pytest.mark.filterwarnings("ignore:Overriding the:pytest.PytestDeprecationWarning")
 
 BIG_CHUNK = 64 * 1024
 BIG_CHUNKS = 256  # 16 MiB in all
@@ -121,6 +125,12 @@ class Server:
             w.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
         await w.drain()
         return True
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    """Every test under both loops the gateway may run on (uvicorn picks uvloop when installed)."""
+    return uvloop.EventLoopPolicy() if request.param == "uvloop" else asyncio.DefaultEventLoopPolicy()
 
 
 @pytest_asyncio.fixture(loop_scope="function")
