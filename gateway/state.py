@@ -7,8 +7,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import aiohttp
-
 from gateway.hooks import Admission, Authenticator, Observer, Router, Tracer
 from gateway.settings import GatewaySettings
 
@@ -18,6 +16,7 @@ if TYPE_CHECKING:
     from gateway.responses_api import ResponseIndex
     from gateway.routing.discovery import DnsDiscovery
     from gateway.routing.pool import EndpointPool, HealthChecker
+    from gateway.upstream import UpstreamSession
 
 Closer = Callable[[], Awaitable[None]]
 
@@ -35,8 +34,8 @@ class GatewayState:
     metrics: GatewayMetrics
     # Called once per request after it ended: metrics, then audit and tracing when enabled.
     observers: list[Observer] = field(default_factory=list)
-    # One aiohttp session per model pool, opened in the lifespan.
-    sessions: dict[str, aiohttp.ClientSession] = field(default_factory=dict)
+    # One upstream client per model pool (gateway/upstream.py), opened in the lifespan.
+    sessions: dict[str, UpstreamSession] = field(default_factory=dict)
     health: HealthChecker | None = None
     discovery: DnsDiscovery | None = None
     # The audit writer when audit is enabled (queue_depth() for metrics).

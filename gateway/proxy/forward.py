@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
-import aiohttp
-
 from gateway.context import RequestContext
 from gateway.errors import ApiError
 from gateway.hooks import Router
@@ -33,6 +31,13 @@ from gateway.proxy.sse import has_complete_event, is_event_stream
 from gateway.responses_api import ResponseIndex, ResponsesStream
 from gateway.routing.pool import Endpoint, EndpointPool
 from gateway.surface import remember_response
+from gateway.upstream import (
+    UpstreamBrokenError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamResponse,
+    UpstreamSession,
+)
 
 Receive = Callable[[], Awaitable[Mapping[str, Any]]]
 
@@ -82,7 +87,7 @@ class Forward:
     # The upstream headers (the request's own, or a copy a tracer added its context to).
     headers: Mapping[str, str]
     pool: EndpointPool
-    session: aiohttp.ClientSession
+    session: UpstreamSession
     router: Router
     drain: DrainFlag
     # Where stored Responses API objects live (recorded when the engine creates one).
@@ -91,51 +96,51 @@ class Forward:
     last_fault: UpstreamFault | None = None
 
 
-async def _first_event(resp: aiohttp.ClientResponse) -> bytes:
+async def _first_event(resp: UpstreamResponse) -> bytes:
     """Read until the stream holds one complete event; a stream that ends before that is broken."""
     buf = b""
     while not has_complete_event(buf):
-        chunk = await resp.content.readany()
+        chunk = await resp.readany()
         if not chunk:
-            raise aiohttp.ClientPayloadError("the stream ended before its first event")
+            raise UpstreamBrokenError("the stream ended before its first event")
         buf += chunk
     return buf
 
 
-def _fault_of(error: BaseException, resp: aiohttp.ClientResponse | None, total_passed: bool) -> UpstreamFault:
+def _fault_of(error: BaseException, resp: UpstreamResponse | None, total_passed: bool) -> UpstreamFault:
     if isinstance(error, UpstreamFault):
         return error
     if isinstance(error, TimeoutError):
         why = "request ran past its total timeout" if total_passed else "replica did not answer in time"
         return UpstreamFault(Fault.TIMEOUT, why)
     name = type(error).__name__
-    if resp is None and isinstance(error, aiohttp.ClientConnectorError):
+    if resp is None and isinstance(error, UpstreamConnectError):
         return UpstreamFault(Fault.CONNECT, f"cannot reach replica ({name})")
     return UpstreamFault(Fault.BROKEN, f"replica broke the connection ({name})")
 
 
-async def _open(job: Forward, url: str) -> tuple[aiohttp.ClientResponse, bytes, bool]:
-    """Stage one: (response, body or first event(s), is a stream), or raises UpstreamFault."""
+async def _open(job: Forward, url: str) -> tuple[UpstreamResponse, bytes, bool]:
+    """Stage one: (response, body or first event(s), is a stream), or raises UpstreamFault.
+
+    One deadline (the first-byte timeout, or the total when sooner) bounds every wait of this stage: the
+    client enforces it with one timer (gateway/upstream.py)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + job.req.model.timeouts.first_byte_s
     if job.total_at is not None and job.total_at < deadline:
         deadline = job.total_at
-    resp: aiohttp.ClientResponse | None = None
+    resp: UpstreamResponse | None = None
     try:
-        async with asyncio.timeout_at(deadline):
-            req = job.req
-            resp = await job.session.request(
-                req.method, url, data=req.upstream_body or None, headers=job.headers
+        req = job.req
+        resp = await job.session.request(req.method, url, req.upstream_body, job.headers, deadline)
+        job.ctx.ttfb = time.perf_counter() - job.ctx.started
+        if resp.status >= 500:
+            raise UpstreamFault(
+                Fault.HTTP_5XX, f"replica answered {resp.status}", resp.status, await resp.read()
             )
-            job.ctx.ttfb = time.perf_counter() - job.ctx.started
-            if resp.status >= 500:
-                raise UpstreamFault(
-                    Fault.HTTP_5XX, f"replica answered {resp.status}", resp.status, await resp.read()
-                )
-            if is_event_stream(resp.status, resp.headers.get("content-type", "")):
-                return resp, await _first_event(resp), True
-            return resp, await resp.read(), False
-    except (UpstreamFault, TimeoutError, aiohttp.ClientError, OSError) as e:
+        if is_event_stream(resp.status, resp.headers.get("content-type", "")):
+            return resp, await _first_event(resp), True
+        return resp, await resp.read(), False
+    except (UpstreamFault, TimeoutError, UpstreamError, OSError) as e:
         if resp is not None:
             resp.close()
         total_passed = job.total_at is not None and loop.time() >= job.total_at
@@ -167,7 +172,7 @@ async def _attempt(job: Forward, ep: Endpoint, send: Send) -> bool:
     ctx = job.ctx
     ep.in_flight += 1
     verdict: str | None = None  # None: no verdict (the client left); "ok"; or an upstream fault kind
-    resp: aiohttp.ClientResponse | None = None
+    resp: UpstreamResponse | None = None
     try:
         try:
             resp, first, streamed = await _open(job, ep.url + job.req.upstream_path)

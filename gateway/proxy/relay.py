@@ -14,8 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-import aiohttp
-
 from gateway.context import RequestContext
 from gateway.errors import sse_error_event
 from gateway.outcome import StreamEnd
@@ -23,6 +21,7 @@ from gateway.proxy.respond import Send, start_stream
 from gateway.proxy.sse import DONE_EVENT, USAGE_KEY, ends_with_done, split_complete, take_usage
 from gateway.responses_api import ResponsesStream
 from gateway.routes import usage_tokens
+from gateway.upstream import UpstreamError, UpstreamResponse
 
 
 class _DrainDeadline(Exception):
@@ -165,29 +164,31 @@ class _Relay:
         return buf + _tail(StreamEnd.TRUNCATED), StreamEnd.TRUNCATED
 
 
-async def _pump(relay: _Relay, content: aiohttp.StreamReader, buf: bytes, limits: StreamLimits) -> bytes:
-    """Relay complete events until the engine ends the stream; returns the unterminated rest."""
+async def _pump(relay: _Relay, resp: UpstreamResponse, buf: bytes, limits: StreamLimits) -> bytes:
+    """Relay complete events until the engine ends the stream; returns the unterminated rest.
+
+    Each read waits at most ``idle`` seconds (never past the total deadline): the response's ``deadline``
+    is moved before every read, and its one timer re-arms itself only when it fires (gateway/upstream.py).
+    Sending to the client is not bounded by it."""
     loop = asyncio.get_running_loop()
     idle, total_at, drain = limits.idle, limits.total_at, limits.drain
-    async with asyncio.timeout(None) as to:
-        while True:
-            events, buf = split_complete(buf)
-            if events:
-                await relay.events(events)
-            wake = loop.time() + idle
-            to.reschedule(wake if total_at is None or wake < total_at else total_at)
-            chunk = await content.readany()
-            to.reschedule(None)
-            if not chunk:
-                return buf
-            buf += chunk
-            if drain.drain_expired:
-                raise _DrainDeadline()
+    while True:
+        events, buf = split_complete(buf)
+        if events:
+            await relay.events(events)
+        wake = loop.time() + idle
+        resp.deadline = wake if total_at is None or wake < total_at else total_at
+        chunk = await resp.readany()
+        if not chunk:
+            return buf
+        buf += chunk
+        if drain.drain_expired:
+            raise _DrainDeadline()
 
 
 async def relay_stream(
     ctx: RequestContext,
-    resp: aiohttp.ClientResponse,
+    resp: UpstreamResponse,
     first: bytes,
     send: Send,
     limits: StreamLimits,
@@ -200,7 +201,7 @@ async def relay_stream(
     relay = _Relay(ctx, send, typed, on_response_id)
     end: StreamEnd | None
     try:
-        rest = await _pump(relay, resp.content, first, limits)
+        rest = await _pump(relay, resp, first, limits)
     except _DrainDeadline:
         end, tail = StreamEnd.DRAIN_DEADLINE, _tail(StreamEnd.DRAIN_DEADLINE)
     except TimeoutError:
@@ -208,7 +209,7 @@ async def relay_stream(
         end = StreamEnd.TOTAL_TIMEOUT if total else StreamEnd.IDLE_TIMEOUT
         ctx.upstream_errors.append("stream_idle_timeout")
         tail = _tail(end)
-    except (aiohttp.ClientError, OSError) as e:
+    except (UpstreamError, OSError) as e:
         end, tail = StreamEnd.BROKEN, _tail(StreamEnd.BROKEN, e)
         ctx.upstream_errors.append("stream_broken")
     else:

@@ -164,12 +164,22 @@ def test_parse_engine_metrics_sums_label_sets():
 
 
 def test_upstream_timeout_defaults_bound_a_hung_engine():
-    from gateway.settings import ModelConfig, UpstreamTimeouts
-    from gateway.upstream import client_timeout
+    import asyncio
 
-    t = ModelConfig(name="m", upstreams=["http://127.0.0.1:1"]).timeouts
+    from gateway.settings import ModelConfig, UpstreamTimeouts
+    from gateway.upstream import make_session
+
+    cfg = ModelConfig(name="m", upstreams=["http://127.0.0.1:1"])
+    t = cfg.timeouts
     assert (t.connect, t.first_byte_s, t.idle_s, t.total) == (5.0, 60.0, 30.0, 0.0)
-    assert client_timeout(t).sock_connect == 5.0 and client_timeout(t).total is None
+
+    async def client_limits() -> tuple[float, float, float, int]:
+        s = make_session(cfg)
+        await s.close()
+        return s.connect_timeout, s.acquire_timeout, s.keepalive, s.limit
+
+    # the TCP connect alone, and waiting for a pooled connection plus connecting (pool + connect)
+    assert asyncio.run(client_limits()) == (5.0, 35.0, 4.0, 1024)
     # the older single knob still sets both when they are not given; each explicit one wins
     legacy = UpstreamTimeouts(read=900)
     assert (legacy.first_byte_s, legacy.idle_s) == (900, 900)
