@@ -716,6 +716,19 @@ class HttpProtocol(asyncio.Protocol):
         )
 
 
+def body_received(receive: Any) -> bool:
+    """Whether ``receive`` is this server's and the request's whole body has arrived (reading it cannot
+    wait): the proxy then reads it without arming its body timeout."""
+    req = getattr(receive, "__self__", None)
+    return (
+        type(req) is _Request
+        and not req.more_body
+        and not req.last_delivered
+        and not req.waiting_100
+        and not req.disconnected
+    )
+
+
 def configure(max_header_bytes: int, max_header_count: int, header_timeout: float) -> None:
     """Sets the limits for every connection this process accepts from now on."""
     HttpProtocol.max_header_bytes = max_header_bytes

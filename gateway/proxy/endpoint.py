@@ -17,7 +17,7 @@ from typing import Any
 from gateway.context import RequestContext, client_request_id, new_request_id
 from gateway.errors import ApiError
 from gateway.hooks import NO_TICKET, Headers, Observer, Ticket
-from gateway.http_server import CONNECTION_KEY
+from gateway.http_server import CONNECTION_KEY, body_received
 from gateway.outcome import CLIENT_GONE
 from gateway.proxy.forward import DisconnectHook, Forward, _watch_disconnect, forward
 from gateway.proxy.request import (
@@ -202,8 +202,11 @@ class ProxyEndpoint:
         except ApiError as e:
             raise closing(e) from None
         try:
-            async with asyncio.timeout(limits.body_timeout):
+            if body_received(receive):  # the body came with the head: nothing to time out
                 raw = await read_body(receive, limit, content_length)
+            else:
+                async with asyncio.timeout(limits.body_timeout):
+                    raw = await read_body(receive, limit, content_length)
         except TimeoutError:
             raise ApiError(
                 408,

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 DONE = b"data: [DONE]"
 DONE_EVENT = b"data: [DONE]\n\n"
 _SEP = b"\n\n"
@@ -66,16 +68,30 @@ def _data_of(event: bytes) -> bytes | None:
     return b"\n".join(parts) if parts else None
 
 
+class _UsageChunk(msgspec.Struct):
+    """An event's JSON read for ``usage`` and ``choices`` only (the rest is validated, not built)."""
+
+    usage: Any = None
+    choices: Any = None
+
+
+_USAGE_CHUNK = msgspec.json.Decoder(_UsageChunk)
+
+
 def _usage_event(event: bytes) -> tuple[Usage | None, bool]:
     """(usage, is the usage-only chunk) of one event that may hold usage."""
     data = _data_of(event)
     if data is None or not data.lstrip().startswith(b"{"):
         return None, False
     try:
-        obj = json.loads(data)
-    except ValueError:
-        return None, False
-    return usage_of(obj), isinstance(obj, dict) and obj.get("choices") == []
+        chunk = _USAGE_CHUNK.decode(data)
+    except msgspec.DecodeError:
+        try:  # what the strict decoder refuses (NaN, a lone surrogate) may still be JSON
+            obj = json.loads(data)
+        except ValueError:
+            return None, False
+        return usage_of(obj), isinstance(obj, dict) and obj.get("choices") == []
+    return usage_of({"usage": chunk.usage}), chunk.choices == []
 
 
 def take_usage(events: bytes, hide: bool) -> tuple[bytes, Usage | None]:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import uvicorn
 
-from gateway.http_server import CONNECTION_KEY, HttpProtocol
+from gateway.http_server import CONNECTION_KEY, HttpProtocol, body_received
 from tests.support import free_port
 
 # What the test app saw, for the assertions that cannot be read off the wire.
@@ -87,6 +87,15 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         ).encode()
         # No content-length: the protocol adds it, as the body comes whole.
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"x/json")]})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+    elif path == "/body-ready":
+        # Whether the whole body was there before the app read anything (the proxy then sets no body timer).
+        ready = body_received(receive)
+        more = True
+        while more:
+            more = (await receive())["more_body"]
+        body = json.dumps({"ready": ready, "after_read": body_received(receive)}).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": body, "more_body": False})
     elif path == "/stream":
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"x/sse")]})
@@ -308,6 +317,29 @@ def test_a_head_whose_body_is_late_is_not_held_back(server: int) -> None:
         assert status == 200 and headers["transfer-encoding"] == "chunked"
         s.sendall(b"late")
         assert r.f.readline().strip() == b"4" and r.f.readline() == b"late\r\n"
+
+
+def test_body_received_says_whether_reading_the_body_could_wait(server: int) -> None:
+    with connect(server) as s:
+        r = Reader(s)
+        # The body in the same packet as the head: complete before the app runs.
+        s.sendall(b"POST /body-ready HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+        assert json.loads(r.response()[2]) == {"ready": True, "after_read": False}
+        # Only the head: the body is still to come, so a read could wait.
+        s.sendall(b"POST /body-ready HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n")
+        time.sleep(0.2)
+        s.sendall(b"abc")
+        assert json.loads(r.response()[2]) == {"ready": False, "after_read": False}
+        # Expect: 100-continue: the client waits for the interim answer, so the body is not there.
+        s.sendall(
+            b"POST /body-ready HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+        )
+        assert r.f.readline().startswith(b"HTTP/1.1 100")
+        r.f.readline()
+        s.sendall(b"ok")
+        assert json.loads(r.response()[2]) == {"ready": False, "after_read": False}
+    # Not this server's receive (another server, a test client): never claimed.
+    assert body_received(lambda: None) is False
 
 
 def test_declared_length_sent_in_pieces(server: int) -> None:
