@@ -178,6 +178,11 @@ class UpstreamResponse:
                 raise self._exc
             await self._wait()
 
+    @property
+    def at_eof(self) -> bool:
+        """The whole body has arrived and was read: the next ``readany()`` returns ``b""`` at once."""
+        return self._eof and not self._chunks
+
     async def readany(self) -> bytes:
         """What arrived since the last read (waiting for something); ``b""`` at the end of the body."""
         while True:

@@ -135,11 +135,13 @@ class _Relay:
                 self.ctx.completion_tokens = usage.completion_tokens
         return events
 
-    async def events(self, events: bytes) -> None:
+    def take(self, events: bytes) -> bytes:
+        """Account for complete events about to go to the client (usage, first-token time, gaps, bytes);
+        returns the bytes to send (without a hidden usage chunk; empty when nothing is left)."""
         if self.typed is not None or USAGE_KEY in events:  # the cheap test first: most events hold no usage
             events = self.usage(events)
             if not events:
-                return
+                return b""
         ctx = self.ctx
         now = time.perf_counter()
         if ctx.first_token_at is None:
@@ -151,7 +153,12 @@ class _Relay:
         ctx.bytes_out += len(events)
         if events.endswith(DONE_EVENT):
             self.saw_done = True
-        await self.send({"type": "http.response.body", "body": events, "more_body": True})
+        return events
+
+    async def events(self, events: bytes) -> None:
+        data = self.take(events)
+        if data:
+            await self.send({"type": "http.response.body", "body": data, "more_body": True})
 
     def rest(self, buf: bytes) -> tuple[bytes, StreamEnd | None]:
         """The stream ended: what is left to send, and whether the end was premature."""
@@ -164,8 +171,12 @@ class _Relay:
         return buf + _tail(StreamEnd.TRUNCATED), StreamEnd.TRUNCATED
 
 
-async def _pump(relay: _Relay, resp: UpstreamResponse, buf: bytes, limits: StreamLimits) -> bytes:
-    """Relay complete events until the engine ends the stream; returns the unterminated rest.
+async def _pump(
+    relay: _Relay, resp: UpstreamResponse, buf: bytes, limits: StreamLimits
+) -> tuple[bytes, bytes]:
+    """Relay complete events until the engine ends the stream; returns (the unterminated rest, the last
+    events, held back to go out together with the stream's end when the engine's answer had already
+    ended as they were read: one write instead of two).
 
     Each read waits at most ``idle`` seconds (never past the total deadline): the response's ``deadline``
     is moved before every read, and its one timer re-arms itself only when it fires (gateway/upstream.py).
@@ -175,12 +186,14 @@ async def _pump(relay: _Relay, resp: UpstreamResponse, buf: bytes, limits: Strea
     while True:
         events, buf = split_complete(buf)
         if events:
+            if not buf and resp.at_eof:
+                return b"", relay.take(events)
             await relay.events(events)
         wake = loop.time() + idle
         resp.deadline = wake if total_at is None or wake < total_at else total_at
         chunk = await resp.readany()
         if not chunk:
-            return buf
+            return buf, b""
         buf += chunk
         if drain.drain_expired:
             raise _DrainDeadline()
@@ -200,8 +213,9 @@ async def relay_stream(
     await start_stream(ctx, resp.status, send)
     relay = _Relay(ctx, send, typed, on_response_id)
     end: StreamEnd | None
+    held = b""
     try:
-        rest = await _pump(relay, resp, first, limits)
+        rest, held = await _pump(relay, resp, first, limits)
     except _DrainDeadline:
         end, tail = StreamEnd.DRAIN_DEADLINE, _tail(StreamEnd.DRAIN_DEADLINE)
     except TimeoutError:
@@ -219,5 +233,5 @@ async def relay_stream(
     if end is not None:
         ctx.end(end)
     ctx.bytes_out += len(tail)
-    await send({"type": "http.response.body", "body": tail, "more_body": False})
+    await send({"type": "http.response.body", "body": held + tail if held else tail, "more_body": False})
     return end

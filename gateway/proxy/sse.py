@@ -80,7 +80,10 @@ _USAGE_CHUNK = msgspec.json.Decoder(_UsageChunk)
 
 def _usage_event(event: bytes) -> tuple[Usage | None, bool]:
     """(usage, is the usage-only chunk) of one event that may hold usage."""
-    data = _data_of(event)
+    if event.startswith(b"data: ") and event.find(b"\n") >= len(event) - 2:
+        data: bytes | None = event[6:].rstrip(b"\n")  # the usual shape: one data line
+    else:
+        data = _data_of(event)
     if data is None or not data.lstrip().startswith(b"{"):
         return None, False
     try:
@@ -97,34 +100,29 @@ def _usage_event(event: bytes) -> tuple[Usage | None, bool]:
 def take_usage(events: bytes, hide: bool) -> tuple[bytes, Usage | None]:
     """Read the usage out of complete events; drop the usage-only chunk (``"choices":[]``) when ``hide``.
 
-    Returns the events to relay (byte-identical but for a dropped event) and the last usage seen. Only the
-    events around a ``"usage": {`` are looked at: a read holding many token events costs one search."""
-    i = events.find(USAGE_KEY)
-    if i < 0:
-        return events, None
-    usage: Usage | None = None
-    pieces: list[bytes] = []
-    kept_from = 0  # start of the bytes not yet copied into pieces (only used once something is dropped)
-    while i >= 0:
-        # A plain search for '"usage"' (fast), then the ': {' after it; "usage": null does not count.
+    Returns the events to relay (byte-identical but for a dropped event) and the last usage in them. Only the
+    last event holding a ``"usage": {...}`` is read (searched from the end, where the usage chunk comes): an
+    earlier one (an engine's per-chunk usage stats) is superseded by it, and a stream has one usage-only
+    chunk at most, its last."""
+    end = len(events)
+    while True:
+        i = events.rfind(USAGE_KEY, 0, end)
+        if i < 0:
+            return events, None
+        end = i
         if _USAGE_TAIL.match(events, i + len(USAGE_KEY)) is None:
-            i = events.find(USAGE_KEY, i + 1)
-            continue
+            continue  # "usage": null, or the word inside a string: look further back
         start = events.rfind(_SEP, 0, i)
         start = 0 if start < 0 else start + 2
-        end = events.find(_SEP, i)
-        end = len(events) if end < 0 else end + 2
-        found, usage_only = _usage_event(events[start:end])
-        if found is not None:
-            usage = found
-            if hide and usage_only:
-                pieces.append(events[kept_from:start])
-                kept_from = end
-        i = events.find(USAGE_KEY, end)  # the next event
-    if not pieces:
-        return events, usage
-    pieces.append(events[kept_from:])
-    return b"".join(pieces), usage
+        stop = events.find(_SEP, i)
+        stop = len(events) if stop < 0 else stop + 2
+        found, usage_only = _usage_event(events[start:stop])
+        if found is None:
+            end = start  # not an event we can read: the one before may be
+            continue
+        if hide and usage_only:
+            return events[:start] + events[stop:], found
+        return events, found
 
 
 def ends_with_done(data: bytes) -> bool:
