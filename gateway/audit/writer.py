@@ -192,19 +192,25 @@ class AuditWriter:
         self.last_fsync = time.monotonic()
         while not stopping:
             batch: list[Any] = []
-            try:
-                async with asyncio.timeout(self._next_timeout(dirty)):
-                    batch.append(await q.get())
-            except TimeoutError:
-                pass
+            # Callers wait for room only while the queue is full (wait_for_room): they are woken below then.
+            was_full = q.full()
+            if not q.empty():  # records waiting: no timer to arm, no wait
+                batch.append(q.get_nowait())
+            else:
+                try:
+                    async with asyncio.timeout(self._next_timeout(dirty)):
+                        batch.append(await q.get())
+                except TimeoutError:
+                    pass
             if batch and self.settings.write_delay > 0 and batch[0] is not _STOP:
                 await asyncio.sleep(self.settings.write_delay)
+            was_full = was_full or q.full()
             while len(batch) < _MAX_BATCH:
                 try:
                     batch.append(q.get_nowait())
                 except asyncio.QueueEmpty:
                     break
-            if batch:
+            if batch and was_full:
                 room, self._room = self._room, asyncio.Event()
                 room.set()
             if batch and batch[-1] is _STOP or _STOP in batch:
@@ -290,7 +296,10 @@ def _minimal_record(ctx: RequestContext) -> dict[str, Any]:
     return {
         "@timestamp": iso_utc(ctx.started_wall),
         "event": {"kind": "event", "action": ctx.route, "id": ctx.request_id},
-        "http": {"request": {"id": ctx.client_request_id or ctx.request_id}, "response": {"status_code": ctx.status}},
+        "http": {
+            "request": {"id": ctx.client_request_id or ctx.request_id},
+            "response": {"status_code": ctx.status},
+        },
         "llm": {"decision": ctx.decision, "reason": ctx.reason, "model": ctx.model},
     }
 

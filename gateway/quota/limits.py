@@ -116,6 +116,13 @@ def format_reset(seconds: float) -> str:
     return sec
 
 
+def _reset_bytes(seconds: float) -> bytes:
+    """:func:`format_reset` as header bytes; below a second (the usual case) without the general path."""
+    if 0 < seconds < 0.9995:
+        return b"%dms" % max(int(round(seconds * 1000)), 1)
+    return format_reset(seconds).encode()
+
+
 def parse_reset(text: str) -> float:
     """Inverse of :func:`format_reset` (for clients and tests)."""
     total, num = 0.0, ""
@@ -156,10 +163,10 @@ def rate_limit_headers(buckets: tuple[Bucket, ...], states: list[BucketState]) -
         out.append(
             (b"x-ratelimit-remaining-requests", b"%d" % min(max(st.req_remaining, 0), buckets[rb].rpm))
         )
-        out.append((b"x-ratelimit-reset-requests", format_reset(st.req_reset).encode()))
+        out.append((b"x-ratelimit-reset-requests", _reset_bytes(st.req_reset)))
     if tb >= 0:
         st = states[tb]
         out.append((b"x-ratelimit-limit-tokens", b"%d" % buckets[tb].tpm))
         out.append((b"x-ratelimit-remaining-tokens", b"%d" % min(max(st.tok_remaining, 0), buckets[tb].tpm)))
-        out.append((b"x-ratelimit-reset-tokens", format_reset(st.tok_reset).encode()))
+        out.append((b"x-ratelimit-reset-tokens", _reset_bytes(st.tok_reset)))
     return out
