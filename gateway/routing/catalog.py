@@ -57,11 +57,15 @@ class CatalogView:
         return (name in self.models) if self.known_models else None
 
 
+def _catalog_replicas(endpoints: list[Any]) -> list[Any]:
+    """Whose catalogs speak for a pool: the healthy replicas; all of them when none is healthy."""
+    return [e for e in endpoints if e.healthy] or list(endpoints)
+
+
 def merged(endpoints: list[Any]) -> CatalogView:
-    """The catalog of a pool: healthy replicas first; all of them when none is healthy."""
-    eps = [e for e in endpoints if e.healthy] or list(endpoints)
+    """The catalog of a pool (the union over ``_catalog_replicas``)."""
     view = CatalogView()
-    for ep in eps:
+    for ep in _catalog_replicas(endpoints):
         cat: EngineCatalog | None = getattr(ep, "catalog", None)
         if cat is None:
             continue
@@ -77,15 +81,8 @@ def merged(endpoints: list[Any]) -> CatalogView:
 
 def pool_serves_path(endpoints: list[Any], path: str) -> bool | None:
     """``merged(endpoints).serves_path(path)`` without building the merged view (once per request)."""
-    healthy = False
-    for e in endpoints:
-        if e.healthy:
-            healthy = True
-            break
     known = False
-    for ep in endpoints:
-        if healthy and not ep.healthy:
-            continue
+    for ep in _catalog_replicas(endpoints):
         cat: EngineCatalog | None = getattr(ep, "catalog", None)
         if cat is None or cat.paths is None:
             continue
