@@ -45,13 +45,21 @@ class JsonFormatter(logging.Formatter):
 
 def line(level: str, logger: str, msg: str, fields: dict[str, Any]) -> str:
     """The line :class:`JsonFormatter` writes for such a record (``fields`` = the record's extras)."""
+    return _line(level, logger, msg, fields).decode()
+
+
+def _line(level: str, logger: str, msg: str, fields: dict[str, Any]) -> bytes:
     now = time.time()
     out = {"ts": _ts(now, (now - int(now)) * 1000.0), "level": level, "logger": logger, "msg": msg}
     out.update(fields)
     try:
-        return _ENCODER.encode(out).decode()
+        return _ENCODER.encode(out)
     except (TypeError, ValueError, OverflowError):
-        return json.dumps(out, default=str, ensure_ascii=True)
+        return json.dumps(out, default=str, ensure_ascii=True).encode()
+
+
+def _utf8(stream: Any) -> bool:
+    return str(getattr(stream, "encoding", "")).lower().replace("-", "").replace("_", "") == "utf8"
 
 
 # The handler configure() installed on the root logger (None until it ran).
@@ -69,7 +77,7 @@ class BatchedLines:
 
     def __init__(self, logger: logging.Logger) -> None:
         self.logger = logger
-        self.pending: list[str] = []
+        self.pending: list[bytes] = []
         self.scheduled = False
         atexit.register(self.flush)
 
@@ -84,7 +92,14 @@ class BatchedLines:
         return h
 
     def write(self, text: str) -> None:
-        self.pending.append(text)
+        self.write_bytes(text.encode())
+
+    def write_fields(self, level: str, logger: str, msg: str, fields: dict[str, Any]) -> None:
+        """:func:`line` of these, queued as bytes (no decode and encode again on the way out)."""
+        self.write_bytes(_line(level, logger, msg, fields))
+
+    def write_bytes(self, data: bytes) -> None:
+        self.pending.append(data)
         if not self.scheduled:
             try:
                 asyncio.get_running_loop().call_soon(self.flush)
@@ -102,8 +117,16 @@ class BatchedLines:
             return
         h.acquire()
         try:
-            h.stream.write("\n".join(lines) + "\n")
-            h.stream.flush()
+            data = b"\n".join(lines) + b"\n"
+            stream = h.stream
+            buf = getattr(stream, "buffer", None)
+            if buf is not None and _utf8(stream):  # a UTF-8 text stream over bytes (stderr): its text first
+                stream.flush()
+                buf.write(data)
+                buf.flush()
+            else:
+                stream.write(data.decode())
+                stream.flush()
         except (OSError, ValueError):  # stderr closed: as logging does, never fail the request for it
             pass
         finally:

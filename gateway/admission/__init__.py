@@ -109,9 +109,11 @@ class AuditBackpressure:
         from gateway.hooks import NoAdmissionControl
 
         self._gate = AuditGate(NoAdmissionControl(), writer)
+        self._writer = writer
 
     async def admit(self, ctx: RequestContext) -> Ticket | None:
-        await self._gate.admit(ctx)
+        if self._writer.queue.full():  # the gate holds or refuses only while the queue is full
+            await self._gate.admit(ctx)
         return None
 
 

@@ -17,8 +17,15 @@ class Principal:
     models: frozenset[str] = field(default_factory=lambda: frozenset({"*"}))
     scopes: frozenset[str] = field(default_factory=frozenset)
 
-    @property
-    def id(self) -> str:
+    # Derived once (a principal is built per key or verified token, then read by every request).
+    id: str = field(init=False, repr=False, compare=False)
+    quota_names: tuple[str, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "id", self._id())
+        object.__setattr__(self, "quota_names", self._quota_names())
+
+    def _id(self) -> str:
         """The caller's identity, namespaced by credential kind (and issuer): ``key:<subject>`` for an API key,
         ``jwt:<issuer>#<sub>`` for a token, ``anonymous``. A token's ``sub`` can never name an API key's
         identity (quota buckets, audit ``user.id``), nor a subject of another issuer."""
@@ -28,8 +35,7 @@ class Principal:
             return f"jwt:{self.key_id}#{self.subject}"
         return self.kind if self.subject == self.kind else f"{self.kind}:{self.subject}"
 
-    @property
-    def quota_names(self) -> tuple[str, ...]:
+    def _quota_names(self) -> tuple[str, ...]:
         """Names under which the quota config may give this caller limits, most specific first: an API key
         by its id or subject (or ``key:<...>``); a token only by its full :attr:`id`."""
         if self.kind == "api_key":

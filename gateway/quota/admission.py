@@ -42,6 +42,13 @@ _LOG_EVERY = 10.0
 _MAX_DEFERRED = 10_000
 
 
+def _needs_lease(buckets: tuple[Bucket, ...]) -> bool:
+    for b in buckets:
+        if b.concurrency:
+            return True
+    return False
+
+
 class QuotaTicket:
     """A reservation: ``cost`` tokens and (when limited) a concurrency slot, returned or corrected by settle."""
 
@@ -134,7 +141,7 @@ class QuotaAdmission:
                     headers={"retry-after": "60"},
                     reason="rate_limited",
                 )
-        lease = unique_id() if any(b.concurrency for b in buckets) else ""
+        lease = unique_id() if _needs_lease(buckets) else ""
         limiter, decision = await self._acquire(buckets, cost, lease)
         ctx.response_headers.extend(rate_limit_headers(buckets, decision.states))
         if not decision.allowed:

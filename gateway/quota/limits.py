@@ -10,7 +10,7 @@ fixed windows. Settling a reservation moves TAT by ``(real - reserved) * T`` (a 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.quota.config import Limits, QuotaSettings
 
@@ -27,6 +27,22 @@ class Bucket:
     rpm: int = 0
     tpm: int = 0
     concurrency: int = 0
+    # Derived once: the resource keys, GCRA intervals and the constant x-ratelimit-limit-* headers.
+    req_key: str = field(init=False, repr=False, compare=False)
+    tok_key: str = field(init=False, repr=False, compare=False)
+    req_interval: float = field(init=False, repr=False, compare=False)
+    tok_interval: float = field(init=False, repr=False, compare=False)
+    req_limit_header: tuple[bytes, bytes] = field(init=False, repr=False, compare=False)
+    tok_limit_header: tuple[bytes, bytes] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        put = object.__setattr__
+        put(self, "req_key", self.key + ":r")
+        put(self, "tok_key", self.key + ":t")
+        put(self, "req_interval", PERIOD / self.rpm if self.rpm else 0.0)
+        put(self, "tok_interval", PERIOD / self.tpm if self.tpm else 0.0)
+        put(self, "req_limit_header", (b"x-ratelimit-limit-requests", b"%d" % self.rpm))
+        put(self, "tok_limit_header", (b"x-ratelimit-limit-tokens", b"%d" % self.tpm))
 
 
 @dataclass(slots=True)
@@ -159,14 +175,14 @@ def rate_limit_headers(buckets: tuple[Bucket, ...], states: list[BucketState]) -
     out: list[tuple[bytes, bytes]] = []
     if rb >= 0:
         st = states[rb]
-        out.append((b"x-ratelimit-limit-requests", b"%d" % buckets[rb].rpm))
-        out.append(
-            (b"x-ratelimit-remaining-requests", b"%d" % min(max(st.req_remaining, 0), buckets[rb].rpm))
-        )
+        b = buckets[rb]
+        out.append(b.req_limit_header)
+        out.append((b"x-ratelimit-remaining-requests", b"%d" % min(max(st.req_remaining, 0), b.rpm)))
         out.append((b"x-ratelimit-reset-requests", _reset_bytes(st.req_reset)))
     if tb >= 0:
         st = states[tb]
-        out.append((b"x-ratelimit-limit-tokens", b"%d" % buckets[tb].tpm))
-        out.append((b"x-ratelimit-remaining-tokens", b"%d" % min(max(st.tok_remaining, 0), buckets[tb].tpm)))
+        b = buckets[tb]
+        out.append(b.tok_limit_header)
+        out.append((b"x-ratelimit-remaining-tokens", b"%d" % min(max(st.tok_remaining, 0), b.tpm)))
         out.append((b"x-ratelimit-reset-tokens", _reset_bytes(st.tok_reset)))
     return out

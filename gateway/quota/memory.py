@@ -20,6 +20,11 @@ class MemoryLimiter:
         self._leases: dict[str, set[str]] = {}
 
     def acquire(self, buckets: tuple[Bucket, ...], cost: int, lease: str) -> Decision:
+        if len(buckets) == 1:
+            return self._acquire_one(buckets[0], cost, lease)
+        return self._acquire_many(buckets, cost, lease)
+
+    def _acquire_many(self, buckets: tuple[Bucket, ...], cost: int, lease: str) -> Decision:
         now = self.clock()
         tat = self._tat
         reason: str | None = None
@@ -76,13 +81,69 @@ class MemoryLimiter:
             self._prune(now)
         return Decision(True, None, 0.0, states)
 
+    def _acquire_one(self, b: Bucket, cost: int, lease: str) -> Decision:
+        """:meth:`acquire` for one bucket (the usual case: a principal's own limits), the same arithmetic
+        without the per-bucket plan."""
+        now = self.clock()
+        tat = self._tat
+        reason: str | None = None
+        retry = 0.0
+        limit = PERIOD + TOLERANCE
+        st = BucketState()
+        if b.rpm:
+            ir = b.req_interval
+            cr = tat.get(b.req_key, now)
+            if cr < now:
+                cr = now
+            nr = cr + ir
+            if nr - now > limit:
+                reason = "requests"
+                retry = nr - now - PERIOD
+        if b.tpm:
+            it = b.tok_interval
+            ct = tat.get(b.tok_key, now)
+            if ct < now:
+                ct = now
+            nt = ct + cost * it
+            if nt - now > limit:
+                reason = reason or "tokens"
+                retry = max(retry, nt - now - PERIOD)
+        if b.concurrency and len(self._leases.get(b.key, ())) >= b.concurrency:
+            reason = reason or "concurrency"
+            retry = max(retry, 1.0)
+        if reason is not None:
+            if b.rpm:
+                st.req_remaining, st.req_reset = gcra_state(cr, now, ir)
+            if b.tpm:
+                st.tok_remaining, st.tok_reset = gcra_state(ct, now, it)
+            return Decision(False, reason, retry, [st])
+        if b.rpm:
+            tat[b.req_key] = nr
+            used = nr - now
+            st.req_remaining = max(int((limit - used) / ir), 0)
+            st.req_reset = used
+        if b.tpm:
+            if cost:
+                tat[b.tok_key] = nt
+            used = nt - now if nt > now else 0.0
+            st.tok_remaining = max(int((limit - used) / it), 0)
+            st.tok_reset = used
+        if b.concurrency:
+            leases = self._leases.get(b.key)
+            if leases is None:
+                leases = self._leases[b.key] = set()
+            leases.add(lease)
+        if len(tat) > 50_000:
+            self._prune(now)
+        return Decision(True, None, 0.0, [st])
+
     def release(self, buckets: tuple[Bucket, ...], lease: str, token_delta: int) -> None:
         now = self.clock()
         tat = self._tat
         for b in buckets:
             if b.tpm and token_delta:
-                k = b.key + ":t"
-                interval = PERIOD / b.tpm
+                k = b.tok_key
+                interval = b.tok_interval
                 if token_delta > 0:
                     tat[k] = max(tat.get(k, now), now) + token_delta * interval
                 elif k in tat:

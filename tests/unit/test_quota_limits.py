@@ -195,3 +195,39 @@ def test_headers_pick_the_most_constrained_bucket():
     assert h[b"x-ratelimit-limit-requests"] == b"10" and h[b"x-ratelimit-remaining-requests"] == b"3"
     assert h[b"x-ratelimit-reset-requests"] == b"42s"
     assert h[b"x-ratelimit-limit-tokens"] == b"50" and h[b"x-ratelimit-remaining-tokens"] == b"40"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_one_bucket_fast_path_decides_like_the_general_path(seed):
+    """A principal's single bucket takes a shorter path through the limiter: every decision, state and
+    stored TAT must be what the general (several buckets) path gives, refusals and releases included."""
+    import random
+
+    rng = random.Random(seed)
+    bucket = Bucket(
+        "p:x",
+        rpm=rng.choice([0, 3, 50]),
+        tpm=rng.choice([0, 200, 5000]),
+        concurrency=rng.choice([0, 1, 3]),
+    )
+    clock = Clock()
+    fast, general = MemoryLimiter(clock), MemoryLimiter(clock)
+    held: list[str] = []
+    for i in range(300):
+        clock.t += rng.choice([0.0, 0.05, 0.5, 3.0])
+        if held and rng.random() < 0.4:
+            lease = held.pop(rng.randrange(len(held)))
+            delta = rng.randint(-50, 50)
+            fast.release((bucket,), lease, delta)
+            general.release((bucket,), lease, delta)
+            continue
+        cost, lease = rng.randint(0, 400), f"l{i}"
+        a = fast.acquire((bucket,), cost, lease)
+        b = general._acquire_many((bucket,), cost, lease)
+        assert (a.allowed, a.reason) == (b.allowed, b.reason)
+        assert a.retry_after == pytest.approx(b.retry_after)
+        assert a.states == b.states
+        assert fast.tat("p:x:r") == general.tat("p:x:r") and fast.tat("p:x:t") == general.tat("p:x:t")
+        assert fast.in_flight("p:x") == general.in_flight("p:x")
+        if a.allowed:
+            held.append(lease)
