@@ -8,10 +8,11 @@ import re
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 
 from gateway.context import RequestContext
 from gateway.metrics.collector import StateCollector, TelemetrySources
+from gateway.metrics.fast import FastCounter, FastHistogram
 from gateway.settings import GatewaySettings
 
 # End-to-end latency and TTFT: tens of milliseconds (the 500 ms p99 objective sits on a bucket edge)
@@ -94,47 +95,47 @@ class GatewayMetrics:
             tenants, 0 if tenant_allow_list_only else tenant_top_n, reserved=(UNAUTHENTICATED,)
         )
         r = self.registry
-        self.requests = Counter(
+        self.requests = FastCounter(
             "llm_gateway_requests",
             "Requests by model, route, status class, decision and tenant",
             ["model", "route", "status_class", "decision", "tenant"],
             registry=r,
         )
-        self.latency = Histogram(
+        self.latency = FastHistogram(
             "llm_gateway_request_duration_seconds",
             "End-to-end request latency",
             ["model", "route"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.ttft = Histogram(
+        self.ttft = FastHistogram(
             "llm_gateway_time_to_first_token_seconds",
             "Time to first token of streamed responses (first content chunk)",
             ["model"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.itl = Histogram(
+        self.itl = FastHistogram(
             "llm_gateway_inter_token_latency_seconds",
             "Gap between streamed chunks",
             ["model"],
             buckets=ITL_BUCKETS,
             registry=r,
         )
-        self.overhead = Histogram(
+        self.overhead = FastHistogram(
             "llm_gateway_overhead_seconds",
             "Time spent inside the gateway before forwarding",
             ["route"],
             buckets=OVERHEAD_BUCKETS,
             registry=r,
         )
-        self.prompt_tokens = Counter(
+        self.prompt_tokens = FastCounter(
             "llm_gateway_prompt_tokens", "Prompt tokens (from usage)", ["model", "tenant"], registry=r
         )
-        self.completion_tokens = Counter(
+        self.completion_tokens = FastCounter(
             "llm_gateway_completion_tokens", "Completion tokens (from usage)", ["model", "tenant"], registry=r
         )
-        self.upstream_errors = Counter(
+        self.upstream_errors = FastCounter(
             "llm_gateway_upstream_errors",
             "Upstream faults by kind (connect, timeout, http_5xx, stream_broken, stream_idle_timeout, broken, "
             "no_healthy_replica), counting every failed attempt, retried or not",

@@ -34,7 +34,7 @@ class DrainFlag(Protocol):
     drain_expired: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # one per request: plain attribute stores (a frozen init costs more)
 class StreamLimits:
     idle: float
     total_at: float | None

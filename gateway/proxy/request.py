@@ -34,7 +34,7 @@ class ClientLeft(Exception):
     """The client disconnected while its request was being read or relayed."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # one per request: plain attribute stores (a frozen init costs more)
 class ProxyRequest:
     """What the gateway knows about one proxied request once it is parsed and validated."""
 
@@ -209,6 +209,12 @@ def upstream_body(body: dict[str, Any], raw: bytes, mcfg: ModelConfig, force_usa
     if mcfg.upstream_model and mcfg.upstream_model != body["model"]:
         body = dict(body, model=mcfg.upstream_model)
         changed = True
+    if force_usage and not changed and "stream_options" not in body:
+        # The usual streamed request (no stream_options): the client's bytes with the key added at the end,
+        # instead of encoding the whole body again. ``raw`` is a JSON object (parsed above) with a member.
+        end = raw.rstrip()
+        if body and end.endswith(b"}"):
+            return end[:-1] + b',"stream_options":{"include_usage":true}}'
     if force_usage:
         body = dict(body, stream_options=dict(body.get("stream_options") or {}, include_usage=True))
         changed = True

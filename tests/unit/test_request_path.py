@@ -177,6 +177,24 @@ def test_parse_asks_a_stream_for_usage_and_renames_the_model_for_the_engine():
 
 
 @pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model": "m", "prompt": "hi", "stream": true}',
+        b'{"model":"m","prompt":"caf\xc3\xa9 \\u00e9","stream":true,"n":1}  \n',
+        b'{"model": "m", "prompt": "hi", "stream": true, "stream_options": {}}',
+        b'{"model": "m", "prompt": "hi", "stream": true, "stream_options": {"include_usage": false}}',
+    ],
+)
+def test_a_stream_without_usage_asks_the_engine_for_it_and_keeps_every_other_member(raw):
+    body, raw2 = read_json(CHAT, raw, settings())
+    req = parse_request(CHAT, body, raw2, [], "r", settings())
+    sent = json.loads(req.upstream_body)
+    assert sent.pop("stream_options") == {"include_usage": True}
+    body.pop("stream_options", None)
+    assert sent == body and not req.client_wants_usage
+
+
+@pytest.mark.parametrize(
     "route, body, status, param",
     [
         (CHAT, {"prompt": "x"}, 400, "model"),
