@@ -82,6 +82,8 @@ CONNECTION_KEY = "gateway.connection"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _INTERNAL_ERROR = error_bytes(500, "Internal server error.", "internal_error", "server_error")
 _NO_BODY_STATUS = frozenset((204, 304))
+# Response headers that change how the body is framed or whether the connection stays open.
+_FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
 
 
 class _HeadTooLarge(Exception):
@@ -209,18 +211,20 @@ class _Request:
             conn.log_access(self.scope, status)
         lines = []
         close = False
+        append = lines.append
         for name, value in headers:
             name = name.lower()
-            if name == b"content-length":
-                if self.remaining < 0 and not self.chunked:
-                    self.remaining = int(value)
-            elif name == b"transfer-encoding":
-                if value.lower() == b"chunked":
-                    self.chunked = True
-                    self.remaining = -1
-            elif name == b"connection" and b"close" in value.lower():
-                close = True
-            lines.append(b"%s: %s\r\n" % (name, value))
+            if name in _FRAMING:  # one set lookup for the usual header, three compares only for these
+                if name == b"content-length":
+                    if self.remaining < 0 and not self.chunked:
+                        self.remaining = int(value)
+                elif name == b"transfer-encoding":
+                    if value.lower() == b"chunked":
+                        self.chunked = True
+                        self.remaining = -1
+                elif b"close" in value.lower():
+                    close = True
+            append(b"%s: %s\r\n" % (name, value))
         # One scan of the app's header lines instead of one per header: each line we built ends with one CRLF,
         # so any other CR or LF came from a name or a value (response splitting).
         block = b"".join(lines)

@@ -111,7 +111,9 @@ class UpstreamResponse:
 
     __slots__ = (
         "status",
-        "headers",
+        "raw_headers",
+        "_headers",
+        "_content_type",
         "deadline",
         "_conn",
         "_loop",
@@ -129,7 +131,11 @@ class UpstreamResponse:
 
     def __init__(self, conn: _Connection, deadline: float | None) -> None:
         self.status = 0
-        self.headers: dict[str, str] = {}
+        # As the parser gave them (name, value); ``headers`` decodes them on first use (most answers are only
+        # asked for their content type).
+        self.raw_headers: list[tuple[bytes, bytes]] = []
+        self._headers: dict[str, str] | None = None
+        self._content_type: bytes | None = None
         self.deadline = deadline
         self._conn: _Connection | None = conn
         self._loop = conn.loop
@@ -143,6 +149,30 @@ class UpstreamResponse:
         self._timer_at = 0.0
         self._got_bytes = False
         self._close_delimited = False
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The headers, lower-case names; a repeated header's values joined with ", "."""
+        h = self._headers
+        if h is None:
+            h = self._headers = {}
+            for name, value in self.raw_headers:
+                k = name.decode("latin-1").lower()
+                v = value.decode("latin-1")
+                h[k] = h[k] + ", " + v if k in h else v
+        return h
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of header ``name`` (lower-case) without decoding the others."""
+        for k, v in self.raw_headers:
+            if k == name or k.lower() == name:
+                return v
+        return None
+
+    @property
+    def content_type(self) -> str:
+        v = self._content_type  # the first Content-Type (kept by the parser callback)
+        return "" if v is None else v.decode("latin-1")
 
     # -- the reader's side
 
@@ -328,10 +358,9 @@ class _Connection(asyncio.Protocol):
             return
         resp = self.resp
         assert resp is not None
-        k = name.decode("latin-1").lower()
-        v = value.decode("latin-1")
-        h = resp.headers
-        h[k] = h[k] + ", " + v if k in h else v
+        resp.raw_headers.append((name, value))
+        if len(name) == 12 and resp._content_type is None and name.lower() == b"content-type":
+            resp._content_type = value  # the one header every answer is asked for
 
     def on_headers_complete(self) -> None:
         resp = self.resp
@@ -339,15 +368,16 @@ class _Connection(asyncio.Protocol):
         status = self.parser.get_status_code()
         if 100 <= status < 200:
             self._skip = True  # an interim answer: the real one follows
-            resp.headers = {}
+            resp.raw_headers = []
+            resp._headers = None
+            resp._content_type = None
             return
         resp.status = status
-        h = resp.headers
         self.keep_alive = keep = self.parser.should_keep_alive()
         resp._close_delimited = (
             not keep
-            and "content-length" not in h
-            and "transfer-encoding" not in h
+            and resp.header(b"content-length") is None
+            and resp.header(b"transfer-encoding") is None
             and status not in (204, 304)
         )
         resp._headers_done = True

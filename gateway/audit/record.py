@@ -145,8 +145,9 @@ def build_record(ctx: RequestContext, content: str = "none", redactor=None) -> d
         "duration_ms": round(duration * 1000, 3),
         "client_gone": ctx.client_gone,
     }
-    if p is not None:
-        llm["auth"] = {"kind": p.kind, "key_id": p.key_id}
+    user, org, auth = _principal_parts(p)
+    if auth is not None:
+        llm["auth"] = auth
     if content != "none":
         spec = ROUTES_BY_NAME.get(ctx.route)
         # Each route's own text fields (a rerank's query and documents, a response's instructions and input).
@@ -166,11 +167,11 @@ def build_record(ctx: RequestContext, content: str = "none", redactor=None) -> d
     start = iso_utc(ctx.started_wall)
     rec: dict[str, Any] = {
         "@timestamp": start,
-        "ecs": {"version": ECS_VERSION},
+        "ecs": _ECS,
         "event": {
             "kind": "event",
-            "category": ["web"],
-            "type": [_EVENT_TYPE.get(ctx.decision, "error")],
+            "category": _CATEGORY,
+            "type": _TYPES.get(ctx.decision, _TYPE_ERROR),
             "action": ctx.route,
             "outcome": "success" if ok else "failure",
             "start": start,
@@ -179,8 +180,8 @@ def build_record(ctx: RequestContext, content: str = "none", redactor=None) -> d
             "id": ctx.request_id,
         },
         # Namespaced by credential kind and issuer (key:<subject>, jwt:<issuer>#<sub>): never ambiguous.
-        "user": _user(p),
-        "organization": {"id": p.tenant if p is not None else None},
+        "user": user,
+        "organization": org,
         "client": {"ip": ctx.client_ip},
         "http": {
             # The client's own X-Request-Id when it sent a valid one (redacted like every identifier), else ours.
@@ -195,6 +196,29 @@ def build_record(ctx: RequestContext, content: str = "none", redactor=None) -> d
         "llm": llm,
     }
     return rec
+
+
+# Parts of every record that never change, shared by all records (they are only read, never changed, after
+# they are built: the chain adds its "audit" member to the record itself).
+_ECS = {"version": ECS_VERSION}
+_CATEGORY = ["web"]
+_TYPES = {k: [v] for k, v in _EVENT_TYPE.items()}
+_TYPE_ERROR = ["error"]
+_NO_PRINCIPAL: tuple[dict[str, Any], dict[str, Any], None] = ({"id": None}, {"id": None}, None)
+_PARTS: dict[tuple[str, str | None, str, str], tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {}
+
+
+def _principal_parts(p: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+    """The ``user``, ``organization`` and ``llm.auth`` objects of a caller, built once per caller."""
+    if p is None:
+        return _NO_PRINCIPAL
+    key = (p.id, p.key_id, p.tenant, p.kind)
+    hit = _PARTS.get(key)
+    if hit is None:
+        if len(_PARTS) >= 8192:
+            _PARTS.clear()
+        hit = _PARTS[key] = (_user(p), {"id": p.tenant}, {"kind": p.kind, "key_id": p.key_id})
+    return hit
 
 
 def _user(p: Any) -> dict[str, Any]:

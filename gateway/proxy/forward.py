@@ -137,7 +137,7 @@ async def _open(job: Forward, url: str) -> tuple[UpstreamResponse, bytes, bool]:
             raise UpstreamFault(
                 Fault.HTTP_5XX, f"replica answered {resp.status}", resp.status, await resp.read()
             )
-        if is_event_stream(resp.status, resp.headers.get("content-type", "")):
+        if is_event_stream(resp.status, resp.content_type):
             return resp, await _first_event(resp), True
         return resp, await resp.read(), False
     except (UpstreamFault, TimeoutError, UpstreamError, OSError) as e:
@@ -197,7 +197,7 @@ async def _attempt(job: Forward, ep: Endpoint, send: Send) -> bool:
             end = await relay_stream(ctx, resp, first, send, limits, typed, on_response_id)
             verdict = FAULT_OF.get(end, "ok") if end is not None else "ok"
         else:
-            ctype = resp.headers.get("content-type", "")
+            ctype = resp.content_type
             route = job.req.route
             await send_whole(
                 ctx, resp.status, ctype, first, send, route.response_transform, route, job.responses

@@ -142,7 +142,11 @@ class QuotaAdmission:
                     reason="rate_limited",
                 )
         lease = unique_id() if _needs_lease(buckets) else ""
-        limiter, decision = await self._acquire(buckets, cost, lease)
+        if self.remote is None:  # in-process limits: nothing to await
+            limiter: MemoryLimiter | RedisLimiter = self.local
+            decision = self.local.acquire(buckets, cost, lease)
+        else:
+            limiter, decision = await self._acquire(buckets, cost, lease)
         ctx.response_headers.extend(rate_limit_headers(buckets, decision.states))
         if not decision.allowed:
             self.metrics.rejected.labels(decision.reason or "requests").inc()

@@ -112,6 +112,12 @@ class Server:
             if served > 1:
                 return False  # closes a reused connection without answering, as a server timing it out
             w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        elif path == "/interim":
+            w.write(
+                b"HTTP/1.1 100 Continue\r\nX-Interim: 1\r\n\r\n"
+                b"HTTP/1.1 200 OK\r\nSet-Thing: a\r\nset-thing: b\r\nCONTENT-TYPE: text/plain\r\n"
+                b"CONTENT-LENGTH: 2\r\n\r\nok"
+            )
         elif path == "/dead":
             return False  # never answers, on any connection
         elif path == "/big":
@@ -402,3 +408,17 @@ async def test_line_breaks_in_headers_are_refused(server: Server) -> None:
         assert server.requests == []
     finally:
         await s.close()
+
+
+async def test_headers_of_the_final_answer_only_case_insensitive_repeats_joined(server: Server) -> None:
+    s = session()
+    try:
+        for _ in range(2):
+            resp = await s.request("GET", server.url + "/interim")
+            assert resp.status == 200 and await resp.read() == b"ok"
+            assert resp.content_type == "text/plain" and resp.header(b"content-length") == b"2"
+            assert resp.headers == {"set-thing": "a, b", "content-type": "text/plain", "content-length": "2"}
+            assert resp.header(b"x-interim") is None
+    finally:
+        await s.close()
+    assert server.conns == 1  # CONTENT-LENGTH framed it: the connection was kept
