@@ -209,7 +209,7 @@ class _Request:
         conn = self.conn
         if conn.access_log:
             conn.log_access(self.scope, status)
-        lines = []
+        lines: list[bytes] = []
         close = False
         append = lines.append
         for name, value in headers:
