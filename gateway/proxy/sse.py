@@ -37,13 +37,7 @@ def usage_of(obj: Any) -> Usage | None:
     usage = obj.get("usage")
     if not isinstance(usage, dict):
         return None
-    pt, ct, total = usage.get("prompt_tokens"), usage.get("completion_tokens"), usage.get("total_tokens")
-    prompt = pt if isinstance(pt, int) else None
-    if isinstance(ct, int):
-        return Usage(prompt, ct)
-    if prompt is not None and isinstance(total, int):
-        return Usage(prompt, total - prompt)
-    return Usage(prompt, None)
+    return _counts(usage.get("prompt_tokens"), usage.get("completion_tokens"), usage.get("total_tokens"))
 
 
 def split_complete(buf: bytes) -> tuple[bytes, bytes]:
@@ -68,11 +62,29 @@ def _data_of(event: bytes) -> bytes | None:
     return b"\n".join(parts) if parts else None
 
 
+class _UsageCounts(msgspec.Struct):
+    """The counts of a ``usage`` object (other members are validated, not built)."""
+
+    prompt_tokens: Any = None
+    completion_tokens: Any = None
+    total_tokens: Any = None
+
+
 class _UsageChunk(msgspec.Struct):
     """An event's JSON read for ``usage`` and ``choices`` only (the rest is validated, not built)."""
 
-    usage: Any = None
+    usage: _UsageCounts | None = None
     choices: Any = None
+
+
+def _counts(pt: Any, ct: Any, total: Any) -> Usage:
+    """The three counts of a usage object as a :class:`Usage` (embeddings report no completion tokens)."""
+    prompt = pt if isinstance(pt, int) else None
+    if isinstance(ct, int):
+        return Usage(prompt, ct)
+    if prompt is not None and isinstance(total, int):
+        return Usage(prompt, total - prompt)
+    return Usage(prompt, None)
 
 
 _USAGE_CHUNK = msgspec.json.Decoder(_UsageChunk)
@@ -89,12 +101,17 @@ def _usage_event(event: bytes) -> tuple[Usage | None, bool]:
     try:
         chunk = _USAGE_CHUNK.decode(data)
     except msgspec.DecodeError:
-        try:  # what the strict decoder refuses (NaN, a lone surrogate) may still be JSON
+        # What the strict decoder refuses (NaN, a lone surrogate, a usage that is not an object) may still be
+        # JSON: read it the general way.
+        try:
             obj = json.loads(data)
         except ValueError:
             return None, False
         return usage_of(obj), isinstance(obj, dict) and obj.get("choices") == []
-    return usage_of({"usage": chunk.usage}), chunk.choices == []
+    u = chunk.usage
+    if u is None:
+        return None, chunk.choices == []
+    return _counts(u.prompt_tokens, u.completion_tokens, u.total_tokens), chunk.choices == []
 
 
 def take_usage(events: bytes, hide: bool) -> tuple[bytes, Usage | None]:
