@@ -21,6 +21,7 @@ from gateway.http_server import CONNECTION_KEY, body_received
 from gateway.outcome import CLIENT_GONE
 from gateway.proxy.forward import DisconnectHook, Forward, _watch_disconnect, forward
 from gateway.proxy.request import (
+    PROXY_HEADERS,
     ClientLeft,
     ProxyRequest,
     RouteSpec,
@@ -29,6 +30,7 @@ from gateway.proxy.request import (
     header,
     parse_request,
     parse_surface_request,
+    pick_headers,
     read_body,
     read_json,
     upstream_body,
@@ -45,7 +47,7 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
 def request_context(
-    headers: Headers, route: str, method: str, client: Any, max_id_chars: int = 128
+    headers: Headers | dict[bytes, bytes], route: str, method: str, client: Any, max_id_chars: int = 128
 ) -> RequestContext:
     """The request context: a new request id of ours (the audit event id), the client's ``X-Request-Id`` kept
     apart when well formed; start time; address."""
@@ -103,12 +105,16 @@ class ProxyEndpoint:
     def __init__(self, state: GatewayState, spec: RouteSpec) -> None:
         self.state = state
         self.spec = spec
+        session = state.settings.routing.session_header
+        # The headers this route reads, picked out of the request's list in one pass.
+        self._wanted = PROXY_HEADERS | ({session.lower().encode("latin-1")} if session else set())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = self.state
         headers: Headers = scope["headers"]
+        picked, credentials = pick_headers(headers, self._wanted)
         ctx = request_context(
-            headers,
+            picked,
             self.spec.route_name,
             scope.get("method", "POST"),
             scope.get("client"),
@@ -122,8 +128,8 @@ class ProxyEndpoint:
         state.in_flight += 1
         try:
             # authenticate from the headers, then read the body (size- and time-limited)
-            raw = await self._read(ctx, headers, receive)
-            req = self._parse(ctx, raw, headers, scope.get("path_params") or {})  # parse: into a ProxyRequest
+            raw = await self._read(ctx, picked, credentials, receive)
+            req = self._parse(ctx, raw, picked, scope.get("path_params") or {})  # parse: into a ProxyRequest
             # authorize -> quota -> audit back-pressure -> overload -> fair queue
             if state.admission_waits:
                 ticket = await self._admit_watching(ctx, headers, receive)
@@ -174,7 +180,13 @@ class ProxyEndpoint:
         ctx.status = ctx.status or 499
         ctx.end(CLIENT_GONE)
 
-    async def _read(self, ctx: RequestContext, headers: Headers, receive: Receive) -> bytes:
+    async def _read(
+        self,
+        ctx: RequestContext,
+        headers: dict[bytes, bytes],
+        credentials: list[tuple[bytes, bytes]],
+        receive: Receive,
+    ) -> bytes:
         """Method and drain checks, the caller's identity from the headers, then the body (size- and
         time-limited).
 
@@ -197,7 +209,7 @@ class ProxyEndpoint:
             limit = getattr(state.settings, spec.body_limit_setting)
         content_length = header(headers, b"content-length")
         try:
-            ctx.principal = await state.auth.authenticate(headers)
+            ctx.principal = await state.auth.authenticate(credentials)
             check_declared_length(content_length, limit)
         except ApiError as e:
             raise closing(e) from None
@@ -220,7 +232,7 @@ class ProxyEndpoint:
         return raw
 
     def _parse(
-        self, ctx: RequestContext, raw: bytes, headers: Headers, path_params: dict[str, str]
+        self, ctx: RequestContext, raw: bytes, headers: dict[bytes, bytes], path_params: dict[str, str]
     ) -> ProxyRequest:
         """The body (JSON, or a multipart form) or the stored response named in the path, validated into the
         immutable ProxyRequest (400/404)."""

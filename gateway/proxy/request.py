@@ -59,11 +59,39 @@ class ProxyRequest:
     pinned_endpoint: str | None = None
 
 
-def header(headers: Headers, name: bytes) -> bytes | None:
+def header(headers: Headers | dict[bytes, bytes], name: bytes) -> bytes | None:
+    """The first value of header ``name`` (lower-case), from the request's header list or from the headers
+    :func:`pick_headers` kept."""
+    if isinstance(headers, dict):
+        return headers.get(name)
     for k, v in headers:
         if k == name:
             return v
     return None
+
+
+# The credential headers (gateway/auth/authenticator.py reads them, and refuses more than one).
+CREDENTIAL_HEADERS = frozenset((b"authorization", b"api-key", b"x-api-key"))
+# Every header the proxied routes read (the session header comes from the settings).
+PROXY_HEADERS = (
+    frozenset((b"x-request-id", b"content-length", b"content-type") + _FORWARDED_HEADERS) | CREDENTIAL_HEADERS
+)
+
+
+def pick_headers(
+    headers: Headers, wanted: frozenset[bytes]
+) -> tuple[dict[bytes, bytes], list[tuple[bytes, bytes]]]:
+    """One pass over the request's headers: the first value of each ``wanted`` header, and every credential
+    header in order (so that two of them can be refused)."""
+    found: dict[bytes, bytes] = {}
+    creds: list[tuple[bytes, bytes]] = []
+    for k, v in headers:
+        if k in wanted:
+            if k in CREDENTIAL_HEADERS:
+                creds.append((k, v))
+            elif k not in found:
+                found[k] = v
+    return found, creds
 
 
 def _too_large(limit: int) -> ApiError:
@@ -224,7 +252,10 @@ def upstream_body(body: dict[str, Any], raw: bytes, mcfg: ModelConfig, force_usa
 
 
 def _upstream_headers(
-    headers: Headers, request_id: str, mcfg: ModelConfig, content_type: str = "application/json"
+    headers: Headers | dict[bytes, bytes],
+    request_id: str,
+    mcfg: ModelConfig,
+    content_type: str = "application/json",
 ) -> dict[str, str]:
     out = {"content-type": content_type, "x-request-id": request_id}
     for name in _FORWARDED_HEADERS:
@@ -236,7 +267,7 @@ def _upstream_headers(
     return out
 
 
-def _session_id(headers: Headers, session_header: bytes | None) -> str | None:
+def _session_id(headers: Headers | dict[bytes, bytes], session_header: bytes | None) -> str | None:
     if not session_header:
         return None
     sid = header(headers, session_header)
@@ -256,7 +287,7 @@ def parse_request(
     route: RouteSpec,
     body: dict[str, Any],
     raw: bytes,
-    headers: Headers,
+    headers: Headers | dict[bytes, bytes],
     request_id: str,
     settings: GatewaySettings,
 ) -> ProxyRequest:
@@ -287,7 +318,11 @@ def parse_request(
 
 
 def parse_surface_request(
-    route: RouteSpec, sreq: SurfaceRequest, headers: Headers, request_id: str, settings: GatewaySettings
+    route: RouteSpec,
+    sreq: SurfaceRequest,
+    headers: Headers | dict[bytes, bytes],
+    request_id: str,
+    settings: GatewaySettings,
 ) -> ProxyRequest:
     """A request whose model is not in a JSON body (a multipart form, a stored response's id); its bytes go
     to the engine as they came."""
