@@ -16,6 +16,8 @@
 #   $SCALE_DIR/perf/    the side-by-side harness: gen_nginx.py, wrk/chat.lua, proxies/proxy_asgi.py,
 #                       ours/full.yaml, ours/full-redis.yaml
 #   $SCALE_DIR/scripts/ this script and bench_scaling.py (the device gets the session's checkout, not a branch)
+#   $SCALE_DIR/src/     optional: the gateway tree to measure (git archive <commit> gateway configkit objectstore,
+#                       with the commit in src/COMMIT); without it, the checkout itself (GATEWAY_SRC overrides)
 # Command (device tool, from the repository root; $OUT is the folder whose files come back):
 #   run(kind=nvidia-h200, carry=[".scale"], timeout_s=600,
 #       command="bash .scale/scripts/gpu/proxy_scaling_h200.sh")
@@ -36,11 +38,13 @@ for b in wrk nginx redis-server; do
   chmod +x /tmp/scale-bin/$b
 done
 export PATH=/tmp/scale-bin:$PATH
+SRC="${GATEWAY_SRC:-$PWD}"; [ -z "${GATEWAY_SRC:-}" ] && [ -d "$S/src/gateway" ] && SRC="$S/src"
+SRC="$(cd "$SRC" && pwd)"; echo "gateway tree: $SRC $(cat "$SRC/COMMIT" 2>/dev/null || git -C "$SRC" rev-parse HEAD 2>/dev/null)"
 wrk --version 2>&1 | head -1; nginx -v 2>&1; redis-server --version
 echo "taskset: $(taskset -p $$ 2>&1)"
-PYTHONPATH=/tmp/site:$PWD python3 -c "import gateway.app, gateway.serve, uvicorn, uvloop, aiohttp; print('imports ok')" \
+PYTHONPATH=/tmp/site:$SRC python3 -c "import gateway.app, gateway.serve, uvicorn, uvloop, aiohttp; print('imports ok')" \
   || { echo "gateway import failed"; exit 1; }
-PYTHONUNBUFFERED=1 python3 "$here/bench_scaling.py" --perf "$S/perf" --repo "$PWD" --python python3 --out "$OUT" \
+PYTHONUNBUFFERED=1 python3 "$here/bench_scaling.py" --perf "$S/perf" --repo "$SRC" --python python3 --out "$OUT" \
   --systems "${SYSTEMS:-bare-1w,bare-2w,mem-1w,mem-2w,redis-1w,redis-2w}" --modes "${MODES:-json,sse}" \
   --rounds "${ROUNDS:-2}" --duration "${DURATION:-8}" --warmup "${WARMUP:-2}" --conns "${CONNS:-128,64}" \
   --budget-s "${BUDGET_S:-430}" --hard-s "${HARD_S:-520}" --port-base "${PORT_BASE:-18000}"
