@@ -519,42 +519,7 @@ class Bench:
 
     # -- results
     def summary(self) -> list[dict[str, Any]]:
-        rows = []
-        for system in self.a.systems:
-            for mode in self.a.modes:
-                for c in self.a.conns:
-                    rs = [r for r in self.runs if (r["system"], r["mode"], r["conns"]) == (system, mode, c)]
-                    if not rs:
-                        continue
-
-                    def med(k: str, rs: list[dict[str, Any]] = rs) -> float:
-                        return statistics.median(r[k] for r in rs)
-
-                    rows.append(
-                        {
-                            "system": system,
-                            "mode": mode,
-                            "conns": c,
-                            "n": len(rs),
-                            "rps": med("rps"),
-                            "rps_rounds": [round(r["rps"]) for r in rs],
-                            "p50_ms": med("p50_ms"),
-                            "p99_ms": med("p99_ms"),
-                            "system_us_per_req": med("system_us_per_req"),
-                            "system_cores": med("system_cores"),
-                            "redis_us_per_req": med("redis_us_per_req"),
-                            "errors": sum(r["err_total"] for r in rs),
-                            "cpu_s_by_process": [r["per_process_cpu_s"] for r in rs],
-                        }
-                    )
-        idx = {(r["system"], r["mode"], r["conns"]): r for r in rows}
-        for r in rows:
-            kind, w = r["system"].split("-")
-            one = idx.get((f"{kind}-1w", r["mode"], r["conns"]))
-            bare = idx.get((f"bare-{w}", r["mode"], r["conns"]))
-            r["vs_1w"] = r["rps"] / one["rps"] if one else None
-            r["vs_bare"] = r["rps"] / bare["rps"] if bare else None
-        return rows
+        return summarize(self.runs, self.a.systems, self.a.modes, self.a.conns)
 
     def write(self) -> None:
         rows = self.summary()
@@ -564,6 +529,78 @@ class Bench:
             json.dump(data, f, indent=1)
         with open(os.path.join(self.a.out, "scaling.md"), "w") as f:
             f.write(markdown(data))
+
+
+def summarize(
+    runs: list[dict[str, Any]], systems: list[str], modes: list[str], conns: list[int]
+) -> list[dict[str, Any]]:
+    rows = []
+    for system in systems:
+        for mode in modes:
+            for c in conns:
+                rs = [r for r in runs if (r["system"], r["mode"], r["conns"]) == (system, mode, c)]
+                if not rs:
+                    continue
+
+                def med(k: str, rs: list[dict[str, Any]] = rs) -> float:
+                    return statistics.median(r[k] for r in rs)
+
+                rows.append(
+                    {
+                        "system": system,
+                        "mode": mode,
+                        "conns": c,
+                        "n": len(rs),
+                        "rps": med("rps"),
+                        "rps_rounds": [round(r["rps"]) for r in rs],
+                        "p50_ms": med("p50_ms"),
+                        "p99_ms": med("p99_ms"),
+                        "system_us_per_req": med("system_us_per_req"),
+                        "system_cores": med("system_cores"),
+                        "redis_us_per_req": med("redis_us_per_req"),
+                        "errors": sum(r["err_total"] for r in rs),
+                        "cpu_s_by_process": [r["per_process_cpu_s"] for r in rs],
+                    }
+                )
+    idx = {(r["system"], r["mode"], r["conns"]): r for r in rows}
+    for r in rows:
+        kind, w = r["system"].split("-")
+        one = idx.get((f"{kind}-1w", r["mode"], r["conns"]))
+        bare = idx.get((f"bare-{w}", r["mode"], r["conns"]))
+        r["vs_1w"] = r["rps"] / one["rps"] if one else None
+        r["vs_bare"] = r["rps"] / bare["rps"] if bare else None
+    return rows
+
+
+def merge(out: str, files: list[str]) -> None:
+    """Several runs of this script (same systems) as one: rounds renumbered in file order, medians over all."""
+    runs: list[dict[str, Any]] = []
+    failures: dict[str, str] = {}
+    calls = []
+    for path in files:
+        with open(path) as f:
+            d = json.load(f)
+        base = max((r["round"] for r in runs), default=0)
+        for r in d["runs"]:
+            runs.append(dict(r, round=base + r["round"]))
+        failures.update(d["failures"])
+        calls.append({k: d["meta"][k] for k in ("started", "rounds", "conns")})
+    meta = dict(json.load(open(files[0]))["meta"])
+    systems = [s for s in ALL_SYSTEMS if any(r["system"] == s for r in runs)]
+    modes = [m for m in ("json", "sse") if any(r["mode"] == m for r in runs)]
+    conns = sorted({r["conns"] for r in runs}, reverse=True)
+    meta.update(rounds=max(r["round"] for r in runs), conns=conns, calls=calls)
+    data = {
+        "meta": meta,
+        "summary": summarize(runs, systems, modes, conns),
+        "runs": runs,
+        "failures": failures,
+    }
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "scaling.json"), "w") as f:
+        json.dump(data, f, indent=1)
+    with open(os.path.join(out, "scaling.md"), "w") as f:
+        f.write(markdown(data))
 
 
 def fmt(x: float | None, spec: str = ".2f") -> str:
@@ -604,6 +641,12 @@ def markdown(data: dict[str, Any]) -> str:
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["merge"]:
+        if len(sys.argv) < 5:
+            print("usage: bench_scaling.py merge OUT_DIR A/scaling.json B/scaling.json ...", file=sys.stderr)
+            return 2
+        merge(sys.argv[2], sys.argv[3:])
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--perf", required=True, help="the side-by-side harness (gen_nginx.py, wrk/, proxies/, ours/)"
