@@ -28,6 +28,10 @@ Writes ``scaling.json`` (every run + medians + ratios) and ``scaling.md`` to ``-
         [--systems bare-1w,bare-2w,mem-1w,mem-2w,redis-1w,redis-2w] [--modes json,sse] [--rounds 2] \\
         [--duration 8] [--warmup 2] [--conns 128,64] [--budget-s 480] [--port-base 18000]
 
+Several calls (e.g. a further round at one connection count) into one result, medians over all rounds:
+
+    python scripts/bench_scaling.py merge OUT_DIR first/scaling.json second/scaling.json
+
 Needs ``wrk``, ``nginx`` and ``redis-server`` on PATH. ``scripts/gpu/proxy_scaling_h200.sh`` runs it on the
 H200 host.
 """

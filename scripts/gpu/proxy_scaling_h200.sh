@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# req/s scaling from one worker process to two on the H200 host's CPUs (16 cores, gVisor), Python 3.12:
+# req/s scaling from one worker process to two on the H200 host's CPUs (16 vCPUs, a Firecracker microVM), Python 3.12:
 # our gateway with in-memory and with Redis quotas beside a bare ASGI + aiohttp proxy, JSON and SSE, against an
 # nginx upstream that answers at once (scripts/bench_scaling.py says what is measured and how).
 #
