@@ -128,6 +128,7 @@ INLINE_EXERCISED = {
     r"^llm-(gateway|engine)$": "pyproject.toml",
     r"^llm-engine lora (add|remove|list)( |$)": "tests/e2e/test_openai_surface.py",
     r"^scripts/ctr (build all|compose -f docker/compose\.yaml up -d)$": "tests/e2e/test_compose_smoke.py",
+    r"^scripts/opcount\.py$": "tests/unit/test_opcount.py",
 }
 
 
