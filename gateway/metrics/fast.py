@@ -15,6 +15,7 @@ import math
 import time
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -69,35 +70,56 @@ class _Family(Collector):
             raise ValueError(f"{self.name}: expected {len(self.labelnames)} label values, got {len(values)}")
         return tuple(str(v) for v in values)
 
-    def _items(self) -> list[tuple[tuple[str, ...], CounterChild | HistogramChild]]:
-        return list(self._children.items())  # one C-level copy: safe against the loop adding a child
+    family: type[Metric] = Metric
 
+    def _family(self) -> Any:
+        return self.family(self.name, self.documentation, labels=self.labelnames)  # type: ignore[call-arg]
 
-class FastCounter(_Family):
-    """A labelled counter (``<name>_total``), exported like ``prometheus_client.Counter``."""
+    def describe(self) -> list[Metric]:
+        return [self._family()]
 
-    def labels(self, *values: object) -> CounterChild:
+    def _new(self) -> CounterChild | HistogramChild:
+        raise NotImplementedError
+
+    def _child(self, values: tuple[object, ...]) -> CounterChild | HistogramChild:
+        """The child of these label values, made on first use; found again by the values as given (no
+        str() per call) as well as by their text."""
         child = self._children.get(values)  # type: ignore[arg-type]
         if child is None:
             key = self._key(values)
             child = self._children.get(key)
             if child is None:
-                child = self._children[key] = CounterChild()
+                child = self._children[key] = self._new()
             self._children[values] = child  # type: ignore[index]
-        return child  # type: ignore[return-value]
+        return child
 
-    def describe(self) -> list[Metric]:
-        return [CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+    def _series(self) -> list[tuple[tuple[str, ...], CounterChild | HistogramChild]]:
+        """Each child once, with its label values as text (one C-level copy of the table first: safe
+        against the event loop adding a child meanwhile)."""
+        out, seen = [], set()
+        for key, child in list(self._children.items()):
+            if id(child) not in seen:
+                seen.add(id(child))
+                out.append((self._key(key), child))
+        return out
+
+
+class FastCounter(_Family):
+    """A labelled counter (``<name>_total``), exported like ``prometheus_client.Counter``."""
+
+    family = CounterMetricFamily
+
+    def _new(self) -> CounterChild:
+        return CounterChild()
+
+    def labels(self, *values: object) -> CounterChild:
+        return self._child(values)  # type: ignore[return-value]
 
     def collect(self) -> Iterator[Metric]:
-        fam = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        seen: set[int] = set()
-        for key, child in self._items():
-            if id(child) in seen:
-                continue
-            seen.add(id(child))
+        fam = self._family()
+        for labels, child in self._series():
             assert isinstance(child, CounterChild)
-            fam.add_metric(self._key(key), child.value, created=child.created)
+            fam.add_metric(labels, child.value, created=child.created)
         yield fam
 
 
@@ -119,29 +141,19 @@ class FastHistogram(_Family):
         self._le = [floatToGoString(b) for b in bounds]  # type: ignore[no-untyped-call]
         super().__init__(name, documentation, labelnames, registry)
 
-    def labels(self, *values: object) -> HistogramChild:
-        child = self._children.get(values)  # type: ignore[arg-type]
-        if child is None:
-            key = self._key(values)
-            child = self._children.get(key)
-            if child is None:
-                child = self._children[key] = HistogramChild(self.bounds)
-            self._children[values] = child  # type: ignore[index]
-        return child  # type: ignore[return-value]
+    family = HistogramMetricFamily
 
-    def describe(self) -> list[Metric]:
-        return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+    def _new(self) -> HistogramChild:
+        return HistogramChild(self.bounds)
+
+    def labels(self, *values: object) -> HistogramChild:
+        return self._child(values)  # type: ignore[return-value]
 
     def collect(self) -> Iterator[Metric]:
-        fam = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        fam = self._family()
         created: list[Sample] = []
-        seen: set[int] = set()
-        for key, child in self._items():
-            if id(child) in seen:
-                continue
-            seen.add(id(child))
+        for labels, child in self._series():
             assert isinstance(child, HistogramChild)
-            labels = self._key(key)
             counts = list(child.counts)
             buckets, total = [], 0
             for le, n in zip(self._le, counts, strict=True):

@@ -189,23 +189,26 @@ def _one_bucket_headers(b: Bucket, st: BucketState) -> list[tuple[bytes, bytes]]
     """:func:`rate_limit_headers` of a single bucket, straight through."""
     out: list[tuple[bytes, bytes]] = []
     if b.rpm:
-        reset = st.req_reset
-        out.append(b.req_limit_header)
-        out.append((b"x-ratelimit-remaining-requests", b"%d" % min(max(st.req_remaining, 0), b.rpm)))
-        out.append(
-            (
-                b"x-ratelimit-reset-requests",
-                b"%dms" % max(int(round(reset * 1000)), 1) if 0 < reset < 0.9995 else _reset_bytes(reset),
-            )
-        )
+        _add_three(out, b.req_limit_header, _REQ_NAMES, st.req_remaining, b.rpm, st.req_reset)
     if b.tpm:
-        reset = st.tok_reset
-        out.append(b.tok_limit_header)
-        out.append((b"x-ratelimit-remaining-tokens", b"%d" % min(max(st.tok_remaining, 0), b.tpm)))
-        out.append(
-            (
-                b"x-ratelimit-reset-tokens",
-                b"%dms" % max(int(round(reset * 1000)), 1) if 0 < reset < 0.9995 else _reset_bytes(reset),
-            )
-        )
+        _add_three(out, b.tok_limit_header, _TOK_NAMES, st.tok_remaining, b.tpm, st.tok_reset)
     return out
+
+
+_REQ_NAMES = (b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests")
+_TOK_NAMES = (b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens")
+
+
+def _add_three(
+    out: list[tuple[bytes, bytes]],
+    limit_header: tuple[bytes, bytes],
+    names: tuple[bytes, bytes],
+    remaining: int,
+    limit: int,
+    reset: float,
+) -> None:
+    out.append(limit_header)
+    out.append((names[0], b"%d" % min(max(remaining, 0), limit)))
+    out.append(
+        (names[1], b"%dms" % max(int(round(reset * 1000)), 1) if 0 < reset < 0.9995 else _reset_bytes(reset))
+    )

@@ -24,31 +24,28 @@ def request_context(n: int) -> int:  # named like the proxy's per-request functi
     return total
 
 
+def _count(oc, out, loops: int) -> dict:
+    """Count three calls of ``request_context(loops)`` between the start and stop signals."""
+    before = sys.gettrace()
+    try:
+        oc._start(0, sys._getframe())
+        for _ in range(3):
+            request_context(loops)
+        oc._stop(0, None)
+    finally:
+        sys.settrace(before)
+    return json.loads(out.read_text())
+
+
 def test_counts_requests_and_more_work_per_request_for_more_work(tmp_path, monkeypatch):
     oc = _load()
-    before = sys.gettrace()
     out = tmp_path / "count.json"
     monkeypatch.setenv("OPCOUNT_OUT", str(out))
     request_context(1000)  # before the start signal: not counted
-    try:
-        oc._start(0, sys._getframe())
-        for _ in range(3):
-            request_context(5)
-        oc._stop(0, None)
-    finally:
-        sys.settrace(before)
-    small = json.loads(out.read_text())
+    small = _count(oc, out, 5)
     assert small["requests"] == 3
     assert any(r["function"].endswith(":request_context") for r in small["top"])
     assert out.with_suffix(".md").read_text().startswith("requests 3,")
-
-    try:
-        oc._start(0, sys._getframe())
-        for _ in range(3):
-            request_context(50)
-        oc._stop(0, None)
-    finally:
-        sys.settrace(before)
-    big = json.loads(out.read_text())
+    big = _count(oc, out, 50)
     assert big["requests"] == 3
     assert big["instructions_per_request"] > small["instructions_per_request"] + 100
