@@ -47,6 +47,34 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, ok
     raise TimeoutError(f"{url} not ready after {timeout}s (last: {last})")
 
 
+def scrape_sum(url: str, name: str, labels: dict[str, str] | None = None) -> float:
+    """The sum of a Prometheus family's samples at ``url`` whose labels include ``labels``."""
+    text = httpx.get(url, timeout=10).text
+    want = {f'{k}="{v}"' for k, v in (labels or {}).items()}
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            got = set(line[len(name) + 1 : line.index("}")].split(","))
+        elif line.startswith(name + " "):
+            got = set()
+        else:
+            continue
+        if want <= got:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def wait_for(cond: Any, timeout: float = 30.0, what: str = "condition") -> Any:
+    """Poll ``cond()`` every 50 ms until it returns something true (returned), or raise TimeoutError."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
 class Proc:
     """A child process in its own process group, with its output in a log file; stop() never leaves orphans."""
 

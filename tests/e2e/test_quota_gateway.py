@@ -8,7 +8,6 @@ import json
 import math
 import re
 import threading
-import time
 import uuid
 
 import httpx
@@ -16,6 +15,7 @@ import pytest
 
 from gateway.quota.limits import PERIOD, parse_reset
 from tests.conftest import KEY_ALL, MODEL, gateway_config
+from tests.support import scrape_sum, wait_for
 
 AUTH = {"authorization": f"Bearer {KEY_ALL}"}
 CHAT = "/v1/chat/completions"
@@ -49,19 +49,7 @@ async def post_many(url: str, n: int, body: dict) -> list[httpx.Response]:
 
 def metric(gw, name: str, labels: dict[str, str]) -> float:
     """A sample family's sum from the gateway's metrics port."""
-    text = httpx.get(gw.metrics_url, timeout=10).text
-    want = {f'{k}="{v}"' for k, v in labels.items()}
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{"):
-            got = set(line[len(name) + 1 : line.index("}")].split(","))
-        elif line.startswith(name + " "):
-            got = set()
-        else:
-            continue
-        if want <= got:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return scrape_sum(gw.metrics_url, name, labels)
 
 
 def ended(gw, n: int) -> None:
@@ -69,14 +57,6 @@ def ended(gw, n: int) -> None:
     wait_for(lambda: metric(gw, "llm_gateway_requests_total", {}) >= n, what=f"{n} finished requests")
 
 
-def wait_for(cond, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise TimeoutError(f"timed out waiting for {what}")
 
 
 def assert_openai_429(r: httpx.Response) -> None:

@@ -6,15 +6,18 @@ mid-stream or while queued), and the class's priority reaches vLLM."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
 from tests.conftest import MODEL, default_keys, gateway_config
-from tests.support import sha256_hex
+from tests.support import scrape_sum, sha256_hex
+from tests.support import wait_for as support_wait_for
 
 KEY_HEAVY = "sk-test-fair-heavy"
 KEY_LIGHT = "sk-test-fair-light"
@@ -63,29 +66,33 @@ def auth(key: str, cls: str | None = None) -> dict[str, str]:
 
 
 def metric(url: str, name: str, labels: dict[str, str] | None = None) -> float:
-    text = httpx.get(url, timeout=10).text
-    want = {f'{k}="{v}"' for k, v in (labels or {}).items()}
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{"):
-            got = set(line[len(name) + 1 : line.index("}")].split(","))
-        elif line.startswith(name + " "):
-            got = set()
-        else:
-            continue
-        if want <= got:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return scrape_sum(url, name, labels)
 
 
 def wait_for(cond, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise TimeoutError(f"timed out waiting for {what}")
+    return support_wait_for(cond, timeout, what)
+
+
+@contextlib.contextmanager
+def engine_peak(engine) -> Iterator[dict[str, float]]:
+    """While the block runs, sample the engine's running + waiting requests every 50 ms; the yielded dict's
+    ``engine`` is the peak seen."""
+    peak = {"engine": 0.0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            load = engine.metric("vllm:num_requests_running") + engine.metric("vllm:num_requests_waiting")
+            peak["engine"] = max(peak["engine"], load)
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        sampler.join()
 
 
 async def stream_first_token(
@@ -108,17 +115,6 @@ def test_budget_holds_and_light_tenant_skips_the_heavy_backlog(engine, gateway_f
         engine, gateway_factory, slots_per_replica=2, classes={"interactive": {"max_wait": 600}}
     )
     order: list[str] = []
-    peak = {"engine": 0.0}
-    stop = threading.Event()
-
-    def sample_engine() -> None:
-        while not stop.is_set():
-            load = engine.metric("vllm:num_requests_running") + engine.metric("vllm:num_requests_waiting")
-            peak["engine"] = max(peak["engine"], load)
-            time.sleep(0.05)
-
-    sampler = threading.Thread(target=sample_engine, daemon=True)
-    sampler.start()
 
     async def main() -> tuple[list[int], int, float]:
         async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=32)) as c:
@@ -133,11 +129,8 @@ def test_budget_holds_and_light_tenant_skips_the_heavy_backlog(engine, gateway_f
             light = await stream_first_token(c, gw.url, KEY_LIGHT, 8, order, "light")
             return list(await asyncio.gather(*heavy)), light, queued_then
 
-    try:
+    with engine_peak(engine) as peak:
         heavy_codes, light_code, queued_then = asyncio.run(main())
-    finally:
-        stop.set()
-        sampler.join()
     assert heavy_codes == [200] * 10 and light_code == 200
     assert queued_then >= 5
     # The light request got one of the next slots: most of the heavy backlog started after it (FIFO: none).
@@ -169,17 +162,6 @@ def test_the_workers_of_one_gateway_share_its_budget(engine, gateway_factory):
     # Each scrape reaches one worker (they share the metrics port): the two shares, never N each.
     seen = {metric(gw.metrics_url, "llm_gateway_fair_slots") for _ in range(40)}
     assert seen == {1.0, 2.0}
-    peak = {"engine": 0.0}
-    stop = threading.Event()
-
-    def sample_engine() -> None:
-        while not stop.is_set():
-            load = engine.metric("vllm:num_requests_running") + engine.metric("vllm:num_requests_waiting")
-            peak["engine"] = max(peak["engine"], load)
-            time.sleep(0.05)
-
-    sampler = threading.Thread(target=sample_engine, daemon=True)
-    sampler.start()
 
     async def main() -> list[int]:
         # A client per request: new connections spread over both workers.
@@ -189,11 +171,8 @@ def test_the_workers_of_one_gateway_share_its_budget(engine, gateway_factory):
 
         return list(await asyncio.gather(*(one(i) for i in range(10))))
 
-    try:
+    with engine_peak(engine) as peak:
         codes = asyncio.run(main())
-    finally:
-        stop.set()
-        sampler.join()
     assert codes == [200] * 10
     assert 1 <= peak["engine"] <= 3
 
