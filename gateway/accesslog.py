@@ -31,7 +31,6 @@ class AccessLog:
         if not log.isEnabledFor(logging.INFO):
             return
         p = ctx.principal
-        ttft = ctx.ttft
         fields = {
             "request_id": ctx.request_id,
             "principal": (p.key_id or p.subject) if p is not None else None,
@@ -45,13 +44,10 @@ class AccessLog:
             "stream": ctx.stream,
             "prompt_tokens": ctx.prompt_tokens,
             "completion_tokens": ctx.completion_tokens,
-            "ttft_ms": None if ttft is None else round(ttft * 1000.0, 2),
-            "duration_ms": round(ctx.duration * 1000.0, 2),
+            "ttft_ms": _ms(ctx.ttft),
+            "duration_ms": _ms(ctx.duration),
         }
         if self.out.target() is not None:
-            self.out.write_fields("info", _NAME, "request", fields)
+            self.out.write_line("info", log.name, "request", fields)
         else:
             log.info("request", extra=fields)
-
-
-_NAME = log.name

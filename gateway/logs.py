@@ -43,12 +43,8 @@ class JsonFormatter(logging.Formatter):
             return json.dumps(out, default=str, ensure_ascii=True)
 
 
-def line(level: str, logger: str, msg: str, fields: dict[str, Any]) -> str:
-    """The line :class:`JsonFormatter` writes for such a record (``fields`` = the record's extras)."""
-    return _line(level, logger, msg, fields).decode()
-
-
-def _line(level: str, logger: str, msg: str, fields: dict[str, Any]) -> bytes:
+def line(level: str, logger: str, msg: str, fields: dict[str, Any]) -> bytes:
+    """The line :class:`JsonFormatter` writes for such a record (``fields`` = the record's extras), encoded."""
     now = time.time()
     out = {"ts": _ts(now, (now - int(now)) * 1000.0), "level": level, "logger": logger, "msg": msg}
     out.update(fields)
@@ -91,15 +87,9 @@ class BatchedLines:
             return None
         return h
 
-    def write(self, text: str) -> None:
-        self.write_bytes(text.encode())
-
-    def write_fields(self, level: str, logger: str, msg: str, fields: dict[str, Any]) -> None:
-        """:func:`line` of these, queued as bytes (no decode and encode again on the way out)."""
-        self.write_bytes(_line(level, logger, msg, fields))
-
-    def write_bytes(self, data: bytes) -> None:
-        self.pending.append(data)
+    def write_line(self, level: str, logger: str, msg: str, fields: dict[str, Any]) -> None:
+        """Queue the :func:`line` of these, written with the others of this event-loop turn."""
+        self.pending.append(line(level, logger, msg, fields))
         if not self.scheduled:
             try:
                 asyncio.get_running_loop().call_soon(self.flush)

@@ -55,6 +55,9 @@ class HistogramChild:
 class _Family(Collector):
     """One metric name with labels; children are made on first use and kept (label values are bounded)."""
 
+    # The prometheus_client family type it is exported as (set by each subclass).
+    family: type[Metric] = Metric
+
     def __init__(
         self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry | None
     ) -> None:
@@ -69,8 +72,6 @@ class _Family(Collector):
         if len(values) != len(self.labelnames):
             raise ValueError(f"{self.name}: expected {len(self.labelnames)} label values, got {len(values)}")
         return tuple(str(v) for v in values)
-
-    family: type[Metric] = Metric
 
     def _family(self) -> Any:
         return self.family(self.name, self.documentation, labels=self.labelnames)  # type: ignore[call-arg]

@@ -189,9 +189,10 @@ class QuotaAdmission:
     async def _acquire(
         self, buckets: tuple[Bucket, ...], cost: int, lease: str
     ) -> tuple[MemoryLimiter | RedisLimiter, Decision]:
+        """Acquire from the shared backend (admit() calls the in-process limiter itself when there is none),
+        or from the local fallback while it is down."""
         remote = self.remote
-        if remote is None:
-            return self.local, self.local.acquire(buckets, cost, lease)
+        assert remote is not None
         if time.monotonic() >= self._down_until:
             try:
                 decision = await remote.acquire(buckets, cost, lease)

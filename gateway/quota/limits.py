@@ -160,55 +160,27 @@ def parse_reset(text: str) -> float:
 
 def rate_limit_headers(buckets: tuple[Bucket, ...], states: list[BucketState]) -> list[tuple[bytes, bytes]]:
     """OpenAI's x-ratelimit-* headers, from the most constrained bucket for requests and for tokens."""
-    if len(buckets) == 1:  # the usual case: one bucket, nothing to compare
-        return _one_bucket_headers(buckets[0], states[0])
     rb = tb = -1
-    for i, b in enumerate(buckets):
-        st = states[i]
-        if b.rpm and (rb < 0 or st.req_remaining < states[rb].req_remaining):
-            rb = i
-        if b.tpm and (tb < 0 or st.tok_remaining < states[tb].tok_remaining):
-            tb = i
+    if len(buckets) == 1:  # the usual case: one bucket, nothing to compare
+        b = buckets[0]
+        rb = 0 if b.rpm else -1
+        tb = 0 if b.tpm else -1
+    else:
+        for i, b in enumerate(buckets):
+            st = states[i]
+            if b.rpm and (rb < 0 or st.req_remaining < states[rb].req_remaining):
+                rb = i
+            if b.tpm and (tb < 0 or st.tok_remaining < states[tb].tok_remaining):
+                tb = i
     out: list[tuple[bytes, bytes]] = []
     if rb >= 0:
-        st = states[rb]
-        b = buckets[rb]
+        b, st = buckets[rb], states[rb]
         out.append(b.req_limit_header)
         out.append((b"x-ratelimit-remaining-requests", b"%d" % min(max(st.req_remaining, 0), b.rpm)))
         out.append((b"x-ratelimit-reset-requests", _reset_bytes(st.req_reset)))
     if tb >= 0:
-        st = states[tb]
-        b = buckets[tb]
+        b, st = buckets[tb], states[tb]
         out.append(b.tok_limit_header)
         out.append((b"x-ratelimit-remaining-tokens", b"%d" % min(max(st.tok_remaining, 0), b.tpm)))
         out.append((b"x-ratelimit-reset-tokens", _reset_bytes(st.tok_reset)))
     return out
-
-
-def _one_bucket_headers(b: Bucket, st: BucketState) -> list[tuple[bytes, bytes]]:
-    """:func:`rate_limit_headers` of a single bucket, straight through."""
-    out: list[tuple[bytes, bytes]] = []
-    if b.rpm:
-        _add_three(out, b.req_limit_header, _REQ_NAMES, st.req_remaining, b.rpm, st.req_reset)
-    if b.tpm:
-        _add_three(out, b.tok_limit_header, _TOK_NAMES, st.tok_remaining, b.tpm, st.tok_reset)
-    return out
-
-
-_REQ_NAMES = (b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests")
-_TOK_NAMES = (b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens")
-
-
-def _add_three(
-    out: list[tuple[bytes, bytes]],
-    limit_header: tuple[bytes, bytes],
-    names: tuple[bytes, bytes],
-    remaining: int,
-    limit: int,
-    reset: float,
-) -> None:
-    out.append(limit_header)
-    out.append((names[0], b"%d" % min(max(remaining, 0), limit)))
-    out.append(
-        (names[1], b"%dms" % max(int(round(reset * 1000)), 1) if 0 < reset < 0.9995 else _reset_bytes(reset))
-    )
