@@ -34,8 +34,9 @@ RUN python3 -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb')
  && PIP_CERT="${PIP_CERT}" /opt/venv/bin/pip install --no-cache-dir -q -r /tmp/requirements.txt nanio==0.1.7 \
  && find /opt/venv -name __pycache__ -prune -exec rm -rf {} +
 # Our packages (gateway/, engine/, objectstore/, ...: whatever .dockerignore lets through).
+# The engine serves no gateway requests: its copy of the gateway package stays pure Python (no C compiler).
 COPY . ./
-RUN PIP_CERT="${PIP_CERT}" /opt/venv/bin/pip install --no-cache-dir -q --no-deps . \
+RUN PIP_CERT="${PIP_CERT}" PRIVATE_LLM_NATIVE=0 /opt/venv/bin/pip install --no-cache-dir -q --no-deps . \
  && rm -rf /opt/private-llm/build \
  && find /opt/venv -name __pycache__ -prune -exec rm -rf {} + \
  && (getent passwd 1000 >/dev/null || useradd --uid 1000 --user-group --no-create-home --shell /usr/sbin/nologin engine) \

@@ -11,8 +11,9 @@ WORKDIR /opt/private-llm
 # pyproject.toml, README.md and our packages (gateway/, engine/, objectstore/, ...: what .dockerignore lets through).
 COPY . ./
 # vLLM and torch come with the base image and are not touched: only our package and its small dependencies
-# are added (pip keeps every requirement the image already satisfies).
-RUN python3 -m pip install --no-cache-dir . "nvidia-ml-py>=12" \
+# are added (pip keeps every requirement the image already satisfies). The engine serves no gateway requests:
+# its copy of the gateway package stays pure Python (no C compiler needed).
+RUN PRIVATE_LLM_NATIVE=0 python3 -m pip install --no-cache-dir . "nvidia-ml-py>=12" \
  && rm -rf /opt/private-llm/build \
  && (getent passwd 1000 >/dev/null || useradd --uid 1000 --user-group --no-create-home --shell /usr/sbin/nologin engine) \
  && mkdir -p /home/engine /cache \

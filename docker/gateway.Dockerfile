@@ -11,6 +11,14 @@ ARG PIP_CERT=
 RUN (command -v python3 >/dev/null && python3 -c "import ensurepip" 2>/dev/null) \
  || (apt-get update -q && apt-get install -y -q --no-install-recommends python3 python3-venv \
      && rm -rf /var/lib/apt/lists/*)
+# A C compiler and Python's headers: the request path is compiled with mypyc when the package is installed
+# (gateway/native.py; build with --build-arg PRIVATE_LLM_NATIVE=0 for pure Python). Only this stage has them.
+ARG PRIVATE_LLM_NATIVE=1
+RUN [ "${PRIVATE_LLM_NATIVE}" = 0 ] || { command -v gcc >/dev/null \
+      && python3 -c "import sysconfig, os, sys; sys.exit(not os.path.exists(sysconfig.get_paths()['include'] + '/Python.h'))"; } \
+ || (apt-get update -q && apt-get install -y -q --no-install-recommends gcc libc6-dev \
+       $(python3 -c "import sysconfig, os; print('' if os.path.exists(sysconfig.get_paths()['include'] + '/Python.h') else 'python3-dev')") \
+     && rm -rf /var/lib/apt/lists/*)
 RUN python3 -m venv /opt/venv
 WORKDIR /src
 # Dependencies first (their layer stays cached while only our code changes), then our package without them.
@@ -20,7 +28,9 @@ RUN python3 -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb')
  && PIP_CERT="${PIP_CERT}" /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check -r /tmp/requirements.txt
 # Our packages (gateway/, engine/, objectstore/, ...: whatever .dockerignore lets through).
 COPY . ./
-RUN PIP_CERT="${PIP_CERT}" /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps . \
+RUN PIP_CERT="${PIP_CERT}" PRIVATE_LLM_NATIVE="${PRIVATE_LLM_NATIVE}" \
+      /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps . \
+ && (cd / && /opt/venv/bin/python -c "import gateway.native as n; print('gateway request path:', n.status())") \
  && find /opt/venv -name __pycache__ -prune -exec rm -rf {} +
 
 FROM ${BASE}

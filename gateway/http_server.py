@@ -38,7 +38,7 @@ import logging
 import urllib.parse
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import httptools
 from uvicorn.protocols.http.flow_control import service_unavailable
@@ -345,13 +345,13 @@ class _Request:
 
 
 class HttpProtocol(asyncio.Protocol):
-    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
-    max_header_count: int = DEFAULT_MAX_HEADER_COUNT
-    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    max_header_bytes: ClassVar[int] = DEFAULT_MAX_HEADER_BYTES
+    max_header_count: ClassVar[int] = DEFAULT_MAX_HEADER_COUNT
+    header_timeout: ClassVar[float] = DEFAULT_HEADER_TIMEOUT
 
     # The server's default headers (``date``, refreshed each second) as bytes, rebuilt when the list changes.
-    _default_src: list[tuple[bytes, bytes]] | None = None
-    _default_bytes: bytes = b""
+    _default_src: ClassVar[list[tuple[bytes, bytes]] | None] = None
+    _default_bytes: ClassVar[bytes] = b""
 
     def __init__(
         self,

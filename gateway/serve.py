@@ -69,8 +69,10 @@ def _run(
     settings: GatewaySettings, sockets: list[socket.socket] | None = None, worker_index: int = 0
 ) -> bool:
     """Serve until drained; False when the app never started."""
+    from gateway import native
     from gateway.app import create_app
 
+    log.info("request path: %s", native.status())
     app = create_app(settings, worker_index=worker_index)
     tune_gc(settings.gc_young_threshold)
     server = DrainingServer(uvicorn_config(app, settings), app.state.gateway, settings.drain_timeout)

@@ -40,6 +40,7 @@ from typing import cast
 from urllib.parse import urlsplit
 
 import httptools
+from mypy_extensions import mypyc_attr
 
 from gateway.settings import ModelConfig
 
@@ -70,10 +71,12 @@ class UpstreamProtocolError(UpstreamError):
     """The replica's answer is not valid HTTP/1.x."""
 
 
+@mypyc_attr(native_class=False)  # compiled classes cannot derive from TimeoutError
 class PoolTimeoutError(TimeoutError):
     """No connection of the pool became free in time."""
 
 
+@mypyc_attr(native_class=False)
 class ConnectTimeoutError(TimeoutError):
     """The TCP connect to the replica did not complete in time."""
 

@@ -15,7 +15,7 @@ import math
 import time
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -56,7 +56,7 @@ class _Family(Collector):
     """One metric name with labels; children are made on first use and kept (label values are bounded)."""
 
     # The prometheus_client family type it is exported as (set by each subclass).
-    family: type[Metric] = Metric
+    family: ClassVar[type[Metric]] = Metric
 
     def __init__(
         self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry | None
@@ -108,7 +108,7 @@ class _Family(Collector):
 class FastCounter(_Family):
     """A labelled counter (``<name>_total``), exported like ``prometheus_client.Counter``."""
 
-    family = CounterMetricFamily
+    family: ClassVar[type[Metric]] = CounterMetricFamily
 
     def _new(self) -> CounterChild:
         return CounterChild()
@@ -142,7 +142,7 @@ class FastHistogram(_Family):
         self._le = [floatToGoString(b) for b in bounds]  # type: ignore[no-untyped-call]
         super().__init__(name, documentation, labelnames, registry)
 
-    family = HistogramMetricFamily
+    family: ClassVar[type[Metric]] = HistogramMetricFamily
 
     def _new(self) -> HistogramChild:
         return HistogramChild(self.bounds)

@@ -15,6 +15,7 @@ from gateway.audit.chain import FOOTER, RECOVERY, main_verify, verify
 from gateway.audit.config import AuditSettings
 from gateway.audit.sink import FileSink
 from gateway.audit.writer import AuditWriter
+from gateway.outcome import Outcome
 
 TORN = b'{"@timestamp":"2026-12-01T00:00:00.000Z","event":{"kind":"event","id":"torn'
 
@@ -156,7 +157,7 @@ def _ctx():
 
     c = RequestContext("req-1", "/v1/completions")
     c.status = 401
-    c.decision = "unauthenticated"
+    c.decision = Outcome.UNAUTHENTICATED
     return c
 
 

@@ -20,6 +20,7 @@ from gateway.auth.principal import Principal
 from gateway.context import RequestContext
 from gateway.errors import ApiError
 from gateway.hooks import NoAdmissionControl
+from gateway.outcome import Outcome
 
 
 def _ctx(
@@ -29,7 +30,7 @@ def _ctx(
     c.principal = Principal(subject=f"user-{i % 3}", tenant="team-a", key_id="k1")
     c.model = "tiny"
     c.status = status
-    c.decision = decision
+    c.decision = Outcome(decision)
     c.endpoint = "http://127.0.0.1:9"
     c.prompt_tokens, c.completion_tokens = 7, 5
     c.ttft = 0.0123

@@ -13,6 +13,7 @@ from gateway.audit.writer import AuditWriter
 from gateway.auth.principal import Principal
 from gateway.context import RequestContext
 from gateway.metrics import BoundedLabel, GatewayMetrics, TelemetrySources
+from gateway.outcome import Outcome
 from gateway.quota.metrics import QuotaMetrics
 from gateway.routing.pool import EndpointPool
 from gateway.routing.router import Router
@@ -36,7 +37,7 @@ def ctx_for(tenant: str | None, model: str = "tiny", **kw) -> RequestContext:
     c.principal = Principal(subject="s", tenant=tenant) if tenant is not None else None
     c.model = model
     for k, v in kw.items():
-        setattr(c, k, v)
+        setattr(c, k, Outcome(v) if k == "decision" else v)
     c.finished = c.started + 0.2
     return c
 

@@ -36,19 +36,30 @@ class _CountingTransport:
         return getattr(self._inner, name)
 
 
-class CountingProtocol(HttpProtocol):
-    paused_writes = 0
+# Connections (the HttpProtocol objects) whose writing was paused by their transport at least once.
+PAUSED: set[int] = set()
+
+
+class CountingProtocol:
+    """The gateway's protocol behind a wrapper (the protocol may be compiled, and compiled classes cannot be
+    subclassed here): it sees the transport's writes and pauses, and hands everything else on."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._inner = HttpProtocol(**kwargs)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(_CountingTransport(transport))  # type: ignore[arg-type]
+        self._inner.connection_made(_CountingTransport(transport))  # type: ignore[arg-type]
 
     def pause_writing(self) -> None:
-        self.paused_writes += 1
-        super().pause_writing()
+        PAUSED.add(id(self._inner))
+        self._inner.pause_writing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
 
 
 def conn_paused(scope: dict[str, Any]) -> bool:
-    return bool(getattr(scope[CONNECTION_KEY], "paused_writes", 0))
+    return id(scope[CONNECTION_KEY]) in PAUSED
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:

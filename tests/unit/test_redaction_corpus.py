@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.audit.redact import Redactor, normalize
+from gateway.outcome import Outcome
 
 ROWS = [
     json.loads(line)
@@ -62,7 +63,7 @@ def test_identifiers_in_records_are_redacted_under_every_policy() -> None:
         )
         c.model = "model-for-13812345678"
         c.extra["url_path"] = "/v1/users/138.1234.5678/sk-llm-A1b2C3d4E5f6G7h8I9j0K1l2M3n4"
-        c.status, c.decision = 404, "not_found"
+        c.status, c.decision = 404, Outcome.NOT_FOUND
         rec = build_record(c, content, Redactor() if content == "redacted" else None)
         text = json.dumps(rec, ensure_ascii=False)
         for leaked in ("13812345678", "1234", "5678", "sk-llm-A1b2"):
