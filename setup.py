@@ -35,6 +35,14 @@ ext_modules = []
 if _METADATA_ONLY:
     pass
 elif os.environ.get("PRIVATE_LLM_NATIVE", "1") != "0":
+    import shutil
+
+    cc = os.environ.get("CC", "cc").split()[0]
+    if shutil.which(cc) is None:
+        raise SystemExit(
+            f"setup.py: no C compiler ({cc}) to compile the gateway's request path: install one (gcc) and "
+            "Python's headers (python3-dev), or set PRIVATE_LLM_NATIVE=0 to install it as pure Python"
+        )
     from mypyc.build import mypycify
 
     paths, digest, group = _native_modules()

@@ -109,7 +109,8 @@ def _audit_settings(audit: AuditSettings) -> AuditSettings:
     """This process's audit settings: ``{pid}`` in the path becomes the process id (a copy; never mutated)."""
     if "{pid}" not in audit.path:
         return audit
-    return audit.model_copy(update={"path": audit.path.replace("{pid}", str(os.getpid()))})
+    copy: AuditSettings = audit.model_copy(update={"path": audit.path.replace("{pid}", str(os.getpid()))})
+    return copy
 
 
 def _lifespan(  # type: ignore[no-untyped-def]

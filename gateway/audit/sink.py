@@ -31,6 +31,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from mypy_extensions import mypyc_attr
+
 from gateway.audit.chain import FOOTER, GENESIS, HEADER, RECOVERY, Chain, line_hash, new_segment_id
 from gateway.audit.config import AuditSettings
 from gateway.audit.record import ECS_VERSION, iso_utc
@@ -133,6 +135,8 @@ def _stamp(ts: float) -> str:
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime(ts)) + f".{int(ts * 1e6) % 1000000:06d}Z"
 
 
+# A sink is a place to extend (a test's fault injection, a site's own sink): Python subclasses allowed.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class FileSink:
     """The active segment file plus rotation by size/age. ``on_closed(path)`` gets each closed segment."""
 

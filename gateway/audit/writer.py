@@ -1,6 +1,6 @@
 """AuditWriter: the Observer that writes one record per request, and AuditGate: its back-pressure.
 
-Hot path cost: ``on_request_end`` only puts the finished RequestContext on a bounded asyncio queue
+Hot path cost: ``on_request_end`` only puts the finished RequestContext on a bounded queue (audit/queue.py)
 (``put_nowait``). The record is built, redacted/hashed, chained and written by one writer task.
 
 Durability window (documented, tested by kill -9 in tests/integration/test_audit_gateway.py):
@@ -35,6 +35,7 @@ from typing import Any
 
 from gateway.audit.archive import Archiver
 from gateway.audit.config import AuditSettings
+from gateway.audit.queue import RecordQueue
 from gateway.audit.record import build_record
 from gateway.audit.redact import Redactor
 from gateway.audit.sink import AuditSink, build_sink
@@ -75,7 +76,7 @@ class AuditWriter:
         self.sink = sink if sink is not None else build_sink(settings)
         if self.sink.on_closed is None:
             self.sink.on_closed = self._closed
-        self.queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=settings.queue_size)
+        self.queue = RecordQueue(settings.queue_size)
         self._room = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._archive_q: asyncio.Queue[str | None] = asyncio.Queue()
@@ -225,8 +226,6 @@ class AuditWriter:
                         log.exception("audit: building a record failed; writing a minimal one")
                         recs.append(_minimal_record(ctx))
                 await self._write(recs)
-                for _ in batch:
-                    q.task_done()
                 dirty = True
             if dirty and (stopping or time.monotonic() - self.last_fsync >= self.settings.fsync_interval):
                 await self._sync()

@@ -78,7 +78,7 @@ _GIVE_UP = {
 }
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Forward:
     """One request's forwarding job: where it goes and what it may try."""
 
@@ -91,9 +91,34 @@ class Forward:
     router: Router
     drain: DrainFlag
     # Where stored Responses API objects live (recorded when the engine creates one).
-    responses: ResponseIndex | None = None
-    total_at: float | None = None
-    last_fault: UpstreamFault | None = None
+    responses: ResponseIndex | None
+    total_at: float | None
+    last_fault: UpstreamFault | None
+
+    # Written out (init=False): a generated __init__ would run as interpreted code in a compiled module.
+    def __init__(
+        self,
+        ctx: RequestContext,
+        req: ProxyRequest,
+        headers: Mapping[str, str],
+        pool: EndpointPool,
+        session: UpstreamSession,
+        router: Router,
+        drain: DrainFlag,
+        responses: ResponseIndex | None = None,
+        total_at: float | None = None,
+        last_fault: UpstreamFault | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.req = req
+        self.headers = headers
+        self.pool = pool
+        self.session = session
+        self.router = router
+        self.drain = drain
+        self.responses = responses
+        self.total_at = total_at
+        self.last_fault = last_fault
 
 
 async def _first_event(resp: UpstreamResponse) -> bytes:

@@ -34,11 +34,17 @@ class DrainFlag(Protocol):
     drain_expired: bool
 
 
-@dataclass(slots=True)  # one per request: plain attribute stores (a frozen init costs more)
+@dataclass(slots=True, init=False)  # one per request: plain attribute stores (a frozen init costs more)
 class StreamLimits:
     idle: float
     total_at: float | None
     drain: DrainFlag
+
+    # Written out (init=False): a generated __init__ would run as interpreted code in a compiled module.
+    def __init__(self, idle: float, total_at: float | None, drain: DrainFlag) -> None:
+        self.idle = idle
+        self.total_at = total_at
+        self.drain = drain
 
 
 _TAILS = {

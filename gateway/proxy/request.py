@@ -34,7 +34,7 @@ class ClientLeft(Exception):
     """The client disconnected while its request was being read or relayed."""
 
 
-@dataclass(slots=True)  # one per request: plain attribute stores (a frozen init costs more)
+@dataclass(slots=True, init=False)  # one per request: plain attribute stores (a frozen init costs more)
 class ProxyRequest:
     """What the gateway knows about one proxied request once it is parsed and validated."""
 
@@ -53,10 +53,43 @@ class ProxyRequest:
     upstream_headers: dict[str, str]
     # The model whose replicas serve it (itself, or a LoRA adapter's base), the engine path (placeholders
     # filled) and method, and the one replica that must serve it (a stored response lives there), if any.
-    pool_name: str = ""
-    upstream_path: str = ""
-    method: str = "POST"
-    pinned_endpoint: str | None = None
+    pool_name: str
+    upstream_path: str
+    method: str
+    pinned_endpoint: str | None
+
+    # Written out (init=False): a generated __init__ would run as interpreted code in a compiled module.
+    def __init__(
+        self,
+        route: RouteSpec,
+        model: ModelConfig,
+        body: dict[str, Any],
+        upstream_body: bytes,
+        stream: bool,
+        client_wants_usage: bool,
+        max_tokens: int | None,
+        prompt_chars: int,
+        session_id: str | None,
+        upstream_headers: dict[str, str],
+        pool_name: str = "",
+        upstream_path: str = "",
+        method: str = "POST",
+        pinned_endpoint: str | None = None,
+    ) -> None:
+        self.route = route
+        self.model = model
+        self.body = body
+        self.upstream_body = upstream_body
+        self.stream = stream
+        self.client_wants_usage = client_wants_usage
+        self.max_tokens = max_tokens
+        self.prompt_chars = prompt_chars
+        self.session_id = session_id
+        self.upstream_headers = upstream_headers
+        self.pool_name = pool_name
+        self.upstream_path = upstream_path
+        self.method = method
+        self.pinned_endpoint = pinned_endpoint
 
 
 def header(headers: Headers | dict[bytes, bytes], name: bytes) -> bytes | None:

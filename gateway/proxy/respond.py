@@ -16,6 +16,7 @@ import msgspec
 from gateway.context import RequestContext, response_request_id
 from gateway.errors import ApiError, error_body
 from gateway.outcome import CLIENT_GONE, UpstreamStatus
+from gateway.proxy.shapes import USAGE_ONLY
 from gateway.proxy.sse import usage_of
 from gateway.responses_api import ResponseIndex
 from gateway.routes import ResponseTransform, RouteSpec
@@ -53,16 +54,6 @@ def normalize_error(data: bytes, status: int) -> bytes:
     return error_body(text, "upstream_error" if status >= 500 else "invalid_request_error", None, None)
 
 
-class _UsageOnly(msgspec.Struct):
-    """A JSON object read for its ``usage`` member alone: the decoder validates the rest and skips it
-    without building it (a chat answer, or an embeddings answer of thousands of floats)."""
-
-    usage: Any = None
-
-
-_USAGE_ONLY = msgspec.json.Decoder(_UsageOnly)
-
-
 def _success_body(
     ctx: RequestContext,
     data: bytes,
@@ -73,7 +64,7 @@ def _success_body(
     if transform is None and route is not None and not route.records_affinity:
         # Only the usage is needed: read it without building the whole answer.
         try:
-            take_usage(route, ctx, _USAGE_ONLY.decode(data).usage)
+            take_usage(route, ctx, USAGE_ONLY.decode(data).usage)
             return data
         except (msgspec.DecodeError, UnicodeDecodeError):
             pass  # not a JSON object (or not one msgspec takes): the general path below decides

@@ -15,6 +15,8 @@ from typing import Any
 
 import msgspec
 
+from gateway.proxy.shapes import USAGE_CHUNK
+
 DONE = b"data: [DONE]"
 DONE_EVENT = b"data: [DONE]\n\n"
 _SEP = b"\n\n"
@@ -22,12 +24,17 @@ USAGE_KEY = b'"usage"'
 _USAGE_TAIL = re.compile(rb"\s*:\s*\{")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, init=False)
 class Usage:
     """Token counts an engine reported (``None`` where it reported nothing usable)."""
 
     prompt_tokens: int | None
     completion_tokens: int | None
+
+    # Written out (init=False): a generated __init__ would run as interpreted code in a compiled module.
+    def __init__(self, prompt_tokens: int | None, completion_tokens: int | None) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = completion_tokens
 
 
 def usage_of(obj: Any) -> Usage | None:
@@ -62,21 +69,6 @@ def _data_of(event: bytes) -> bytes | None:
     return b"\n".join(parts) if parts else None
 
 
-class _UsageCounts(msgspec.Struct):
-    """The counts of a ``usage`` object (other members are validated, not built)."""
-
-    prompt_tokens: Any = None
-    completion_tokens: Any = None
-    total_tokens: Any = None
-
-
-class _UsageChunk(msgspec.Struct):
-    """An event's JSON read for ``usage`` and ``choices`` only (the rest is validated, not built)."""
-
-    usage: _UsageCounts | None = None
-    choices: Any = None
-
-
 def _counts(pt: Any, ct: Any, total: Any) -> Usage:
     """The three counts of a usage object as a :class:`Usage` (embeddings report no completion tokens)."""
     prompt = pt if isinstance(pt, int) else None
@@ -85,9 +77,6 @@ def _counts(pt: Any, ct: Any, total: Any) -> Usage:
     if prompt is not None and isinstance(total, int):
         return Usage(prompt, total - prompt)
     return Usage(prompt, None)
-
-
-_USAGE_CHUNK = msgspec.json.Decoder(_UsageChunk)
 
 
 def _usage_event(event: bytes) -> tuple[Usage | None, bool]:
@@ -99,7 +88,7 @@ def _usage_event(event: bytes) -> tuple[Usage | None, bool]:
     if data is None or not data.lstrip().startswith(b"{"):
         return None, False
     try:
-        chunk = _USAGE_CHUNK.decode(data)
+        chunk = USAGE_CHUNK.decode(data)
     except msgspec.DecodeError:
         # What the strict decoder refuses (NaN, a lone surrogate, a usage that is not an object) may still be
         # JSON: read it the general way.

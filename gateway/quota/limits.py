@@ -45,17 +45,26 @@ class Bucket:
         put(self, "tok_limit_header", (b"x-ratelimit-limit-tokens", b"%d" % self.tpm))
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class BucketState:
     """Remaining capacity of one bucket after a decision; reset = seconds until it is full again."""
 
-    req_remaining: int = -1
-    req_reset: float = 0.0
-    tok_remaining: int = -1
-    tok_reset: float = 0.0
+    req_remaining: int
+    req_reset: float
+    tok_remaining: int
+    tok_reset: float
+
+    # Written out (init=False): a generated __init__ would run as interpreted code in a compiled module.
+    def __init__(
+        self, req_remaining: int = -1, req_reset: float = 0.0, tok_remaining: int = -1, tok_reset: float = 0.0
+    ) -> None:
+        self.req_remaining = req_remaining
+        self.req_reset = req_reset
+        self.tok_remaining = tok_remaining
+        self.tok_reset = tok_reset
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Decision:
     allowed: bool
     # requests | tokens | concurrency when refused
@@ -63,6 +72,15 @@ class Decision:
     # Seconds until a retry could succeed (refusals).
     retry_after: float
     states: list[BucketState]
+
+    # Written out (init=False): a generated __init__ would run as interpreted code in a compiled module.
+    def __init__(
+        self, allowed: bool, reason: str | None, retry_after: float, states: list[BucketState]
+    ) -> None:
+        self.allowed = allowed
+        self.reason = reason
+        self.retry_after = retry_after
+        self.states = states
 
 
 class LimitTable:

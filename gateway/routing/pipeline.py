@@ -52,14 +52,25 @@ class Replica(Protocol):
 R = TypeVar("R", bound=Replica)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class RouteRequest:
     """What the pipeline knows about a request: replicas already tried and its affinity key (or None)."""
 
-    exclude: frozenset[str] | set[str] = frozenset()
-    key: int | None = None
+    exclude: frozenset[str] | set[str]
+    key: int | None
     # Per-replica cap on this process's in-flight requests (replica URL -> cap), or None: no cap.
-    cap: Callable[[str], int] | None = None
+    cap: Callable[[str], int] | None
+
+    # Written out (init=False): a generated __init__ would run as interpreted code in a compiled module.
+    def __init__(
+        self,
+        exclude: frozenset[str] | set[str] = frozenset(),
+        key: int | None = None,
+        cap: Callable[[str], int] | None = None,
+    ) -> None:
+        self.exclude = exclude
+        self.key = key
+        self.cap = cap
 
 
 @dataclass(frozen=True, slots=True)

@@ -129,6 +129,7 @@ INLINE_EXERCISED = {
     r"^llm-engine lora (add|remove|list)( |$)": "tests/e2e/test_openai_surface.py",
     r"^scripts/ctr (build all|compose -f docker/compose\.yaml up -d)$": "tests/e2e/test_compose_smoke.py",
     r"^scripts/opcount\.py$": "tests/unit/test_opcount.py",
+    r"^scripts/build-native$": "tests/unit/test_native.py",
 }
 
 

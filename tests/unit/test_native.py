@@ -97,3 +97,46 @@ def test_this_checkout_runs_its_build_when_there_is_one() -> None:
 
     for mod in (gateway.http_server, gateway.proxy.endpoint):
         assert mod.__file__ is not None and mod.__file__.endswith(SUFFIX), mod.__file__
+
+
+def test_build_native_off_removes_the_build(tmp_path: Path) -> None:
+    """``PRIVATE_LLM_NATIVE=0 scripts/build-native``: the extensions, the group library and the stamp go; the
+    package then imports as pure Python (run on a copy of the checkout's layout)."""
+    (tmp_path / "scripts").mkdir()
+    script = tmp_path / "scripts" / "build-native"
+    script.write_bytes((ROOT / "scripts" / "build-native").read_bytes())
+    script.chmod(0o755)
+    pkg, modules = _package(tmp_path)
+    (pkg.parent / "gateway").mkdir()
+    made = [
+        tmp_path / "gateway" / f"http_server{SUFFIX}",
+        tmp_path / f"{native.GROUP}__mypyc{SUFFIX}",
+        tmp_path / "gateway" / native.STAMP,
+    ]
+    for p in made:
+        p.write_bytes(b"x")
+    r = subprocess.run(
+        [str(script)],
+        env={"PATH": "/usr/bin:/bin", "PRIVATE_LLM_NATIVE": "0"},
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "runs pure Python" in r.stderr
+    assert not any(p.exists() for p in made)
+    assert (pkg / "fast.py").exists()  # sources untouched
+
+
+def test_the_build_has_what_the_type_check_needs() -> None:
+    """mypyc type-checks the package before compiling it: an isolated build needs every runtime dependency."""
+    import re
+    import tomllib
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+    def names(reqs: list[str]) -> set[str]:
+        return {re.split(r"[\[<>=~! ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in reqs}
+
+    build = names(meta["build-system"]["requires"])
+    assert names(meta["project"]["dependencies"]) <= build
+    assert {"setuptools", "mypy"} <= build
