@@ -364,6 +364,13 @@ class HttpProtocol(asyncio.Protocol):
             config.load()
         self.config = config
         self.app = config.loaded_app
+        # Exact paths the app answers with an ASGI app of their own (GatewayApp.direct_routes: the proxied
+        # routes): called straight from here, without the app's dispatch coroutine in every resume. Only when
+        # nothing wraps the app (a wrapper, such as forwarded-header handling, must see every request).
+        direct = getattr(self.app, "direct_routes", None)
+        self.direct: dict[str, Any] | None = (
+            direct if isinstance(direct, dict) and not config.root_path else None
+        )
         self.loop = _loop or asyncio.get_event_loop()
         self.server_state = server_state
         self.connections = server_state.connections
@@ -412,7 +419,7 @@ class HttpProtocol(asyncio.Protocol):
         self._idle_since = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
         # Called once when the client's connection goes away (the proxy's disconnect watch, see on_lost()).
-        self._on_lost: Callable[[], None] | None = None
+        self._on_lost: Callable[[asyncio.Task[None] | None], None] | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------------
 
@@ -448,7 +455,8 @@ class HttpProtocol(asyncio.Protocol):
         self.parser = None  # type: ignore[assignment]
         cb, self._on_lost = self._on_lost, None
         if cb is not None:
-            cb()
+            active = self.active
+            cb(active.task if active is not None else None)
 
     def eof_received(self) -> None:
         pass
@@ -468,9 +476,10 @@ class HttpProtocol(asyncio.Protocol):
             w = self._writable = self.loop.create_future()
         await w
 
-    def on_lost(self, callback: Callable[[], None] | None) -> None:
-        """Call ``callback`` if the connection is lost before ``on_lost(None)``: the proxy watches for a
-        client that leaves this way instead of with a task blocked on ``receive()`` per request."""
+    def on_lost(self, callback: Callable[[asyncio.Task[None] | None], None] | None) -> None:
+        """Call ``callback(task)`` (``task``: the one answering the request in progress) if the connection is
+        lost before ``on_lost(None)``: the proxy watches for a client that leaves this way instead of with a
+        task blocked on ``receive()`` per request."""
         self._on_lost = callback
 
     def shutdown(self) -> None:
@@ -665,6 +674,10 @@ class HttpProtocol(asyncio.Protocol):
     def _start(self, req: _Request) -> None:
         self.active = req
         app = self.app
+        if self.direct is not None:
+            endpoint = self.direct.get(req.scope["path"])
+            if endpoint is not None:
+                app = endpoint
         lim = self.limit_concurrency
         if lim is not None and (len(self.connections) >= lim or len(self.tasks) >= lim):
             log.warning("Exceeded concurrency limit.")

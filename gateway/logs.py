@@ -82,7 +82,7 @@ class BatchedLines:
         lg = self.logger
         if h is None or lg.handlers or lg.filters or not lg.propagate:
             return None
-        root = logging.getLogger()
+        root = logging.root
         if len(root.handlers) != 1 or root.handlers[0] is not h or root.filters or h.filters:
             return None
         return h

@@ -47,17 +47,28 @@ class RecordQueue:
 
     async def put(self, item: Any) -> None:
         while self.full():
-            await self._wait(self._putters)
+            await self._wait(self._putters, None)
         self.put_nowait(item)
 
     async def get(self) -> Any:
         while not self._items:
-            await self._wait(self._getters)
+            await self._wait(self._getters, None)
         return self.get_nowait()
 
-    async def _wait(self, waiters: deque[asyncio.Future[None]]) -> None:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    async def get_within(self, timeout: float | None, default: Any = None) -> Any:
+        """:meth:`get`, or ``default`` when nothing came within ``timeout`` seconds (None: no limit). One timer
+        handle, not an ``asyncio.timeout`` context per wait."""
+        if timeout is None:
+            return await self.get()
+        if not self._items and timeout > 0:
+            await self._wait(self._getters, timeout)
+        return self.get_nowait() if self._items else default
+
+    async def _wait(self, waiters: deque[asyncio.Future[None]], timeout: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
         waiters.append(fut)
+        timer = loop.call_later(timeout, _expire, fut) if timeout is not None else None
         try:
             await fut
         except BaseException:
@@ -70,6 +81,14 @@ class RecordQueue:
             if self._items if waiters is self._getters else not self.full():
                 _wake_one(waiters)
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+
+def _expire(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)  # stays in its deque, done: wake-ups skip it
 
 
 def _wake_one(waiters: deque[asyncio.Future[None]]) -> None:

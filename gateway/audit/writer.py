@@ -46,6 +46,7 @@ from gateway.hooks import Admission, Ticket
 log = logging.getLogger("gateway.audit")
 
 _STOP = object()
+_NOTHING = object()  # what get_within returns when no record came in time
 _MAX_BATCH = 512
 
 
@@ -198,11 +199,9 @@ class AuditWriter:
             if not q.empty():  # records waiting: no timer to arm, no wait
                 batch.append(q.get_nowait())
             else:
-                try:
-                    async with asyncio.timeout(self._next_timeout(dirty)):
-                        batch.append(await q.get())
-                except TimeoutError:
-                    pass
+                first = await q.get_within(self._next_timeout(dirty), _NOTHING)
+                if first is not _NOTHING:
+                    batch.append(first)
             if batch and self.settings.write_delay > 0 and batch[0] is not _STOP:
                 await asyncio.sleep(self.settings.write_delay)
             was_full = was_full or q.full()

@@ -289,7 +289,7 @@ async def _attempts(job: Forward, send: Send) -> None:
 class DisconnectHook(Protocol):
     """The server's connection, when it can say that the client left (gateway/http_server.py)."""
 
-    def on_lost(self, callback: Callable[[], None] | None) -> None: ...
+    def on_lost(self, callback: Callable[[asyncio.Task[None] | None], None] | None) -> None: ...
 
 
 def _client_left(ctx: RequestContext, task: asyncio.Task[Any] | None) -> None:
@@ -317,16 +317,16 @@ async def forward(
     under any other server a task waits on ``receive()`` for it."""
     total = job.req.model.timeouts.total
     job.total_at = asyncio.get_running_loop().time() + total if total else None
-    task = asyncio.current_task()
     if connection is not None:
+        # The server hands over the task answering the request (no current_task() lookup per request).
         ctx = job.ctx
-        connection.on_lost(lambda: _client_left(ctx, task))
+        connection.on_lost(lambda task: _client_left(ctx, task))
         try:
             await _attempts(job, send)
         finally:
             connection.on_lost(None)
         return
-    watcher = asyncio.ensure_future(_watch_disconnect(receive, job.ctx, task))
+    watcher = asyncio.ensure_future(_watch_disconnect(receive, job.ctx, asyncio.current_task()))
     try:
         await _attempts(job, send)
     finally:

@@ -62,3 +62,25 @@ async def test_a_cancelled_waiter_passes_its_turn_on() -> None:
     q.put_nowait("y")
     g1.cancel()
     assert await g2 == "y"
+
+
+async def test_get_within_returns_the_default_when_nothing_came_in_time() -> None:
+    q = RecordQueue(4)
+    nothing = object()
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    assert await q.get_within(0.05, nothing) is nothing
+    assert loop.time() - t0 >= 0.04
+    assert await q.get_within(0, nothing) is nothing  # no wait at all
+    q.put_nowait("ready")
+    assert await q.get_within(5, nothing) == "ready"
+    waiting = asyncio.create_task(q.get_within(5, nothing))
+    await asyncio.sleep(0.01)
+    q.put_nowait("later")
+    assert await waiting == "later"
+    # An expired wait leaves nothing behind that would swallow the next wake-up.
+    assert await q.get_within(0.01, nothing) is nothing
+    getter = asyncio.create_task(q.get())
+    await asyncio.sleep(0)
+    q.put_nowait("next")
+    assert await asyncio.wait_for(getter, 1) == "next"

@@ -121,7 +121,8 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.body", "body": got["body"], "more_body": False})
     elif path == "/wait-disconnect":
         conn = scope[CONNECTION_KEY]
-        conn.on_lost(lambda: EVENTS.append(("on_lost", None)))
+        me = asyncio.current_task()  # the callback gets the task answering this request
+        conn.on_lost(lambda task: EVENTS.append(("on_lost", task is me)))
         msg = await receive()
         while msg["type"] == "http.request":
             msg = await receive()
@@ -394,7 +395,7 @@ def test_client_disconnect_reaches_receive_and_on_lost(server: int) -> None:
     deadline = time.monotonic() + 5
     while len(EVENTS) < 2 and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert sorted(EVENTS) == [("on_lost", None), ("receive", "http.disconnect")]
+    assert sorted(EVENTS) == [("on_lost", True), ("receive", "http.disconnect")]
 
 
 @pytest.mark.parametrize("path", ["/boom", "/inject"])
@@ -466,3 +467,67 @@ def test_large_bodies_flow_both_ways(server: int) -> None:
     assert status == 200 and len(big) == 256 * 65536
     assert all(big[i * 65536] == i % 256 for i in range(256))
     assert EVENTS == [("big", True)]
+
+
+class _AppWithDirectRoutes:
+    """An app offering ``direct_routes`` (as GatewayApp does): the server calls those itself."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.direct_routes = {"/direct": self.direct, "/direct-boom": self.boom}
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await app(scope, receive, send)
+            return
+        self.calls += 1
+        await send({"type": "http.response.start", "status": 404, "headers": [(b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def direct(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"x-direct", b"1")]})
+        await send({"type": "http.response.body", "body": scope["path"].encode()})
+
+    async def boom(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        raise RuntimeError("a bug in a direct route")
+
+
+@pytest.mark.parametrize("root_path", ["", "/prefix"])
+def test_direct_routes_are_called_by_the_server_itself(root_path: str) -> None:
+    target = _AppWithDirectRoutes()
+    config = uvicorn.Config(
+        target,
+        host="127.0.0.1",
+        port=free_port(),
+        http=HttpProtocol,
+        ws="none",
+        log_level="critical",
+        root_path=root_path,
+        proxy_headers=False,  # uvicorn's default wraps the app (forwarded headers): then no direct calls
+    )
+    srv = uvicorn.Server(config)
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not srv.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        with connect(config.port) as s:
+            r = Reader(s)
+            for path in ("/direct", "/other", "/direct-boom"):
+                s.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
+                status, headers, body = r.response()
+                if root_path:  # under a root path every request goes through the app's own dispatch
+                    assert status == 404
+                elif path == "/direct":
+                    assert (status, headers.get("x-direct"), body) == (200, "1", b"/direct")
+                elif path == "/other":
+                    assert status == 404
+                else:  # an error escaping a direct route: the OpenAI-shaped 500, as for any app
+                    assert status == 500 and json.loads(body)["error"]["code"] == "internal_error"
+                    break
+        assert target.calls == (3 if root_path else 1)
+    finally:
+        srv.should_exit = True
+        t.join(10)
