@@ -31,7 +31,14 @@ _METADATA_ONLY = {"egg_info", "dist_info"}.intersection(sys.argv) and not {
     "develop",
 }.intersection(sys.argv)
 
+STAMP = ROOT / "gateway" / "_native_stamp.txt"
+# An in-place build (scripts/build-native) replaces extensions that a running checkout imports: the stamp goes
+# first and comes back only once every extension is built, so a half-done build is never taken for a fresh
+# one. A wheel needs the stamp among its files before they are collected: written before the build.
+INPLACE = "build_ext" in sys.argv and ("--inplace" in sys.argv or "-i" in sys.argv)
+
 ext_modules = []
+digest = ""
 if _METADATA_ONLY:
     pass
 elif os.environ.get("PRIVATE_LLM_NATIVE", "1") != "0":
@@ -46,10 +53,15 @@ elif os.environ.get("PRIVATE_LLM_NATIVE", "1") != "0":
     from mypyc.build import mypycify
 
     paths, digest, group = _native_modules()
+    STAMP.unlink(missing_ok=True)
     os.chdir(ROOT)
     ext_modules = mypycify(paths, opt_level="3", group_name=group)
-    (ROOT / "gateway" / "_native_stamp.txt").write_text(digest + "\n")
+    if not INPLACE:
+        STAMP.write_text(digest + "\n")
 else:
-    (ROOT / "gateway" / "_native_stamp.txt").unlink(missing_ok=True)
+    STAMP.unlink(missing_ok=True)
 
 setup(ext_modules=ext_modules)
+
+if digest and INPLACE:
+    STAMP.write_text(digest + "\n")

@@ -137,14 +137,10 @@ class ModelConfig(StrictModel):
             if cred is not None:
                 creds.add(cred)
         if len(creds) > 1:
-            raise ValueError(
-                f"model {self.name!r}: its upstreams carry different user:password credentials; use one"
-            )
+            raise ValueError(f"model {self.name!r}: its upstreams carry different user:password credentials; use one")
         if creds:
             if self.upstream_api_key:
-                raise ValueError(
-                    f"model {self.name!r}: set either upstream_api_key or user:password in the URLs"
-                )
+                raise ValueError(f"model {self.name!r}: set either upstream_api_key or user:password in the URLs")
             self._basic_auth = next(iter(creds))
         self.upstreams = clean
         return self
@@ -171,9 +167,7 @@ class RoutingSettings(StrictModel):
     # prefix_chars characters go to one replica, for vLLM's prefix cache; others to the least outstanding),
     # least_outstanding, power_of_two (the less outstanding of two drawn at random) or kv_cache_aware.
     # A session header keeps a session on one replica under every policy.
-    policy: Literal["prefix_affinity", "least_outstanding", "power_of_two", "kv_cache_aware"] = (
-        "prefix_affinity"
-    )
+    policy: Literal["prefix_affinity", "least_outstanding", "power_of_two", "kv_cache_aware"] = "prefix_affinity"
     # Characters of the prompt hashed into its affinity key (policy prefix_affinity).
     prefix_chars: int = Field(default=1024, ge=16)
     # Policy kv_cache_aware: weight of the engine's KV-cache use (0..1) against its load (normalised to 0..1).
@@ -413,7 +407,6 @@ class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="GATEWAY_", env_nested_delimiter="__", extra="forbid", populate_by_name=True
     )
-    _model_index: tuple[list[ModelConfig], dict[str, ModelConfig]] | None = PrivateAttr(default=None)
 
     config_file: str | None = Field(
         default=None, validation_alias="GATEWAY_CONFIG", description="YAML file with the structured settings."
@@ -432,9 +425,7 @@ class GatewaySettings(BaseSettings):
     # Largest audio upload (multipart body of /v1/audio/transcriptions and /translations), bytes (413 above).
     max_audio_bytes: int = Field(default=25 * 1024 * 1024, gt=0, description="largest audio upload in bytes")
     # Responses API: response ids remembered per gateway process (to reach the replica that stores each).
-    responses_index_size: int = Field(
-        default=100_000, ge=0, description="response ids remembered for GET/cancel"
-    )
+    responses_index_size: int = Field(default=100_000, ge=0, description="response ids remembered for GET/cancel")
     # Header, body-time and JSON limits (docs/security.md).
     limits: LimitSettings = Field(default_factory=LimitSettings)
     # Proxies (IPs or CIDRs, e.g. the ingress controller's Pod range) whose X-Forwarded-For/-Proto is believed.
@@ -527,12 +518,10 @@ class GatewaySettings(BaseSettings):
         return m.base if m is not None and m.base else name
 
     def model(self, name: str) -> ModelConfig | None:
-        # Looked up on every request: a dict by name, built once per models list (a copy with another list,
-        # or a list replaced in place by a test, gets its own).
-        index = self._model_index
-        if index is None or index[0] is not self.models:
-            index = self._model_index = (self.models, {m.name: m for m in reversed(self.models)})
-        return index[1].get(name)
+        for m in self.models:
+            if m.name == name:
+                return m
+        return None
 
 
 def load_settings(config_file: str | None = None, **overrides: Any) -> GatewaySettings:

@@ -140,3 +140,25 @@ def test_the_build_has_what_the_type_check_needs() -> None:
     build = names(meta["build-system"]["requires"])
     assert names(meta["project"]["dependencies"]) <= build
     assert {"setuptools", "mypy"} <= build
+
+
+def test_no_compiled_module_defines_a_class_read_through_its_annotations() -> None:
+    """A compiled module keeps no real annotations (msgspec would see ``type`` for every field, pydantic the
+    same): msgspec structs and pydantic models live in modules that are never compiled."""
+    import ast
+
+    for m in native.MODULES:
+        tree = ast.parse(native.source_path(ROOT, m).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef):
+                bases = {ast.unparse(b) for b in node.bases}
+                assert not bases & {"msgspec.Struct", "Struct", "BaseModel", "BaseSettings"}, (m, node.name)
+
+
+def test_usage_is_read_by_the_struct_decoders() -> None:
+    from gateway.proxy.shapes import USAGE_CHUNK, USAGE_ONLY
+
+    answer = b'{"id":"x","choices":[],"usage":{"prompt_tokens":7,"completion_tokens":5,"total_tokens":12}}'
+    assert USAGE_ONLY.decode(answer).usage == {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
+    chunk = USAGE_CHUNK.decode(answer)
+    assert chunk.usage is not None and (chunk.usage.prompt_tokens, chunk.usage.completion_tokens) == (7, 5)
