@@ -3,8 +3,9 @@
 The request path (the HTTP server, the upstream client, the proxy, quotas, audit records, metrics, the access
 log) is plain, strictly typed Python. ``setup.py`` compiles the modules named in :data:`MODULES` to C
 extensions with mypyc (the compiler mypy itself is built with) when the package is installed: the same source,
-about a quarter less CPU per request. ``PRIVATE_LLM_NATIVE=0`` at install time builds nothing; without a C
-compiler the build fails loudly rather than silently shipping the slow path (set ``PRIVATE_LLM_NATIVE=0`` then).
+0.6x the CPU per request of its pure-Python form for whole answers (docs/benchmarks.md).
+``PRIVATE_LLM_NATIVE=0`` at install time builds nothing; without a C compiler ``setup.py`` says so in one line
+(``scripts/bootstrap`` then keeps the pure-Python form and says so).
 
 An editable checkout keeps each extension next to its ``.py`` file, and Python imports an extension before the
 source beside it: after a source edit the old build would run. So the build writes :data:`STAMP`, the digest
