@@ -188,13 +188,12 @@ class GatewayApp(Starlette):
 
     def __init__(self, *, direct: dict[str, ProxyEndpoint], **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.direct = direct
         # Our HTTP server (gateway/http_server.py) calls these itself, skipping __call__ below.
         self.direct_routes = direct
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not scope.get("root_path"):
-            endpoint = self.direct.get(scope["path"])
+            endpoint = self.direct_routes.get(scope["path"])
             if endpoint is not None:
                 try:
                     await endpoint(scope, receive, send)

@@ -71,7 +71,8 @@ GROUP = "gateway_native"
 # Written by the build into the package: the digest of the sources it compiled.
 STAMP = "_native_stamp.txt"
 
-_status = "pure Python (not compiled)"
+NOT_COMPILED = "pure Python (not compiled)"
+_status = NOT_COMPILED
 
 
 def source_path(root: Path, module: str) -> Path:
@@ -125,8 +126,8 @@ def check(root: Path, modules: Sequence[str] = MODULES, stamp: str = STAMP) -> t
     """(whether the extensions under ``root`` may be imported, a one-line status)."""
     built = [m for m in modules if _extension(root, m) is not None]
     if not built:
-        return False, "pure Python (not compiled)"
-    stamp_file = root / root_package(modules) / stamp
+        return False, NOT_COMPILED
+    stamp_file = root / modules[0].split(".")[0] / stamp
     try:
         want = stamp_file.read_text().strip()
     except OSError:
@@ -140,17 +141,13 @@ def check(root: Path, modules: Sequence[str] = MODULES, stamp: str = STAMP) -> t
     return True, f"compiled (mypyc, {len(built)} modules)"
 
 
-def root_package(modules: Sequence[str]) -> str:
-    return modules[0].split(".")[0]
-
-
 def guard(root: Path | None = None, modules: Sequence[str] = MODULES, stamp: str = STAMP) -> str:
     """Called on ``import gateway``: keep a fresh build, or import every module of the set from source."""
     global _status
     if root is None:
         root = Path(__file__).resolve().parent.parent
     ok, _status = check(root, modules, stamp)
-    if not ok and any(_extension(root, m) is not None for m in modules):
+    if not ok and _status != NOT_COMPILED:  # extensions there, not to be used
         if not any(isinstance(f, _SourceFirst) and f.root == root for f in sys.meta_path):
             sys.meta_path.insert(0, _SourceFirst(root, modules))
     return _status

@@ -518,10 +518,17 @@ class GatewaySettings(BaseSettings):
         return m.base if m is not None and m.base else name
 
     def model(self, name: str) -> ModelConfig | None:
-        for m in self.models:
-            if m.name == name:
-                return m
-        return None
+        # Looked up on every request: a dict by name, built once per models list (kept outside the model: a
+        # pydantic private attribute costs more to read than the dict saves).
+        index = _MODEL_INDEX[0]
+        if index is None or index[0] is not self.models:
+            index = _MODEL_INDEX[0] = (self.models, {m.name: m for m in reversed(self.models)})
+        return index[1].get(name)
+
+
+# The last models list looked up and its index by name (one settings object per process in practice; another
+# list, a test's other settings, rebuilds it).
+_MODEL_INDEX: list[tuple[list[ModelConfig], dict[str, ModelConfig]] | None] = [None]
 
 
 def load_settings(config_file: str | None = None, **overrides: Any) -> GatewaySettings:

@@ -233,23 +233,8 @@ def requested_model(body: dict[str, Any]) -> str:
     return model
 
 
-# The configured models by name, for the settings' models list it was built from (one per process in
-# practice; a test's other settings object gets its own). A dict lookup per request instead of a scan.
-_MODEL_INDEX: tuple[list[ModelConfig], dict[str, ModelConfig]] | None = None
-
-
-def find_model(settings: GatewaySettings, name: str) -> ModelConfig | None:
-    """``settings.model(name)``, from an index built once per models list."""
-    global _MODEL_INDEX
-    index = _MODEL_INDEX
-    models = settings.models
-    if index is None or index[0] is not models:
-        index = _MODEL_INDEX = (models, {m.name: m for m in reversed(models)})
-    return index[1].get(name)
-
-
 def _model_config(model: str, settings: GatewaySettings) -> ModelConfig:
-    mcfg = find_model(settings, model)
+    mcfg = settings.model(model)
     if mcfg is None:
         raise ApiError(
             404,
@@ -359,7 +344,7 @@ def parse_request(
         prompt_chars=prompt_chars(body) if route.counts_tokens else 0,
         session_id=_session_id(headers, session_header.lower().encode("latin-1") if session_header else None),
         upstream_headers=_upstream_headers(headers, request_id, mcfg),
-        pool_name=mcfg.base or mcfg.name,  # settings.pool_name() of a configured model
+        pool_name=settings.pool_name(mcfg.name),
         upstream_path=route.upstream_path,
         method=route.methods[0],
     )
@@ -390,7 +375,7 @@ def parse_surface_request(
         prompt_chars=0,
         session_id=_session_id(headers, session_header.lower().encode("latin-1") if session_header else None),
         upstream_headers=_upstream_headers(headers, request_id, mcfg, sreq.content_type),
-        pool_name=mcfg.base or mcfg.name,  # settings.pool_name() of a configured model
+        pool_name=settings.pool_name(mcfg.name),
         upstream_path=sreq.upstream_path,
         method=route.methods[0],
         pinned_endpoint=sreq.pinned_endpoint,

@@ -62,12 +62,12 @@ def test_a_proxied_route_that_fails_unexpectedly_answers_an_openai_500() -> None
     from gateway.app import GatewayApp, create_app
 
     app = create_app(GatewaySettings(models=[{"name": "tiny", "upstreams": ["http://127.0.0.1:9"]}]))
-    assert isinstance(app, GatewayApp) and "/v1/chat/completions" in app.direct
+    assert isinstance(app, GatewayApp) and "/v1/chat/completions" in app.direct_routes
 
     async def broken(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
         raise RuntimeError("a bug")
 
-    app.direct["/v1/chat/completions"] = broken  # type: ignore[assignment]
+    app.direct_routes["/v1/chat/completions"] = broken  # type: ignore[assignment]
     with TestClient(app, raise_server_exceptions=False) as c:
         r = c.post("/v1/chat/completions", json={"model": "tiny"})
         assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
